@@ -1,0 +1,1 @@
+"""WALS trainer pipeline package."""

@@ -1,0 +1,170 @@
+"""Grouping ratings once into row blocks (users) and column blocks (items).
+
+After this step the pipeline never moves ratings again: each iteration moves
+factors to the blocks. A row block also holds its users' test ratings.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import apache_beam as beam
+import numpy as np
+from apache_beam.metrics import Metrics
+from apache_beam.pvalue import AsSingleton
+
+from pipeline.parse import ParsedChunk
+from wals_core.hashing import is_test
+from wals_core.sparse import Csr, csr_from_triples, merge_duplicates
+from wals_core.vocab import Vocabulary
+
+
+@dataclasses.dataclass
+class RatingBlock:
+    """Rows [start, start + train.num_rows) of one side (users or items).
+
+    train: training ratings, CSR over the block's rows; indices are global
+    indices of the other side. test_*: test ratings (row blocks only), rows local.
+    """
+    block_id: int
+    start: int
+    total_rows: int            # rows of this side in all blocks
+    train: Csr
+    test_rows: np.ndarray
+    test_cols: np.ndarray
+    test_values: np.ndarray
+    merged: int = 0            # duplicate (user, item) entries merged into one
+    built_at: float = 0.0
+
+    @property
+    def num_rows(self) -> int:
+        return self.train.num_rows
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockConfig:
+    block_size: int
+    test_fraction: float
+    split_seed: int
+    duplicates: str            # 'mean' (ratings) or 'sum' (web_views)
+
+
+_EMPTY = (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float64),
+          np.zeros(0, bool))
+
+
+def num_blocks(rows: int, block_size: int) -> int:
+    return -(-rows // block_size)
+
+
+def _key_by_block(rows, cols, values, flags, block_size):
+    """(block id, (rows, cols, values, flags)) for each block the rows touch."""
+    bid = rows // block_size
+    order = np.argsort(bid, kind='stable')
+    sorted_bid = bid[order]
+    cuts = np.flatnonzero(np.diff(sorted_bid)) + 1
+    for first, part in zip(np.r_[0, cuts], np.split(order, cuts)):
+        if len(part):
+            yield int(sorted_bid[first]), (rows[part], cols[part], values[part], flags[part])
+
+
+class _IndexChunk(beam.DoFn):
+    """ParsedChunk -> (row block id, (user idx, item idx, value, is_test))."""
+
+    def __init__(self, config: BlockConfig):
+        self._config = config
+
+    def process(self, chunk: ParsedChunk, users: Vocabulary, items: Vocabulary):
+        if not len(chunk.values):
+            return
+        rows = users.lookup(chunk.users)
+        cols = items.lookup(chunk.items)
+        test = is_test(users.hashes[rows], items.hashes[cols], self._config.split_seed,
+                       self._config.test_fraction)
+        yield from _key_by_block(rows, cols, chunk.values, test, self._config.block_size)
+
+
+def _all_block_keys(_, vocab: Vocabulary, block_size: int):
+    """An empty piece for every block id, so every block exists even with no ratings."""
+    for b in range(num_blocks(len(vocab), block_size)):
+        yield b, _EMPTY
+
+
+def _concat(pieces):
+    pieces = list(pieces)
+    return tuple(np.concatenate([p[f] for p in pieces]) for f in range(4))
+
+
+class _BuildRowBlock(beam.DoFn):
+    def __init__(self, config: BlockConfig):
+        self._config = config
+        self._merged = Metrics.counter('wals', 'duplicates_merged')
+
+    def process(self, keyed, users: Vocabulary):
+        block_id, pieces = keyed
+        cfg = self._config
+        rows, cols, values, test = _concat(pieces)
+        rows, cols, values, test, merged = merge_duplicates(rows, cols, values,
+                                                            cfg.duplicates, test)
+        self._merged.inc(merged)
+        start = block_id * cfg.block_size
+        n = min(cfg.block_size, len(users) - start)
+        train = ~test
+        yield RatingBlock(
+            block_id=block_id, start=start, total_rows=len(users),
+            train=csr_from_triples(rows[train] - start, cols[train], values[train], n),
+            test_rows=(rows[test] - start).astype(np.int32),
+            test_cols=cols[test].astype(np.int32), test_values=values[test],
+            merged=merged, built_at=time.time())
+
+
+def _training_by_col_block(block: RatingBlock, block_size: int):
+    """A row block's training ratings, keyed by column block, as (col, row, value)."""
+    t = block.train
+    rows = t.row_of_entry() + block.start
+    cols = t.indices.astype(np.int64)
+    yield from _key_by_block(cols, rows, t.values, np.zeros(len(cols), bool), block_size)
+
+
+class _BuildColBlock(beam.DoFn):
+    def __init__(self, config: BlockConfig):
+        self._config = config
+
+    def process(self, keyed, items: Vocabulary):
+        block_id, pieces = keyed
+        cols, rows, values, _ = _concat(pieces)
+        start = block_id * self._config.block_size
+        n = min(self._config.block_size, len(items) - start)
+        empty = np.zeros(0, np.int32)
+        yield RatingBlock(block_id=block_id, start=start, total_rows=len(items),
+                          train=csr_from_triples(cols - start, rows, values, n),
+                          test_rows=empty, test_cols=empty, test_values=np.zeros(0),
+                          built_at=time.time())
+
+
+class BuildBlocks(beam.PTransform):
+    """PCollection[ParsedChunk] -> (row blocks, column blocks), PCollections of
+    RatingBlock. Needs the user and item vocabularies (singleton PCollections)."""
+
+    def __init__(self, config: BlockConfig, users, items):
+        super().__init__()
+        self._config = config
+        self._users = users
+        self._items = items
+
+    def expand(self, chunks):
+        cfg = self._config
+        users, items = AsSingleton(self._users), AsSingleton(self._items)
+        seed = chunks.pipeline | 'Seed' >> beam.Create([None])
+        keyed = chunks | 'Index' >> beam.ParDo(_IndexChunk(cfg), users, items)
+        row_keys = seed | 'RowKeys' >> beam.FlatMap(_all_block_keys, users, cfg.block_size)
+        row_blocks = ((keyed, row_keys) | 'AllRowPieces' >> beam.Flatten()
+                      | 'GroupRows' >> beam.GroupByKey()
+                      | 'RowBlock' >> beam.ParDo(_BuildRowBlock(cfg), users))
+        col_keys = seed | 'ColKeys' >> beam.FlatMap(_all_block_keys, items, cfg.block_size)
+        col_pieces = row_blocks | 'ByColBlock' >> beam.FlatMap(_training_by_col_block,
+                                                                cfg.block_size)
+        col_blocks = ((col_pieces, col_keys) | 'AllColPieces' >> beam.Flatten()
+                      | 'GroupCols' >> beam.GroupByKey()
+                      | 'ColBlock' >> beam.ParDo(_BuildColBlock(cfg), items))
+        return row_blocks, col_blocks

@@ -1,0 +1,135 @@
+"""Alternating solves: factors move to the rating blocks, blocks are solved in numpy.
+
+A half-step is a ParDo over one side's blocks with the other side's factor matrix
+(and its Gramian VᵀV) and the column rating counts as side inputs. Its output
+blocks are assembled into one matrix, and their partial Gramians summed in block
+order, by one CombineGlobally, so no bundle order can change a bit.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+
+import apache_beam as beam
+import numpy as np
+from apache_beam.pvalue import AsSingleton
+
+from pipeline.blocks import RatingBlock
+from wals_core.params import WalsParams
+from wals_core.solve import gramian, solve_rows
+from wals_core.weights import column_weights, row_weights
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class FactorBlock:
+    block_id: int
+    start: int
+    total_rows: int
+    factors: np.ndarray        # float32, block rows × k
+    partial_gramian: np.ndarray  # float64 k × k
+    finished_at: float
+
+
+@dataclasses.dataclass
+class Factors:
+    """One side's whole factor matrix (float32) and its Gramian (float64)."""
+    matrix: np.ndarray
+    gramian: np.ndarray
+    finished_at: float = 0.0
+
+
+def factors_from_matrix(matrix: np.ndarray) -> Factors:
+    return Factors(np.asarray(matrix, np.float32), gramian(matrix), time.time())
+
+
+class _SolveBlock(beam.DoFn):
+    def __init__(self, side: str, params: WalsParams, label: str):
+        self._side = side
+        self._params = params
+        self._label = label
+
+    def process(self, block: RatingBlock, other: Factors, col_counts: np.ndarray):
+        p = self._params
+        if self._side == 'row':
+            own = row_weights(block.num_rows, p)
+            others = column_weights(col_counts, p)
+        else:
+            own = column_weights(col_counts[block.start:block.start + block.num_rows], p)
+            others = row_weights(len(other.matrix), p)
+        x = solve_rows(block.train, own, other.matrix, others, other.gramian,
+                       p.unobs_weight, p.regularization)
+        if not np.all(np.isfinite(x)):
+            raise FloatingPointError(
+                f'{self._label}: non-finite factors in block {block.block_id}')
+        x = x.astype(np.float32)
+        yield FactorBlock(block.block_id, block.start, block.total_rows, x, gramian(x),
+                          time.time())
+
+
+class _AssembleFactors(beam.CombineFn):
+    """FactorBlocks -> Factors; pieces are placed and summed in block-id order."""
+
+    def create_accumulator(self):
+        return {}
+
+    def add_input(self, acc, block: FactorBlock):
+        acc[block.block_id] = block
+        return acc
+
+    def merge_accumulators(self, accs):
+        out = {}
+        for a in accs:
+            out.update(a)
+        return out
+
+    def extract_output(self, acc):
+        blocks = [acc[b] for b in sorted(acc)]
+        if not blocks:
+            return Factors(np.zeros((0, 0), np.float32), np.zeros((0, 0)), time.time())
+        k = blocks[0].factors.shape[1]
+        matrix = np.zeros((blocks[0].total_rows, k), np.float32)
+        total = np.zeros((k, k), np.float64)
+        for b in blocks:
+            matrix[b.start:b.start + len(b.factors)] = b.factors
+            total += b.partial_gramian
+        return Factors(matrix, total, max(b.finished_at for b in blocks))
+
+
+class HalfStep(beam.PTransform):
+    """PCollection[RatingBlock] of one side -> singleton PCollection[Factors] of it,
+    solved against `other` (singleton Factors) with `col_counts` (singleton array of
+    training ratings per item)."""
+
+    def __init__(self, side: str, params: WalsParams, other, col_counts):
+        super().__init__()
+        self._side, self._params = side, params
+        self._other, self._counts = other, col_counts
+
+    def expand(self, blocks):
+        return (blocks
+                | 'Solve' >> beam.ParDo(_SolveBlock(self._side, self._params, self.label),
+                                        AsSingleton(self._other), AsSingleton(self._counts))
+                | 'Assemble' >> beam.CombineGlobally(_AssembleFactors()))
+
+
+class Alternate(beam.PTransform):
+    """(row blocks, col blocks) -> list of (U, V) singleton Factors per iteration,
+    starting from `col_init` (singleton Factors); num_iters × (rows, then columns),
+    unrolled into one graph."""
+
+    def __init__(self, params: WalsParams, col_init, col_counts):
+        super().__init__()
+        self._params, self._col_init, self._counts = params, col_init, col_counts
+
+    def expand(self, blocks):
+        row_blocks, col_blocks = blocks
+        v = self._col_init
+        history = []
+        for it in range(1, self._params.num_iters + 1):
+            u = row_blocks | f'Iter{it:03d}Rows' >> HalfStep('row', self._params, v, self._counts)
+            v = col_blocks | f'Iter{it:03d}Cols' >> HalfStep('col', self._params, u, self._counts)
+            history.append((u, v))
+        return history

@@ -1,0 +1,177 @@
+"""Command-line options of the trainer, and their validation into a TrainConfig.
+
+Names and defaults follow the original TF trainer's task.py; its dashed
+spellings (--data-type, --use-optimized, --train-files, --job-dir) work too.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import os
+
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from wals_core.params import (DATA_TYPES, OPTIMIZED, WalsParams, default_wt_type,
+                              parse_wt_type)
+
+DEFAULT_BLOCK_SIZE = 2048
+
+
+def _bool(text: str) -> bool:
+    value = str(text).strip().lower()
+    if value in ('1', 'true', 'yes', 'y', 'on'):
+        return True
+    if value in ('0', 'false', 'no', 'n', 'off'):
+        return False
+    raise argparse.ArgumentTypeError(f'expected true or false, got {text!r}')
+
+
+class WalsOptions(PipelineOptions):
+    """The WALS model and data options (any other Beam option passes through)."""
+
+    @classmethod
+    def _add_argparse_args(cls, parser):
+        data = parser.add_argument_group('data')
+        data.add_argument('--input', '--train-files', '--train_files', dest='input',
+                          help='Ratings file(s): a path or glob, local or gs://; .gz and '
+                               'other compressed files are read by their suffix.')
+        data.add_argument('--output', '--job-dir', '--job_dir', dest='output',
+                          help='Folder (local or gs://) for model/ and metrics.json. '
+                               'Default: a new ./output/run-<timestamp> folder.')
+        data.add_argument('--data_type', '--data-type', dest='data_type', default='ratings',
+                          choices=DATA_TYPES,
+                          help='ratings: lines of user, item, rating[, ignored columns]. '
+                               'web_views: CSV with a header naming clientId, contentId, '
+                               'timeOnPage; time on page is summed per (user, item). '
+                               'Default: ratings.')
+        data.add_argument('--delimiter', default=None,
+                          help='Field delimiter, one character; "\\t" or "tab" for a tab. '
+                               'Default: tab for ratings, comma for web_views.')
+        data.add_argument('--headers', action='store_true',
+                          help='Skip the first line of every input file (a header).')
+        data.add_argument('--test_fraction', '--test-fraction', dest='test_fraction',
+                          type=float, default=0.1,
+                          help='Share of ratings held out for test RMSE, chosen by a stable '
+                               'hash of (user, item, --split_seed). Default: 0.1.')
+        data.add_argument('--split_seed', '--split-seed', dest='split_seed', type=int,
+                          default=0, help='Seed of the train/test split. Default: 0.')
+
+        model = parser.add_argument_group('model (names and defaults of the original trainer)')
+        model.add_argument('--latent_factors', '--latent-factors', dest='latent_factors',
+                           type=int, default=None,
+                           help='Number of latent factors k. Default: 5.')
+        model.add_argument('--num_iters', '--num-iters', dest='num_iters', type=int,
+                           default=None,
+                           help='Iterations; one is a row solve then a column solve. '
+                                'Default: 20.')
+        model.add_argument('--regularization', type=float, default=None,
+                           help='L2 regularization λ (not scaled by counts). Default: 0.07.')
+        model.add_argument('--unobs_weight', '--unobs-weight', dest='unobs_weight',
+                           type=float, default=None,
+                           help='Weight w0 of every unobserved entry. Default: 0.01.')
+        model.add_argument('--weights', type=_bool, default=None,
+                           help='true: observed entries weigh w0 + C_j from item '
+                                'popularity; false: every entry weighs w0 (plain ALS). '
+                                'Default: true.')
+        model.add_argument('--wt_type', '--wt-type', dest='wt_type', type=parse_wt_type,
+                           default=None,
+                           help='Column weight type: linear (C_j = feature_wt_factor / n_j) '
+                                'or log (C_j = (1/n_j) ** feature_wt_exp); the original\'s '
+                                'codes 0 = log and 1 = linear are accepted (its help text '
+                                'had them backwards). Default: linear for ratings, log for '
+                                'web_views.')
+        model.add_argument('--feature_wt_factor', '--feature-wt-factor',
+                           dest='feature_wt_factor', type=float, default=None,
+                           help='Linear weight factor. Default: 130.0.')
+        model.add_argument('--feature_wt_exp', '--feature-wt-exp', dest='feature_wt_exp',
+                           type=float, default=None,
+                           help='Log weight exponent. Default: 0.08.')
+        model.add_argument('--use_optimized', '--use-optimized', dest='use_optimized',
+                           action='store_true',
+                           help='Start from the original\'s tuned set for the data type '
+                                '(ratings: latent_factors 34, regularization 9.83, '
+                                'unobs_weight 0.001, feature_wt_factor 189.8; web_views: '
+                                'latent_factors 30, regularization 7.27, unobs_weight 0.01, '
+                                'feature_wt_exp 5.05); options given explicitly still win.')
+        model.add_argument('--seed', type=int, default=0,
+                           help='Seed of the initial factors (each ID gets the same '
+                                'vector on any runner). Default: 0.')
+        model.add_argument('--block_size', '--block-size', dest='block_size', type=int,
+                           default=DEFAULT_BLOCK_SIZE,
+                           help='Users (or items) per block: the unit of parallel work and '
+                                f'of memory per solve. Default: {DEFAULT_BLOCK_SIZE}.')
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    input: str
+    output: str
+    data_type: str
+    delimiter: str
+    headers: bool
+    params: WalsParams
+    test_fraction: float
+    split_seed: int
+    seed: int
+    block_size: int
+
+    def describe(self) -> dict:
+        out = dataclasses.asdict(self)
+        out.update(out.pop('params'))
+        return out
+
+
+class ConfigError(ValueError):
+    """An option value that cannot work; the message says which and why."""
+
+
+def parse_delimiter(text: str | None, data_type: str) -> str:
+    if text is None:
+        return ',' if data_type == 'web_views' else '\t'
+    named = {'\\t': '\t', 'tab': '\t', 'comma': ',', 'space': ' ', 'pipe': '|',
+             'semicolon': ';'}
+    value = named.get(text.lower(), text)
+    if len(value) != 1 or value in '\r\n':
+        raise ConfigError(f'--delimiter must be one character (or "tab", "\\t"), got {text!r}')
+    return value
+
+
+def default_output() -> str:
+    stamp = datetime.datetime.now().strftime('%Y%m%d-%H%M%S-%f')
+    return os.path.join('output', f'run-{stamp}')
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """Validated TrainConfig from parsed WalsOptions arguments."""
+    if not args.input:
+        raise ConfigError('--input is required (a ratings file or glob)')
+    base = dict(latent_factors=5, num_iters=20, regularization=0.07, unobs_weight=0.01,
+                weights=True, wt_type=default_wt_type(args.data_type),
+                feature_wt_factor=130.0, feature_wt_exp=0.08)
+    if args.use_optimized:
+        base.update(OPTIMIZED[args.data_type])
+    for name in base:
+        if getattr(args, name, None) is not None:
+            base[name] = getattr(args, name)
+    params = WalsParams(**base)
+    checks = [
+        (params.latent_factors >= 1, '--latent_factors must be at least 1'),
+        (params.num_iters >= 0, '--num_iters must be 0 or more'),
+        (params.regularization >= 0, '--regularization must be 0 or more'),
+        (params.unobs_weight >= 0, '--unobs_weight must be 0 or more'),
+        (params.feature_wt_factor >= 0, '--feature_wt_factor must be 0 or more'),
+        (0 <= args.test_fraction < 1, '--test_fraction must be in [0, 1)'),
+        (args.block_size >= 1, '--block_size must be at least 1'),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+    output = args.output or default_output()
+    if output.rstrip('/') == args.input.rstrip('/'):
+        raise ConfigError('--output must not be the input path')
+    return TrainConfig(input=args.input, output=output, data_type=args.data_type,
+                       delimiter=parse_delimiter(args.delimiter, args.data_type),
+                       headers=args.headers, params=params,
+                       test_fraction=args.test_fraction, split_seed=args.split_seed,
+                       seed=args.seed, block_size=args.block_size)

@@ -1,0 +1,110 @@
+"""python -m pipeline.train: train a WALS model with Apache Beam.
+
+Reads a delimited ratings dump, splits it into train/test by a stable hash,
+factorizes it with weighted alternating least squares and writes
+OUTPUT/model/{user,item,row,col}.npy and OUTPUT/metrics.json.
+Runs on any Beam runner (DirectRunner by default, Dataflow with --runner).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+
+import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from pipeline.model import TrainWals, WriteModel, save_json
+from pipeline.options import ConfigError, TrainConfig, WalsOptions, config_from_args
+
+log = logging.getLogger('pipeline.train')
+
+EPILOG = """Any other option is a Beam pipeline option and is passed through, e.g.
+  --runner DataflowRunner --project P --region R --temp_location gs://B/tmp
+  --direct_running_mode multi_processing --direct_num_workers 2
+Outputs: OUTPUT/model/user.npy and item.npy (entry i is the ID of row/column i),
+OUTPUT/model/row.npy (users x latent_factors, float32), OUTPUT/model/col.npy
+(items x latent_factors, float32) and OUTPUT/metrics.json."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog='python -m pipeline.train', description=__doc__.split('\n\n')[1],
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    WalsOptions._add_argparse_args(parser)
+    return parser
+
+
+def _beam_option_flags() -> set[str]:
+    """Every flag a Beam PipelineOptions subclass defines."""
+    parser = argparse.ArgumentParser(add_help=False)
+    seen, todo = set(), list(PipelineOptions.__subclasses__())
+    while todo:
+        cls = todo.pop()
+        if cls in seen:
+            continue
+        seen.add(cls)
+        todo.extend(cls.__subclasses__())
+        try:
+            cls._add_argparse_args(parser)
+        except argparse.ArgumentError:
+            pass   # a flag two classes share
+    return {s for a in parser._actions for s in a.option_strings}
+
+
+def split_beam_args(rest: list[str]) -> list[str]:
+    """Checks that leftover arguments are Beam options; raises on a typo."""
+    known = _beam_option_flags()
+    unknown = [a for a in rest if a.startswith('--') and a.split('=', 1)[0] not in known]
+    if unknown:
+        raise ConfigError(f'unknown option(s): {" ".join(unknown)} (see --help)')
+    return rest
+
+
+def run(config: TrainConfig, options: PipelineOptions) -> dict:
+    """Builds and runs the pipeline; returns the metrics written to metrics.json."""
+    started = time.time()
+    pipeline = beam.Pipeline(options=options)
+    model = pipeline | 'TrainWals' >> TrainWals(config)
+    pipeline | 'WriteModel' >> WriteModel(config, model)
+    built = time.time()
+    log.info('Running %d iterations of WALS on %s', config.params.num_iters, config.input)
+    result = pipeline.run()
+    result.wait_until_finish()
+    finished = time.time()
+    path = f'{config.output.rstrip("/")}/metrics.json'
+    with FileSystems.open(path) as f:
+        metrics = json.loads(f.read())
+    metrics['phase_seconds'].update(
+        build_graph=round(built - started, 3),
+        pipeline=round(finished - built, 3),
+        total=round(finished - started, 3))
+    save_json(path, metrics)
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(message)s')
+    logging.getLogger('apache_beam').setLevel(logging.WARNING)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    try:
+        config = config_from_args(args)
+        beam_args = split_beam_args(rest)
+    except ConfigError as e:
+        parser.error(str(e))
+    metrics = run(config, PipelineOptions(beam_args))
+    print(json.dumps({k: metrics[k] for k in (
+        'train_rmse', 'test_rmse', 'users', 'items', 'train_ratings', 'test_ratings',
+        'test_cold_start_ratings')}, indent=2))
+    print(f'Model written to {config.output.rstrip("/")}/model/ '
+          f'(metrics: {config.output.rstrip("/")}/metrics.json)')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,27 @@
+"""Packaging for the WALS trainer.
+
+`install_requires` lists only what Beam workers need at run time (Dataflow's SDK
+container already has apache-beam); the `local` extra adds the pinned Beam used on
+the DirectRunner and `test` adds the test tools. run_local.sh / run_tests.sh
+install `.[local,test]` into .venv.
+"""
+import setuptools
+
+BEAM = 'apache-beam[gcp]==2.77.0'
+
+setuptools.setup(
+    name='wals-beam',
+    version='0.1.0',
+    description='WALS matrix factorization as an Apache Beam pipeline',
+    packages=setuptools.find_packages(include=['pipeline', 'pipeline.*', 'wals_core', 'wals_core.*']),
+    python_requires='>=3.10',
+    install_requires=[
+        'numpy>=1.26',
+        'scipy>=1.11',
+        'pandas>=2.0',
+    ],
+    extras_require={
+        'local': [BEAM],
+        'test': ['pytest>=8', 'hypothesis>=6'],
+    },
+)

@@ -1,0 +1,81 @@
+"""CSR-style blocks of ratings: build them from (row, col, value) triples."""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+
+@dataclasses.dataclass
+class Csr:
+    """Rows [0, n) of a sparse matrix: row r's entries are indices/values[indptr[r]:indptr[r+1]].
+
+    indices are column numbers of the other side (int32, sorted within a row);
+    values are float64.
+    """
+    indptr: np.ndarray
+    indices: np.ndarray
+    values: np.ndarray
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.indptr) - 1
+
+    @property
+    def nnz(self) -> int:
+        return len(self.indices)
+
+    def row_of_entry(self) -> np.ndarray:
+        """The row number of every stored entry (int64)."""
+        return np.repeat(np.arange(self.num_rows, dtype=np.int64), np.diff(self.indptr))
+
+
+def merge_duplicates(rows: np.ndarray, cols: np.ndarray, values: np.ndarray, how: str,
+                     tag: np.ndarray | None = None,
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None, int]:
+    """Sorts triples by (row, col) and merges repeated pairs by 'mean' or 'sum'.
+
+    Sorting also by value makes the result independent of the input order, so
+    merged means are bit-identical however the triples arrived. `tag` (one value
+    per triple, equal within a pair) is carried along.
+    Returns (rows, cols, values, tag, number of entries merged away).
+    """
+    rows = np.asarray(rows, dtype=np.int64)
+    cols = np.asarray(cols, dtype=np.int64)
+    values = np.asarray(values, dtype=np.float64)
+    order = np.lexsort((values, cols, rows))
+    rows, cols, values = rows[order], cols[order], values[order]
+    tag = None if tag is None else np.asarray(tag)[order]
+    if len(rows) < 2:
+        return rows, cols, values, tag, 0
+    new = np.empty(len(rows), dtype=bool)
+    new[0] = True
+    new[1:] = (rows[1:] != rows[:-1]) | (cols[1:] != cols[:-1])
+    starts = np.flatnonzero(new)
+    merged = len(rows) - len(starts)
+    if merged == 0:
+        return rows, cols, values, tag, 0
+    sums = np.add.reduceat(values, starts)
+    if how == 'mean':
+        sums = sums / np.diff(np.append(starts, len(rows)))
+    elif how != 'sum':
+        raise ValueError(f"how must be 'mean' or 'sum', got {how!r}")
+    return rows[starts], cols[starts], sums, None if tag is None else tag[starts], merged
+
+
+def csr_from_sorted(rows: np.ndarray, cols: np.ndarray, values: np.ndarray,
+                    num_rows: int) -> Csr:
+    """CSR of triples already sorted by (row, col), rows in [0, num_rows)."""
+    counts = np.bincount(rows, minlength=num_rows) if len(rows) else np.zeros(num_rows, np.int64)
+    indptr = np.zeros(num_rows + 1, dtype=np.int64)
+    np.cumsum(counts, out=indptr[1:])
+    return Csr(indptr, np.asarray(cols, dtype=np.int32), np.asarray(values, dtype=np.float64))
+
+
+def csr_from_triples(rows: np.ndarray, cols: np.ndarray, values: np.ndarray,
+                     num_rows: int) -> Csr:
+    """CSR of unsorted, duplicate-free triples."""
+    rows = np.asarray(rows, dtype=np.int64)
+    cols = np.asarray(cols, dtype=np.int64)
+    order = np.lexsort((cols, rows))
+    return csr_from_sorted(rows[order], cols[order], np.asarray(values)[order], num_rows)

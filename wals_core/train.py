@@ -1,0 +1,83 @@
+"""In-memory WALS trainer: the same kernel as the Beam pipeline, on one array.
+
+It serves small data and is the reference the pipeline is tested against.
+Factors are stored in float32 between half-steps, exactly as the pipeline does.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Callable
+
+import numpy as np
+
+from wals_core.params import WalsParams
+from wals_core.solve import gramian, solve_rows
+from wals_core.sparse import Csr, csr_from_triples
+from wals_core.weights import column_weights, row_weights
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class Problem:
+    """Training ratings as CSR by rows and by columns, with their WALS weights."""
+    by_row: Csr
+    by_col: Csr
+    row_wts: np.ndarray
+    col_wts: np.ndarray
+
+    @classmethod
+    def build(cls, rows: np.ndarray, cols: np.ndarray, values: np.ndarray,
+              num_rows: int, num_cols: int, params: WalsParams) -> 'Problem':
+        """From duplicate-free training triples (row index, col index, value)."""
+        counts = np.bincount(np.asarray(cols, np.int64), minlength=num_cols)
+        return cls(by_row=csr_from_triples(rows, cols, values, num_rows),
+                   by_col=csr_from_triples(cols, rows, values, num_cols),
+                   row_wts=row_weights(num_rows, params),
+                   col_wts=column_weights(counts, params))
+
+
+def solve_side(problem: Problem, side: str, other: np.ndarray,
+               params: WalsParams) -> np.ndarray:
+    """One half-step for all rows ('row') or all columns ('col'); returns float32."""
+    if side == 'row':
+        block, own, others = problem.by_row, problem.row_wts, problem.col_wts
+    else:
+        block, own, others = problem.by_col, problem.col_wts, problem.row_wts
+    return solve_rows(block, own, other, others, gramian(other), params.unobs_weight,
+                      params.regularization).astype(np.float32)
+
+
+def train(problem: Problem, params: WalsParams, row_init: np.ndarray,
+          col_init: np.ndarray,
+          on_half_step: Callable[[int, str, np.ndarray, np.ndarray], None] | None = None,
+          ) -> tuple[np.ndarray, np.ndarray]:
+    """num_iters × (all rows, then all columns); returns float32 (U, V)."""
+    u = np.asarray(row_init, np.float32)
+    v = np.asarray(col_init, np.float32)
+    for it in range(params.num_iters):
+        u = solve_side(problem, 'row', v, params)
+        if on_half_step:
+            on_half_step(it, 'row', u, v)
+        v = solve_side(problem, 'col', u, params)
+        if on_half_step:
+            on_half_step(it, 'col', u, v)
+    return u, v
+
+
+def loss(problem: Problem, params: WalsParams, u: np.ndarray, v: np.ndarray) -> float:
+    """The WALS objective (float64):
+    Σ_obs (w0 + R_i C_j)(A_ij - u_i·v_j)² + w0 Σ_unobs (u_i·v_j)² + λ(|U|² + |V|²).
+    Uses Σ_all (u_i·v_j)² = sum(UᵀU ∘ VᵀV) so no dense matrix is formed."""
+    u64, v64 = np.asarray(u, np.float64), np.asarray(v, np.float64)
+    w0 = params.unobs_weight
+    rows = problem.by_row.row_of_entry()
+    cols = problem.by_row.indices
+    a = problem.by_row.values
+    pred = np.einsum('ij,ij->i', u64[rows], v64[cols])
+    conf = problem.row_wts[rows] * problem.col_wts[cols]
+    observed = np.sum((w0 + conf) * (a - pred) ** 2)
+    unobserved = w0 * (np.sum(gramian(u64) * gramian(v64)) - np.sum(pred ** 2))
+    return float(observed + unobserved
+                 + params.regularization * (np.sum(u64 ** 2) + np.sum(v64 ** 2)))

@@ -1,0 +1,52 @@
+"""Vocabularies: the sorted unique IDs of one side, and ID -> dense index lookups.
+
+IDs stay the strings found in the file. When every ID is a canonical decimal
+integer that fits int64 ("42", not "042" or "+42"), the vocabulary is an int64
+array sorted numerically; otherwise a str array sorted by code point.
+"""
+from __future__ import annotations
+
+import re
+
+import numpy as np
+
+from wals_core.hashing import id_hashes
+
+_CANONICAL_INT = re.compile(r'0|-?[1-9][0-9]{0,18}')
+_INT64_MAX = np.iinfo(np.int64).max
+
+
+def _is_int64(text: str) -> bool:
+    return bool(_CANONICAL_INT.fullmatch(text)) and abs(int(text)) <= _INT64_MAX
+
+
+def finalize_ids(unique_ids: np.ndarray) -> np.ndarray:
+    """Sorted vocabulary (int64 or str array) from unique ID strings."""
+    ids = np.unique(np.asarray(unique_ids, dtype=str))
+    if len(ids) and all(_is_int64(s) for s in ids.tolist()):
+        return np.sort(ids.astype(np.int64))
+    return ids
+
+
+def lookup(vocab: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Dense int64 index in `vocab` of every ID string in `ids` (all must be present)."""
+    ids = np.asarray(ids, dtype=str)
+    keys = ids.astype(np.int64) if vocab.dtype.kind == 'i' else ids
+    index = np.searchsorted(vocab, keys)
+    if len(ids) and (index.max(initial=0) >= len(vocab) or np.any(vocab[np.minimum(index, len(vocab) - 1)] != keys)):
+        raise KeyError('some IDs are not in the vocabulary')
+    return index.astype(np.int64)
+
+
+class Vocabulary:
+    """The sorted IDs of one side with their stable hashes (for splits and init)."""
+
+    def __init__(self, ids: np.ndarray):
+        self.ids = ids
+        self.hashes = id_hashes(ids.tolist())
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def lookup(self, ids: np.ndarray) -> np.ndarray:
+        return lookup(self.ids, ids)
