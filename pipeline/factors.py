@@ -16,6 +16,7 @@ import numpy as np
 from apache_beam.pvalue import AsSingleton
 
 from pipeline.blocks import RatingBlock
+from pipeline.errors import NumericalError
 from wals_core.params import WalsParams
 from wals_core.solve import gramian, solve_rows
 from wals_core.weights import column_weights, row_weights
@@ -46,10 +47,10 @@ def factors_from_matrix(matrix: np.ndarray) -> Factors:
 
 
 class _SolveBlock(beam.DoFn):
-    def __init__(self, side: str, params: WalsParams, label: str):
+    def __init__(self, side: str, params: WalsParams, iteration: int):
         self._side = side
         self._params = params
-        self._label = label
+        self._iteration = iteration
 
     def process(self, block: RatingBlock, other: Factors, col_counts: np.ndarray):
         p = self._params
@@ -62,8 +63,9 @@ class _SolveBlock(beam.DoFn):
         x = solve_rows(block.train, own, other.matrix, others, other.gramian,
                        p.unobs_weight, p.regularization)
         if not np.all(np.isfinite(x)):
-            raise FloatingPointError(
-                f'{self._label}: non-finite factors in block {block.block_id}')
+            raise NumericalError(
+                f'non-finite factors in iteration {self._iteration}, {self._side} side '
+                f'(block {block.block_id}); try a larger --regularization')
         x = x.astype(np.float32)
         yield FactorBlock(block.block_id, block.start, block.total_rows, x, gramian(x),
                           time.time())
@@ -103,14 +105,14 @@ class HalfStep(beam.PTransform):
     solved against `other` (singleton Factors) with `col_counts` (singleton array of
     training ratings per item)."""
 
-    def __init__(self, side: str, params: WalsParams, other, col_counts):
+    def __init__(self, side: str, params: WalsParams, other, col_counts, iteration: int):
         super().__init__()
-        self._side, self._params = side, params
+        self._side, self._params, self._iteration = side, params, iteration
         self._other, self._counts = other, col_counts
 
     def expand(self, blocks):
         return (blocks
-                | 'Solve' >> beam.ParDo(_SolveBlock(self._side, self._params, self.label),
+                | 'Solve' >> beam.ParDo(_SolveBlock(self._side, self._params, self._iteration),
                                         AsSingleton(self._other), AsSingleton(self._counts))
                 | 'Assemble' >> beam.CombineGlobally(_AssembleFactors()))
 
@@ -129,7 +131,7 @@ class Alternate(beam.PTransform):
         v = self._col_init
         history = []
         for it in range(1, self._params.num_iters + 1):
-            u = row_blocks | f'Iter{it:03d}Rows' >> HalfStep('row', self._params, v, self._counts)
-            v = col_blocks | f'Iter{it:03d}Cols' >> HalfStep('col', self._params, u, self._counts)
+            u = row_blocks | f'Iter{it:03d}Rows' >> HalfStep('row', self._params, v, self._counts, it)
+            v = col_blocks | f'Iter{it:03d}Cols' >> HalfStep('col', self._params, u, self._counts, it)
             history.append((u, v))
         return history

@@ -17,7 +17,8 @@ from pipeline.blocks import BlockConfig, BuildBlocks, RatingBlock
 from pipeline.evaluate import Evaluate
 from pipeline.factors import Alternate, Factors, factors_from_matrix
 from pipeline.options import TrainConfig
-from pipeline.parse import ParsedChunk
+from pipeline.errors import InputError, NumericalError
+from pipeline.parse import BadLine, ParsedChunk
 from pipeline.read import ReadConfig, ReadRatings
 from wals_core.init import initial_factors
 from wals_core.vocab import Vocabulary, finalize_ids
@@ -50,36 +51,103 @@ class _UniqueIds(beam.CombineFn):
 
 @dataclasses.dataclass
 class ReadSummary:
+    """What reading found: line counts by outcome, where each range's lines start,
+    files whose first line was bad (a header?) and the first bad lines."""
     counts: Counter
     started_at: float
-    bad_examples: list
+    ranges: dict          # path -> sorted [(range offset, lines in range)]
+    header_suspects: list
+    bad_examples: list    # BadLine, first by (path, offset)
+
+    def line_number(self, path: str, range_offset: int, index: int) -> int:
+        """1-based line number in its file of line `index` of the range at range_offset."""
+        before = sum(n for off, n in self.ranges.get(path, []) if off < range_offset)
+        return before + index + 1
+
+    def bad_total(self) -> int:
+        return sum(n for k, n in self.counts.items() if k.startswith('bad:'))
+
+    def line_report(self) -> dict:
+        """lines_read = kept + skipped (header, blank) + bad, with bad by reason."""
+        c = self.counts
+        return {
+            'lines_read': c['lines_read'], 'kept': c['kept'],
+            'skipped_header': c['header'], 'skipped_blank': c['blank'],
+            'bad': self.bad_total(),
+            'bad_by_reason': {k[4:]: n for k, n in sorted(c.items()) if k.startswith('bad:')},
+        }
+
+    def describe_bad(self, bad: BadLine) -> str:
+        return (f'{bad.path}:{self.line_number(bad.path, bad.range_offset, bad.index)}: '
+                f'{bad.reason}: {bad.text[:120]!r}')
 
 
 class _SummarizeReads(beam.CombineFn):
-    """ParsedChunks -> ReadSummary: line counts by outcome, first bad lines."""
-    examples = 20
+    """ParsedChunks -> ReadSummary (order-independent: counts add, lists are sorted)."""
+    examples = 5
 
     def create_accumulator(self):
-        return ReadSummary(Counter(), float('inf'), [])
+        return ReadSummary(Counter(), float('inf'), {}, [], [])
 
     def add_input(self, acc, chunk: ParsedChunk):
         acc.counts.update(chunk.counts)
         acc.started_at = min(acc.started_at, chunk.started_at)
-        acc.bad_examples = sorted(acc.bad_examples + chunk.bad[:self.examples],
-                                  key=lambda b: (b.path, b.offset))[:self.examples]
+        acc.ranges.setdefault(chunk.path, []).append((chunk.offset, chunk.counts['lines_read']))
+        if chunk.header_suspect:
+            acc.header_suspects.append(chunk.path)
+        examples = [dataclasses.replace(b, range_offset=chunk.offset)
+                    for b in chunk.bad[:self.examples]]
+        acc.bad_examples = self._first(acc.bad_examples + examples)
         return acc
+
+    def _first(self, bad):
+        return sorted(bad, key=lambda b: (b.path, b.offset))[:self.examples]
 
     def merge_accumulators(self, accs):
         out = self.create_accumulator()
         for a in accs:
             out.counts.update(a.counts)
             out.started_at = min(out.started_at, a.started_at)
-            out.bad_examples = sorted(out.bad_examples + a.bad_examples,
-                                      key=lambda b: (b.path, b.offset))[:self.examples]
+            for path, ranges in a.ranges.items():
+                out.ranges.setdefault(path, []).extend(ranges)
+            out.header_suspects.extend(a.header_suspects)
+            out.bad_examples = self._first(out.bad_examples + a.bad_examples)
         return out
 
     def extract_output(self, acc):
+        acc.ranges = {p: sorted(r) for p, r in sorted(acc.ranges.items())}
+        acc.header_suspects = sorted(set(acc.header_suspects))
         return acc
+
+
+def check_reads(summary: ReadSummary, pattern: str, max_bad_fraction: float) -> ReadSummary:
+    """Fails the run (InputError) on too many bad lines or no ratings at all."""
+    c = summary.counts
+    bad = summary.bad_total()
+    data_lines = c['lines_read'] - c['header'] - c['blank']
+    hint = ''
+    if summary.header_suspects:
+        hint = (f'\nThe first line of {", ".join(summary.header_suspects[:3])} is bad: '
+                'if the file has a header line, pass --headers.')
+    examples = ''.join(f'\n  {summary.describe_bad(b)}' for b in summary.bad_examples)
+    if data_lines and bad / data_lines > max_bad_fraction:
+        reasons = ', '.join(f'{k} {n}' for k, n in summary.line_report()['bad_by_reason'].items())
+        raise InputError(
+            f'{bad} of {data_lines} lines in {pattern} are bad ({bad / data_lines:.2%}), above '
+            f'--max_bad_fraction {max_bad_fraction:g}: {reasons}. First bad lines:'
+            f'{examples}{hint}')
+    if c['kept'] == 0:
+        raise InputError(f'no ratings found in {pattern} ({c["lines_read"]} lines read, '
+                         f'{bad} bad, {c["blank"]} blank, {c["header"]} header){examples}{hint}')
+    return summary
+
+
+def _number_bad_lines(chunk: ParsedChunk, summary: ReadSummary):
+    """JSON lines {file, line, offset, reason, text} for OUTPUT/errors/."""
+    for b in chunk.bad:
+        yield json.dumps({'file': b.path, 'line': summary.line_number(b.path, chunk.offset, b.index),
+                          'offset': b.offset, 'reason': b.reason, 'text': b.text},
+                         ensure_ascii=False)
 
 
 class _AssembleCounts(beam.CombineFn):
@@ -106,7 +174,9 @@ class _AssembleCounts(beam.CombineFn):
         return counts
 
 
-def _count_vocab(vocab: Vocabulary, name: str) -> Vocabulary:
+def _count_vocab(vocab: Vocabulary, name: str, checked_reads: ReadSummary) -> Vocabulary:
+    # checked_reads is unused: taking it as a side input makes everything after
+    # the vocabularies wait until check_reads has passed.
     Metrics.counter('wals', name).inc(len(vocab))
     return vocab
 
@@ -119,7 +189,8 @@ class TrainedModel:
     row_factors: beam.PCollection  # Factors
     col_factors: beam.PCollection  # Factors
     stats: beam.PCollection        # BlockStats
-    reads: beam.PCollection        # ReadSummary
+    reads: beam.PCollection        # ReadSummary (checked)
+    bad_lines: beam.PCollection    # JSON text per bad line, several
     timings: beam.PCollection      # (name, wall clock) events, several
 
 
@@ -136,11 +207,14 @@ class TrainWals(beam.PTransform):
         p = cfg.params
         chunks = pbegin | 'Read' >> ReadRatings(ReadConfig(cfg.input, cfg.delimiter,
                                                            cfg.headers, cfg.data_type))
+        reads = (chunks | 'SummarizeReads' >> beam.CombineGlobally(_SummarizeReads())
+                 | 'CheckReads' >> beam.Map(check_reads, cfg.input, cfg.max_bad_fraction))
+        bad_lines = chunks | 'NumberBadLines' >> beam.FlatMap(_number_bad_lines,
+                                                               AsSingleton(reads))
         users = (chunks | 'UserIds' >> beam.CombineGlobally(_UniqueIds('users'))
-                 | 'CountUsers' >> beam.Map(_count_vocab, 'users'))
+                 | 'CountUsers' >> beam.Map(_count_vocab, 'users', AsSingleton(reads)))
         items = (chunks | 'ItemIds' >> beam.CombineGlobally(_UniqueIds('items'))
-                 | 'CountItems' >> beam.Map(_count_vocab, 'items'))
-        reads = chunks | 'SummarizeReads' >> beam.CombineGlobally(_SummarizeReads())
+                 | 'CountItems' >> beam.Map(_count_vocab, 'items', AsSingleton(reads)))
         block_cfg = BlockConfig(cfg.block_size, cfg.test_fraction, cfg.split_seed,
                                 'sum' if cfg.data_type == 'web_views' else 'mean')
         row_blocks, col_blocks = chunks | 'Blocks' >> BuildBlocks(block_cfg, users, items)
@@ -164,7 +238,7 @@ class TrainWals(beam.PTransform):
             events.append(v_it | f'Iter{it:03d}Done' >> beam.Map(
                 lambda f, it: (f'iteration_{it:03d}', f.finished_at), it))
         timings = tuple(events) | 'Timings' >> beam.Flatten()
-        return TrainedModel(users, items, u, v, stats, reads, timings)
+        return TrainedModel(users, items, u, v, stats, reads, bad_lines, timings)
 
 
 def save_npy(path: str, array: np.ndarray) -> None:
@@ -203,20 +277,24 @@ def phase_seconds(events: list[tuple[str, float]], now: float) -> dict:
 
 
 class _WriteOutputs(beam.DoFn):
-    def __init__(self, config: TrainConfig):
+    def __init__(self, config: TrainConfig, dest: str):
         self._config = config
+        self._dest = dest.rstrip('/')
 
     def process(self, _, users, items, u, v, stats, reads, events):
-        out = self._config.output.rstrip('/')
+        metrics = stats.summary()
+        for name in ('train_rmse', 'test_rmse'):
+            if metrics[name] is not None and not np.isfinite(metrics[name]):
+                raise NumericalError(f'{name} is {metrics[name]}: training diverged')
+        out = self._dest
         save_npy(f'{out}/model/user.npy', users.ids)
         save_npy(f'{out}/model/item.npy', items.ids)
         save_npy(f'{out}/model/row.npy', u.matrix)
         save_npy(f'{out}/model/col.npy', v.matrix)
-        metrics = stats.summary()
         metrics.update({
             'users': len(users), 'items': len(items),
-            'lines': dict(sorted(reads.counts.items())),
-            'bad_line_examples': [dataclasses.asdict(b) for b in reads.bad_examples],
+            'lines': reads.line_report(),
+            'bad_line_examples': [reads.describe_bad(b) for b in reads.bad_examples],
             'parameters': self._config.describe(),
             'phase_seconds': phase_seconds(events, time.time()),
         })
@@ -225,19 +303,22 @@ class _WriteOutputs(beam.DoFn):
 
 
 class WriteModel(beam.PTransform):
-    """PBegin -> singleton metrics dict; writes a TrainedModel's files under
-    config.output: model/{user,item,row,col}.npy and metrics.json."""
+    """PBegin -> singleton metrics dict. Writes a TrainedModel under `dest`:
+    model/{user,item,row,col}.npy, metrics.json and errors/bad_lines-*.jsonl."""
 
-    def __init__(self, config: TrainConfig, model: TrainedModel):
+    def __init__(self, config: TrainConfig, model: TrainedModel, dest: str):
         super().__init__()
         self._config = config
         self._model = model
+        self._dest = dest.rstrip('/')
 
     def expand(self, pbegin):
         model = self._model
+        _ = model.bad_lines | 'WriteBadLines' >> beam.io.WriteToText(
+            f'{self._dest}/errors/bad_lines', file_name_suffix='.jsonl')
         return (pbegin | 'Once' >> beam.Create([None])
                 | 'Write' >> beam.ParDo(
-                    _WriteOutputs(self._config), AsSingleton(model.users),
+                    _WriteOutputs(self._config, self._dest), AsSingleton(model.users),
                     AsSingleton(model.items), AsSingleton(model.row_factors),
                     AsSingleton(model.col_factors), AsSingleton(model.stats),
                     AsSingleton(model.reads), AsList(model.timings)))

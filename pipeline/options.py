@@ -50,6 +50,14 @@ class WalsOptions(PipelineOptions):
                                'Default: tab for ratings, comma for web_views.')
         data.add_argument('--headers', action='store_true',
                           help='Skip the first line of every input file (a header).')
+        data.add_argument('--max_bad_fraction', '--max-bad-fraction', dest='max_bad_fraction',
+                          type=float, default=0.001,
+                          help='Fail (and publish nothing) when more than this share of '
+                               'the non-blank lines are bad; bad lines are listed in '
+                               'OUTPUT/errors/. Default: 0.001.')
+        data.add_argument('--overwrite', action='store_true',
+                          help='Replace a model already published at --output (otherwise '
+                               'the run refuses to start).')
         data.add_argument('--test_fraction', '--test-fraction', dest='test_fraction',
                           type=float, default=0.1,
                           help='Share of ratings held out for test RMSE, chosen by a stable '
@@ -115,6 +123,7 @@ class TrainConfig:
     split_seed: int
     seed: int
     block_size: int
+    max_bad_fraction: float = 0.001
 
     def describe(self) -> dict:
         out = dataclasses.asdict(self)
@@ -163,6 +172,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         (params.feature_wt_factor >= 0, '--feature_wt_factor must be 0 or more'),
         (0 <= args.test_fraction < 1, '--test_fraction must be in [0, 1)'),
         (args.block_size >= 1, '--block_size must be at least 1'),
+        (0 <= args.max_bad_fraction <= 1, '--max_bad_fraction must be in [0, 1]'),
     ]
     for ok, message in checks:
         if not ok:
@@ -174,4 +184,5 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
                        delimiter=parse_delimiter(args.delimiter, args.data_type),
                        headers=args.headers, params=params,
                        test_fraction=args.test_fraction, split_seed=args.split_seed,
-                       seed=args.seed, block_size=args.block_size)
+                       seed=args.seed, block_size=args.block_size,
+                       max_bad_fraction=args.max_bad_fraction)

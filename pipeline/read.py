@@ -15,7 +15,8 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
-from pipeline.parse import ParsedChunk, header_columns, parse_range
+from pipeline.errors import InputError
+from pipeline.parse import LineFormat, ParsedChunk, header_columns, parse_range
 
 SPLIT_BYTES = 64 << 20   # range size for uncompressed files
 
@@ -28,8 +29,7 @@ class FileRange:
     start: int
     stop: int | None
     compressed: bool
-    columns: tuple[int, int, int]
-    has_header: bool
+    fmt: LineFormat
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,18 +50,25 @@ class _PlanRanges(beam.DoFn):
         path = meta.path
         compression = CompressionTypes.detect_compression_type(path)
         compressed = compression != CompressionTypes.UNCOMPRESSED
-        columns = (0, 1, 2)
+        fmt = LineFormat(cfg.delimiter, has_header=cfg.headers)
         if cfg.data_type == 'web_views':
             with FileSystems.open(path, compression_type=compression) as f:
                 first = f.readline().decode('utf-8', 'replace')
-            columns = header_columns(first, cfg.delimiter)
-        has_header = cfg.headers or cfg.data_type == 'web_views'
+            if first.strip():
+                try:
+                    columns, width = header_columns(first, cfg.delimiter)
+                except ValueError as e:
+                    raise InputError(f'{path}: {e}') from None
+                fmt = LineFormat(cfg.delimiter, columns, width, nonnegative=True,
+                                 has_header=True)
+            else:
+                fmt = LineFormat(cfg.delimiter, exact_fields=-1, has_header=False)  # empty file
         if compressed or meta.size_in_bytes <= cfg.split_bytes:
-            yield FileRange(path, 0, None, compressed, columns, has_header)
+            yield FileRange(path, 0, None, compressed, fmt)
             return
         for start in range(0, meta.size_in_bytes, cfg.split_bytes):
             stop = min(start + cfg.split_bytes, meta.size_in_bytes)
-            yield FileRange(path, start, stop, False, columns, has_header)
+            yield FileRange(path, start, stop, False, fmt)
 
 
 def read_range_bytes(rng: FileRange) -> tuple[int, bytes]:
@@ -86,8 +93,7 @@ def read_range_bytes(rng: FileRange) -> tuple[int, bytes]:
 
 
 class _ParseRange(beam.DoFn):
-    def __init__(self, config: ReadConfig):
-        self._config = config
+    def __init__(self):
         self._counters: dict = {}
 
     def _count(self, name: str, n: int) -> None:
@@ -96,12 +102,9 @@ class _ParseRange(beam.DoFn):
         self._counters[name].inc(n)
 
     def process(self, rng: FileRange):
-        cfg = self._config
         started = time.time()
         offset, data = read_range_bytes(rng)
-        chunk = parse_range(data, rng.path, offset, cfg.delimiter, rng.columns,
-                            skip_first_line=rng.has_header and offset == 0,
-                            nonnegative=cfg.data_type == 'web_views')
+        chunk = parse_range(data, rng.path, offset, rng.fmt)
         for name, n in chunk.counts.items():
             self._count(name, n)
         chunk.started_at = started
@@ -121,4 +124,4 @@ class ReadRatings(beam.PTransform):
                 | 'Match' >> fileio.MatchFiles(self._config.pattern)
                 | 'PlanRanges' >> beam.ParDo(_PlanRanges(self._config))
                 | 'Spread' >> beam.Reshuffle()
-                | 'Parse' >> beam.ParDo(_ParseRange(self._config)))
+                | 'Parse' >> beam.ParDo(_ParseRange()))

@@ -17,8 +17,11 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 
+from pipeline.errors import QuietMarkedErrors, user_message
 from pipeline.model import TrainWals, WriteModel, save_json
 from pipeline.options import ConfigError, TrainConfig, WalsOptions, config_from_args
+from pipeline.publish import (OutputExists, check_output, describe_inputs, discard,
+                              new_run_id, publish, staging_path)
 
 log = logging.getLogger('pipeline.train')
 
@@ -64,18 +67,43 @@ def split_beam_args(rest: list[str]) -> list[str]:
     return rest
 
 
-def run(config: TrainConfig, options: PipelineOptions) -> dict:
-    """Builds and runs the pipeline; returns the metrics written to metrics.json."""
+def check_inputs(pattern: str) -> list[dict]:
+    """The input files, or a ConfigError before any work starts."""
+    try:
+        inputs = describe_inputs(pattern)
+    except Exception as e:   # noqa: BLE001 - the filesystem's own error says why
+        raise ConfigError(f'cannot list --input {pattern}: {e}') from None
+    if not inputs:
+        raise ConfigError(f'no file matches --input {pattern}')
+    for item in inputs:
+        try:
+            FileSystems.open(item['path']).close()
+        except Exception as e:   # noqa: BLE001
+            raise ConfigError(f'cannot read {item["path"]}: {e}') from None
+    return inputs
+
+
+def run(config: TrainConfig, options: PipelineOptions, overwrite: bool = False) -> dict:
+    """Builds and runs the pipeline into a staging folder, then publishes the model
+    to config.output with its _SUCCESS manifest. Returns the metrics."""
     started = time.time()
+    inputs = check_inputs(config.input)
+    check_output(config.output, overwrite)
+    run_id = new_run_id()
+    staging = staging_path(config.output, run_id)
     pipeline = beam.Pipeline(options=options)
     model = pipeline | 'TrainWals' >> TrainWals(config)
-    pipeline | 'WriteModel' >> WriteModel(config, model)
+    pipeline | 'WriteModel' >> WriteModel(config, model, staging)
     built = time.time()
-    log.info('Running %d iterations of WALS on %s', config.params.num_iters, config.input)
-    result = pipeline.run()
-    result.wait_until_finish()
+    log.info('Training %d iterations of WALS on %s (%d file(s)); staging in %s',
+             config.params.num_iters, config.input, len(inputs), staging)
+    try:
+        pipeline.run().wait_until_finish()
+    except BaseException:
+        discard(staging)
+        raise
     finished = time.time()
-    path = f'{config.output.rstrip("/")}/metrics.json'
+    path = f'{staging}/metrics.json'
     with FileSystems.open(path) as f:
         metrics = json.loads(f.read())
     metrics['phase_seconds'].update(
@@ -83,13 +111,24 @@ def run(config: TrainConfig, options: PipelineOptions) -> dict:
         pipeline=round(finished - built, 3),
         total=round(finished - started, 3))
     save_json(path, metrics)
+    counts = {k: metrics[k] for k in COUNT_KEYS}
+    publish(staging, config.output, {'run_id': run_id, 'inputs': inputs,
+                                     'parameters': config.describe(), 'counts': counts,
+                                     'lines': metrics['lines']})
+    log.info('Published the model to %s', config.output)
     return metrics
+
+
+COUNT_KEYS = ('users', 'items', 'train_ratings', 'test_ratings', 'test_cold_start_ratings',
+              'duplicates_merged')
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(message)s')
     logging.getLogger('apache_beam').setLevel(logging.WARNING)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(QuietMarkedErrors())
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     try:
@@ -97,12 +136,21 @@ def main(argv: list[str] | None = None) -> int:
         beam_args = split_beam_args(rest)
     except ConfigError as e:
         parser.error(str(e))
-    metrics = run(config, PipelineOptions(beam_args))
-    print(json.dumps({k: metrics[k] for k in (
-        'train_rmse', 'test_rmse', 'users', 'items', 'train_ratings', 'test_ratings',
-        'test_cold_start_ratings')}, indent=2))
-    print(f'Model written to {config.output.rstrip("/")}/model/ '
-          f'(metrics: {config.output.rstrip("/")}/metrics.json)')
+    try:
+        metrics = run(config, PipelineOptions(beam_args), overwrite=args.overwrite)
+    except (ConfigError, OutputExists) as e:
+        parser.error(str(e))
+    except Exception as e:   # noqa: BLE001 - turn runner-wrapped errors into a message
+        message = user_message(e)
+        if message is None:
+            raise
+        print(f'error: {message}\nNothing was published to {config.output}.', file=sys.stderr)
+        return 1
+    print(json.dumps({k: metrics[k] for k in ('train_rmse', 'test_rmse', *COUNT_KEYS)},
+                     indent=2))
+    print(f'Lines: {json.dumps(metrics["lines"])}')
+    out = config.output.rstrip('/')
+    print(f'Model written to {out}/model/ (metrics: {out}/metrics.json)')
     return 0
 
 

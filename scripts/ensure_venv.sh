@@ -2,7 +2,7 @@
 # Sourced by run_local.sh and run_tests.sh: creates ./.venv with the project's
 # dependencies (setup.py extras `local` and `test`) when it is missing or when
 # setup.py changed since it was built, then puts it first on PATH.
-set -euo pipefail
+# (sourced: the caller sets its own shell options)
 _root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 _venv="${WALS_VENV:-$_root/.venv}"
 _stamp="$_venv/.wals-installed"

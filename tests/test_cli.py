@@ -44,7 +44,9 @@ def test_movielens_100k_end_to_end_meets_the_quality_bar(ml100k, tmp_path, wt_ar
     assert abs(metrics['train_rmse'] - train_bar) <= 0.03, metrics['train_rmse']
     assert abs(metrics['test_rmse'] - test_bar) <= 0.03, metrics['test_rmse']
     assert metrics['users'] == 943 and metrics['items'] == 1682
-    assert metrics['lines'] == {'lines_read': 100000, 'kept': 100000}
+    assert metrics['lines'] == {'lines_read': 100000, 'kept': 100000, 'bad': 0,
+                                'bad_by_reason': {}, 'skipped_blank': 0, 'skipped_header': 0}
+    assert (out / '_SUCCESS').exists()
     assert 0.09 < metrics['test_ratings'] / 100000 < 0.11
     assert len(metrics['phase_seconds']['per_iteration']) == 20
     assert metrics['phase_seconds']['total'] > 0

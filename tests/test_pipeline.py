@@ -107,7 +107,7 @@ def test_web_views_sum_time_per_pair_and_use_log_weights(tmp_path):
                            '--num_iters', '2', '--test_fraction', '0')
     assert metrics['parameters']['wt_type'] == 'log'
     assert metrics['parameters']['delimiter'] == ','
-    assert metrics['lines']['header'] == 1 and metrics['lines']['kept'] == 1502
+    assert metrics['lines']['skipped_header'] == 1 and metrics['lines']['kept'] == 1502
     pairs = {(r.split(',')[1], r.split(',')[2]) for r in rows[1:]}
     assert metrics['duplicates_merged'] == 1502 - len(pairs)
     assert metrics['train_ratings'] == len(pairs)
