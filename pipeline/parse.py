@@ -124,12 +124,12 @@ def parse_range(data: bytes, path: str, base_offset: int, fmt: LineFormat) -> Pa
     if fmt.nonnegative:
         ok &= ~(parsed < 0)
     for j in np.flatnonzero(~ok):
-        if parsed[j] < 0:
-            reason = 'negative_value'
-        elif np.isnan(parsed[j]) and not _is_nan_text(values[j]):
+        if np.isnan(parsed[j]) and not _is_nan_text(values[j]):
             reason = 'not_a_number'
-        else:
+        elif not np.isfinite(parsed[j]):
             reason = 'not_finite'
+        else:
+            reason = 'negative_value'
         reject(where[j], reason, lines[where[j]].rstrip(b'\r').decode('utf-8'))
     bad.sort(key=lambda b: b.index)
     counts['kept'] = int(ok.sum())
