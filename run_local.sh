@@ -19,7 +19,10 @@ if ! $has_input; then
   # MovieLens may not be redistributed: the sample is synthetic, made by the
   # project's deterministic generator (MovieLens 100k shaped), once.
   sample="$here/sample_data/ratings.tsv"
-  [[ -f "$sample" ]] || python -m pipeline.synth --preset sample --output "$sample"
+  if [[ ! -f "$sample" ]]; then
+    mkdir -p "$(dirname "$sample")"
+    python -m pipeline.synth --preset sample --output "$sample"
+  fi
   set -- --input "$sample" "$@"
 fi
 exec python -m pipeline.train "$@"

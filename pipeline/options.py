@@ -37,8 +37,9 @@ class WalsOptions(PipelineOptions):
                           help='Ratings file(s): a path or glob, local or gs://; .gz and '
                                'other compressed files are read by their suffix.')
         data.add_argument('--output', '--job-dir', '--job_dir', dest='output',
-                          help='Folder (local or gs://) for model/ and metrics.json. '
-                               'Default: a new ./output/run-<timestamp> folder.')
+                          help='Folder (local or gs://) for model/, metrics.json, errors/ '
+                               'and _SUCCESS. Default: a new ./output/run-<timestamp> '
+                               'folder.')
         data.add_argument('--data_type', '--data-type', dest='data_type', default='ratings',
                           choices=DATA_TYPES,
                           help='ratings: lines of user, item, rating[, ignored columns]. '

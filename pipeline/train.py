@@ -2,7 +2,7 @@
 
 Reads a delimited ratings dump, splits it into train/test by a stable hash,
 factorizes it with weighted alternating least squares and writes
-OUTPUT/model/{user,item,row,col}.npy and OUTPUT/metrics.json.
+OUTPUT/model/{user,item,row,col}.npy, OUTPUT/metrics.json and OUTPUT/_SUCCESS.
 Runs on any Beam runner (DirectRunner by default, Dataflow with --runner).
 """
 from __future__ import annotations
@@ -30,7 +30,9 @@ EPILOG = """Any other option is a Beam pipeline option and is passed through, e.
   --direct_running_mode multi_processing --direct_num_workers 2
 Outputs: OUTPUT/model/user.npy and item.npy (entry i is the ID of row/column i),
 OUTPUT/model/row.npy (users x latent_factors, float32), OUTPUT/model/col.npy
-(items x latent_factors, float32) and OUTPUT/metrics.json."""
+(items x latent_factors, float32), OUTPUT/metrics.json, OUTPUT/errors/ (bad
+lines) and, written last, OUTPUT/_SUCCESS (a manifest with checksums). The run
+works in OUTPUT.tmp-<run id> and publishes only when it has succeeded."""
 
 
 def build_parser() -> argparse.ArgumentParser:
