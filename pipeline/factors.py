@@ -114,7 +114,7 @@ class HalfStep(beam.PTransform):
         return (blocks
                 | 'Solve' >> beam.ParDo(_SolveBlock(self._side, self._params, self._iteration),
                                         AsSingleton(self._other), AsSingleton(self._counts))
-                | 'Assemble' >> beam.CombineGlobally(_AssembleFactors()))
+                | 'Assemble' >> beam.CombineGlobally(_AssembleFactors()).without_defaults())
 
 
 class Alternate(beam.PTransform):

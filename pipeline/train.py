@@ -15,7 +15,7 @@ import time
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions, TypeOptions
 
 from pipeline.errors import QuietMarkedErrors, user_message
 from pipeline.model import TrainWals, WriteModel, save_json
@@ -93,6 +93,10 @@ def run(config: TrainConfig, options: PipelineOptions, overwrite: bool = False) 
     check_output(config.output, overwrite)
     run_id = new_run_id()
     staging = staging_path(config.output, run_id)
+    standard = options.view_as(StandardOptions)
+    standard.runner = standard.runner or 'DirectRunner'
+    # The graph declares no type hints; checking them costs seconds per build.
+    options.view_as(TypeOptions).pipeline_type_check = False
     pipeline = beam.Pipeline(options=options)
     model = pipeline | 'TrainWals' >> TrainWals(config)
     pipeline | 'WriteModel' >> WriteModel(config, model, staging)
