@@ -77,8 +77,8 @@ class _IndexChunk(beam.DoFn):
     def process(self, chunk: ParsedChunk, users: Vocabulary, items: Vocabulary):
         if not len(chunk.values):
             return
-        rows = users.lookup(chunk.users)
-        cols = items.lookup(chunk.items)
+        rows = users.lookup(chunk.user_ids)[chunk.user_codes]
+        cols = items.lookup(chunk.item_ids)[chunk.item_codes]
         test = is_test(users.hashes[rows], items.hashes[cols], self._config.split_seed,
                        self._config.test_fraction)
         yield from _key_by_block(rows, cols, chunk.values, test, self._config.block_size)

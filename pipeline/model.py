@@ -27,7 +27,7 @@ MODEL_FILES = ('user.npy', 'item.npy', 'row.npy', 'col.npy')
 
 
 class _UniqueIds(beam.CombineFn):
-    """ParsedChunks -> Vocabulary of one field ('users' or 'items')."""
+    """ParsedChunks -> Vocabulary of one field (user_ids or item_ids)."""
 
     def __init__(self, field: str):
         self._field = field
@@ -36,7 +36,7 @@ class _UniqueIds(beam.CombineFn):
         return set()
 
     def add_input(self, acc, chunk: ParsedChunk):
-        acc.update(np.unique(getattr(chunk, self._field)).tolist())
+        acc.update(getattr(chunk, self._field).tolist())
         return acc
 
     def merge_accumulators(self, accs):
@@ -211,9 +211,9 @@ class TrainWals(beam.PTransform):
                  | 'CheckReads' >> beam.Map(check_reads, cfg.input, cfg.max_bad_fraction))
         bad_lines = chunks | 'NumberBadLines' >> beam.FlatMap(_number_bad_lines,
                                                                AsSingleton(reads))
-        users = (chunks | 'UserIds' >> beam.CombineGlobally(_UniqueIds('users'))
+        users = (chunks | 'UserIds' >> beam.CombineGlobally(_UniqueIds('user_ids'))
                  | 'CountUsers' >> beam.Map(_count_vocab, 'users', AsSingleton(reads)))
-        items = (chunks | 'ItemIds' >> beam.CombineGlobally(_UniqueIds('items'))
+        items = (chunks | 'ItemIds' >> beam.CombineGlobally(_UniqueIds('item_ids'))
                  | 'CountItems' >> beam.Map(_count_vocab, 'items', AsSingleton(reads)))
         block_cfg = BlockConfig(cfg.block_size, cfg.test_fraction, cfg.split_seed,
                                 'sum' if cfg.data_type == 'web_views' else 'mean')

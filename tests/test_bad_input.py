@@ -15,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pipeline.parse import LineFormat, parse_range
+from pipeline.parse import LineFormat, _parse_columnar, parse_lines, parse_range
 from pipeline.publish import SUCCESS, UntrustedModel, read_model
 from tests.conftest import ROOT
 from tests.pipeline_support import load_metrics, run_pipeline
@@ -78,6 +78,36 @@ def test_every_line_is_kept_skipped_or_bad(lines, delimiter, crlf, bom):
     assert all(k in got for k in kept) and len(got) >= len(kept)
     for b in chunk.bad:
         assert b.reason and 0 <= b.index < len(lines)
+
+
+def assert_same_chunk(a, b):
+    assert a.users.tolist() == b.users.tolist() and a.items.tolist() == b.items.tolist()
+    assert a.values.tobytes() == b.values.tobytes()
+    assert a.counts == b.counts and a.bad == b.bad
+
+
+@settings(max_examples=300, deadline=None)
+@given(messy_lines, st.sampled_from(DELIMITERS), st.booleans(), st.booleans(), st.booleans(),
+       st.integers(0, 2))
+def test_columnar_fast_path_agrees_with_the_line_parser(lines, delimiter, crlf, bom, header,
+                                                        pad):
+    data, _ = render(lines, delimiter, crlf, bom)
+    if pad == 1:     # padded fields: " 1\t 2\t3 " must parse like "1\t2\t3"
+        data = data.replace(delimiter.encode(), b' ' + delimiter.encode() + b' ')
+    fmt = LineFormat(delimiter, has_header=header)
+    fast = _parse_columnar(data, 'f', 0, fmt)
+    if fast is not None:
+        assert_same_chunk(fast, parse_lines(data, 'f', 0, fmt))
+
+
+def test_columnar_fast_path_takes_clean_ranges():
+    data = b'\xef\xbb\xbfuser\titem\trating\tts\r\n1\t 10\t4.5\t0\r\n2\t10 \t3\textra\r\n'
+    fmt = LineFormat('\t', has_header=True)
+    fast = _parse_columnar(data, 'f', 0, fmt)
+    assert fast is not None
+    assert_same_chunk(fast, parse_lines(data, 'f', 0, fmt))
+    assert fast.item_ids.tolist() == ['10'] and fast.values.tolist() == [4.5, 3.0]
+    assert _parse_columnar(b'1\t2\t3\n\n4\t5\t6\n', 'f', 0, LineFormat('\t')) is None
 
 
 @settings(max_examples=5, deadline=None, suppress_health_check=list(HealthCheck))
