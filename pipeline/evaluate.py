@@ -8,6 +8,7 @@ import numpy as np
 from apache_beam.pvalue import AsSingleton
 
 from pipeline.blocks import RatingBlock
+from pipeline.combine import InBlockOrder
 from pipeline.factors import Factors
 from wals_core.metrics import rmse, squared_error
 
@@ -54,26 +55,16 @@ def block_stats(block: RatingBlock, users: Factors, items: Factors,
         int((~user_has_train).sum()))
 
 
-class _SumInBlockOrder(beam.CombineFn):
+class _SumInBlockOrder(InBlockOrder):
     """(block id, BlockStats) -> BlockStats, summed in block-id order (bit-stable)."""
 
-    def create_accumulator(self):
-        return {}
+    def keyed(self, element):
+        return element
 
-    def add_input(self, acc, keyed):
-        acc[keyed[0]] = keyed[1]
-        return acc
-
-    def merge_accumulators(self, accs):
-        out = {}
-        for a in accs:
-            out.update(a)
-        return out
-
-    def extract_output(self, acc):
+    def reduce(self, stats: list[BlockStats]) -> BlockStats:
         total = BlockStats()
-        for b in sorted(acc):
-            total = total.add(acc[b])
+        for s in stats:
+            total = total.add(s)
         return total
 
 

@@ -16,6 +16,7 @@ import numpy as np
 from apache_beam.pvalue import AsSingleton
 
 from pipeline.blocks import RatingBlock
+from pipeline.combine import InBlockOrder
 from pipeline.errors import NumericalError
 from wals_core.params import WalsParams
 from wals_core.solve import gramian, solve_rows
@@ -71,24 +72,13 @@ class _SolveBlock(beam.DoFn):
                           time.time())
 
 
-class _AssembleFactors(beam.CombineFn):
+class _AssembleFactors(InBlockOrder):
     """FactorBlocks -> Factors; pieces are placed and summed in block-id order."""
 
-    def create_accumulator(self):
-        return {}
+    def keyed(self, block: FactorBlock):
+        return block.block_id, block
 
-    def add_input(self, acc, block: FactorBlock):
-        acc[block.block_id] = block
-        return acc
-
-    def merge_accumulators(self, accs):
-        out = {}
-        for a in accs:
-            out.update(a)
-        return out
-
-    def extract_output(self, acc):
-        blocks = [acc[b] for b in sorted(acc)]
+    def reduce(self, blocks: list[FactorBlock]) -> Factors:
         if not blocks:
             return Factors(np.zeros((0, 0), np.float32), np.zeros((0, 0)), time.time())
         k = blocks[0].factors.shape[1]

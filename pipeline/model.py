@@ -14,6 +14,7 @@ from apache_beam.metrics import Metrics
 from apache_beam.pvalue import AsList, AsSingleton
 
 from pipeline.blocks import BlockConfig, BuildBlocks, RatingBlock
+from pipeline.combine import InBlockOrder
 from pipeline.evaluate import Evaluate
 from pipeline.factors import Alternate, Factors, factors_from_matrix
 from pipeline.options import TrainConfig
@@ -150,26 +151,15 @@ def _number_bad_lines(chunk: ParsedChunk, summary: ReadSummary):
                          ensure_ascii=False)
 
 
-class _AssembleCounts(beam.CombineFn):
+class _AssembleCounts(InBlockOrder):
     """Column RatingBlocks -> int64 array of training ratings per column."""
 
-    def create_accumulator(self):
-        return {}
+    def keyed(self, block: RatingBlock):
+        return block.block_id, (block.start, block.total_rows, np.diff(block.train.indptr))
 
-    def add_input(self, acc, block: RatingBlock):
-        acc[block.block_id] = (block.start, block.total_rows, np.diff(block.train.indptr))
-        return acc
-
-    def merge_accumulators(self, accs):
-        out = {}
-        for a in accs:
-            out.update(a)
-        return out
-
-    def extract_output(self, acc):
-        total = next(iter(acc.values()))[1] if acc else 0
-        counts = np.zeros(total, np.int64)
-        for start, _, c in acc.values():
+    def reduce(self, blocks: list) -> np.ndarray:
+        counts = np.zeros(blocks[0][1] if blocks else 0, np.int64)
+        for start, _, c in blocks:
             counts[start:start + len(c)] = c
         return counts
 
