@@ -13,32 +13,12 @@ import numpy as np
 from apache_beam.metrics import Metrics
 from apache_beam.pvalue import AsSingleton
 
+from pipeline.block_store import BlockRef, RatingBlock, save_block
 from pipeline.parse import ParsedChunk
 from wals_core.hashing import is_test
-from wals_core.sparse import Csr, csr_from_triples, merge_duplicates
+from wals_core.sparse import (Csr, csr_from_sorted, csr_from_triples, merge_duplicates,
+                              pair_keys)
 from wals_core.vocab import Vocabulary
-
-
-@dataclasses.dataclass
-class RatingBlock:
-    """Rows [start, start + train.num_rows) of one side (users or items).
-
-    train: training ratings, CSR over the block's rows; indices are global
-    indices of the other side. test_*: test ratings (row blocks only), rows local.
-    """
-    block_id: int
-    start: int
-    total_rows: int            # rows of this side in all blocks
-    train: Csr
-    test_rows: np.ndarray
-    test_cols: np.ndarray
-    test_values: np.ndarray
-    merged: int = 0            # duplicate (user, item) entries merged into one
-    built_at: float = 0.0
-
-    @property
-    def num_rows(self) -> int:
-        return self.train.num_rows
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,14 +38,17 @@ def num_blocks(rows: int, block_size: int) -> int:
 
 
 def _key_by_block(rows, cols, values, flags, block_size):
-    """(block id, (rows, cols, values, flags)) for each block the rows touch."""
-    bid = rows // block_size
-    order = np.argsort(bid, kind='stable')
-    sorted_bid = bid[order]
-    cuts = np.flatnonzero(np.diff(sorted_bid)) + 1
+    """(block id, (rows, cols, values, flags)) for each block the rows touch.
+
+    Pieces come sorted by (row, col), so the block builder's sort of several
+    pieces only merges sorted runs.
+    """
+    order = np.argsort(pair_keys(rows, cols), kind='stable')
+    bid = rows[order] // block_size
+    cuts = np.flatnonzero(np.diff(bid)) + 1
     for first, part in zip(np.r_[0, cuts], np.split(order, cuts)):
         if len(part):
-            yield int(sorted_bid[first]), (rows[part], cols[part], values[part], flags[part])
+            yield int(bid[first]), (rows[part], cols[part], values[part], flags[part])
 
 
 class _IndexChunk(beam.DoFn):
@@ -96,8 +79,9 @@ def _concat(pieces):
 
 
 class _BuildRowBlock(beam.DoFn):
-    def __init__(self, config: BlockConfig):
+    def __init__(self, config: BlockConfig, folder: str):
         self._config = config
+        self._folder = folder
         self._merged = Metrics.counter('wals', 'duplicates_merged')
 
     def process(self, keyed, users: Vocabulary):
@@ -110,16 +94,17 @@ class _BuildRowBlock(beam.DoFn):
         start = block_id * cfg.block_size
         n = min(cfg.block_size, len(users) - start)
         train = ~test
-        yield RatingBlock(
+        yield save_block(RatingBlock(
             block_id=block_id, start=start, total_rows=len(users),
-            train=csr_from_triples(rows[train] - start, cols[train], values[train], n),
+            train=csr_from_sorted(rows[train] - start, cols[train], values[train], n),
             test_rows=(rows[test] - start).astype(np.int32),
             test_cols=cols[test].astype(np.int32), test_values=values[test],
-            merged=merged, built_at=time.time())
+            merged=merged, built_at=time.time()), self._folder)
 
 
-def _training_by_col_block(block: RatingBlock, block_size: int):
+def _training_by_col_block(ref: BlockRef, block_size: int):
     """A row block's training ratings, keyed by column block, as (col, row, value)."""
+    block = ref.load()
     t = block.train
     rows = t.row_of_entry() + block.start
     cols = t.indices.astype(np.int64)
@@ -127,8 +112,9 @@ def _training_by_col_block(block: RatingBlock, block_size: int):
 
 
 class _BuildColBlock(beam.DoFn):
-    def __init__(self, config: BlockConfig):
+    def __init__(self, config: BlockConfig, folder: str):
         self._config = config
+        self._folder = folder
 
     def process(self, keyed, items: Vocabulary):
         block_id, pieces = keyed
@@ -136,19 +122,22 @@ class _BuildColBlock(beam.DoFn):
         start = block_id * self._config.block_size
         n = min(self._config.block_size, len(items) - start)
         empty = np.zeros(0, np.int32)
-        yield RatingBlock(block_id=block_id, start=start, total_rows=len(items),
-                          train=csr_from_triples(cols - start, rows, values, n),
-                          test_rows=empty, test_cols=empty, test_values=np.zeros(0),
-                          built_at=time.time())
+        yield save_block(RatingBlock(
+            block_id=block_id, start=start, total_rows=len(items),
+            train=csr_from_triples(cols - start, rows, values, n),
+            test_rows=empty, test_cols=empty, test_values=np.zeros(0),
+            built_at=time.time()), self._folder)
 
 
 class BuildBlocks(beam.PTransform):
     """PCollection[ParsedChunk] -> (row blocks, column blocks), PCollections of
-    RatingBlock. Needs the user and item vocabularies (singleton PCollections)."""
+    BlockRef to RatingBlocks saved under `folder`. Needs the user and item
+    vocabularies (singleton PCollections)."""
 
-    def __init__(self, config: BlockConfig, users, items):
+    def __init__(self, config: BlockConfig, users, items, folder: str):
         super().__init__()
         self._config = config
+        self._folder = folder.rstrip('/')
         self._users = users
         self._items = items
 
@@ -160,11 +149,11 @@ class BuildBlocks(beam.PTransform):
         row_keys = seed | 'RowKeys' >> beam.FlatMap(_all_block_keys, users, cfg.block_size)
         row_blocks = ((keyed, row_keys) | 'AllRowPieces' >> beam.Flatten()
                       | 'GroupRows' >> beam.GroupByKey()
-                      | 'RowBlock' >> beam.ParDo(_BuildRowBlock(cfg), users))
+                      | 'RowBlock' >> beam.ParDo(_BuildRowBlock(cfg, f'{self._folder}/rows'), users))
         col_keys = seed | 'ColKeys' >> beam.FlatMap(_all_block_keys, items, cfg.block_size)
         col_pieces = row_blocks | 'ByColBlock' >> beam.FlatMap(_training_by_col_block,
                                                                 cfg.block_size)
         col_blocks = ((col_pieces, col_keys) | 'AllColPieces' >> beam.Flatten()
                       | 'GroupCols' >> beam.GroupByKey()
-                      | 'ColBlock' >> beam.ParDo(_BuildColBlock(cfg), items))
+                      | 'ColBlock' >> beam.ParDo(_BuildColBlock(cfg, f'{self._folder}/cols'), items))
         return row_blocks, col_blocks

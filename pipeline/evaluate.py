@@ -7,7 +7,7 @@ import apache_beam as beam
 import numpy as np
 from apache_beam.pvalue import AsSingleton
 
-from pipeline.blocks import RatingBlock
+from pipeline.block_store import BlockRef
 from pipeline.combine import InBlockOrder
 from pipeline.factors import Factors
 from wals_core.metrics import rmse, squared_error
@@ -39,9 +39,10 @@ class BlockStats:
         }
 
 
-def block_stats(block: RatingBlock, users: Factors, items: Factors,
+def block_stats(ref: BlockRef, users: Factors, items: Factors,
                 col_counts: np.ndarray) -> tuple[int, BlockStats]:
     """Squared errors of one row block's train and (warm) test ratings."""
+    block = ref.load()
     t = block.train
     u, v = users.matrix, items.matrix
     rows = t.row_of_entry() + block.start
@@ -69,7 +70,7 @@ class _SumInBlockOrder(InBlockOrder):
 
 
 class Evaluate(beam.PTransform):
-    """PCollection[RatingBlock] (row blocks) -> singleton BlockStats for factors
+    """PCollection[BlockRef] (row blocks) -> singleton BlockStats for factors
     `users`, `items` (singleton Factors) and `col_counts` (singleton array)."""
 
     def __init__(self, users, items, col_counts):

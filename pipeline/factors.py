@@ -15,7 +15,7 @@ import apache_beam as beam
 import numpy as np
 from apache_beam.pvalue import AsSingleton
 
-from pipeline.blocks import RatingBlock
+from pipeline.block_store import BlockRef
 from pipeline.combine import InBlockOrder
 from pipeline.errors import NumericalError
 from wals_core.params import WalsParams
@@ -33,6 +33,7 @@ class FactorBlock:
     factors: np.ndarray        # float32, block rows × k
     partial_gramian: np.ndarray  # float64 k × k
     finished_at: float
+    solve_seconds: float = 0.0   # time spent in the numpy solve of this block
 
 
 @dataclasses.dataclass
@@ -41,6 +42,7 @@ class Factors:
     matrix: np.ndarray
     gramian: np.ndarray
     finished_at: float = 0.0
+    solve_seconds: float = 0.0   # summed over the blocks of this half-step
 
 
 def factors_from_matrix(matrix: np.ndarray) -> Factors:
@@ -53,7 +55,8 @@ class _SolveBlock(beam.DoFn):
         self._params = params
         self._iteration = iteration
 
-    def process(self, block: RatingBlock, other: Factors, col_counts: np.ndarray):
+    def process(self, ref: BlockRef, other: Factors, col_counts: np.ndarray):
+        block = ref.load()
         p = self._params
         if self._side == 'row':
             own = row_weights(block.num_rows, p)
@@ -61,6 +64,7 @@ class _SolveBlock(beam.DoFn):
         else:
             own = column_weights(col_counts[block.start:block.start + block.num_rows], p)
             others = row_weights(len(other.matrix), p)
+        started = time.perf_counter()
         x = solve_rows(block.train, own, other.matrix, others, other.gramian,
                        p.unobs_weight, p.regularization)
         if not np.all(np.isfinite(x)):
@@ -69,7 +73,7 @@ class _SolveBlock(beam.DoFn):
                 f'(block {block.block_id}); try a larger --regularization')
         x = x.astype(np.float32)
         yield FactorBlock(block.block_id, block.start, block.total_rows, x, gramian(x),
-                          time.time())
+                          time.time(), time.perf_counter() - started)
 
 
 class _AssembleFactors(InBlockOrder):
@@ -87,11 +91,12 @@ class _AssembleFactors(InBlockOrder):
         for b in blocks:
             matrix[b.start:b.start + len(b.factors)] = b.factors
             total += b.partial_gramian
-        return Factors(matrix, total, max(b.finished_at for b in blocks))
+        return Factors(matrix, total, max(b.finished_at for b in blocks),
+                       sum(b.solve_seconds for b in blocks))
 
 
 class HalfStep(beam.PTransform):
-    """PCollection[RatingBlock] of one side -> singleton PCollection[Factors] of it,
+    """PCollection[BlockRef] of one side -> singleton PCollection[Factors] of it,
     solved against `other` (singleton Factors) with `col_counts` (singleton array of
     training ratings per item)."""
 

@@ -13,7 +13,8 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 from apache_beam.pvalue import AsList, AsSingleton
 
-from pipeline.blocks import BlockConfig, BuildBlocks, RatingBlock
+from pipeline.block_store import BlockRef
+from pipeline.blocks import BlockConfig, BuildBlocks
 from pipeline.combine import InBlockOrder
 from pipeline.evaluate import Evaluate
 from pipeline.factors import Alternate, Factors, factors_from_matrix
@@ -152,10 +153,10 @@ def _number_bad_lines(chunk: ParsedChunk, summary: ReadSummary):
 
 
 class _AssembleCounts(InBlockOrder):
-    """Column RatingBlocks -> int64 array of training ratings per column."""
+    """Column BlockRefs -> int64 array of training ratings per column."""
 
-    def keyed(self, block: RatingBlock):
-        return block.block_id, (block.start, block.total_rows, np.diff(block.train.indptr))
+    def keyed(self, ref: BlockRef):
+        return ref.block_id, (ref.start, ref.total_rows, np.diff(ref.load().train.indptr))
 
     def reduce(self, blocks: list) -> np.ndarray:
         counts = np.zeros(blocks[0][1] if blocks else 0, np.int64)
@@ -188,9 +189,12 @@ class TrainWals(beam.PTransform):
     """PBegin -> TrainedModel: reads the ratings, builds vocabularies and blocks,
     runs num_iters alternating solves and evaluates train/test RMSE."""
 
-    def __init__(self, config: TrainConfig):
+    def __init__(self, config: TrainConfig, work_dir: str | None = None):
         super().__init__()
         self._config = config
+        # Rating blocks are saved here once (see block_store.py); the launcher
+        # passes a folder inside the run's staging folder and deletes it.
+        self._work_dir = (work_dir or f'{config.output.rstrip("/")}.work').rstrip('/')
 
     def expand(self, pbegin):
         cfg = self._config
@@ -207,7 +211,8 @@ class TrainWals(beam.PTransform):
                  | 'CountItems' >> beam.Map(_count_vocab, 'items', AsSingleton(reads)))
         block_cfg = BlockConfig(cfg.block_size, cfg.test_fraction, cfg.split_seed,
                                 'sum' if cfg.data_type == 'web_views' else 'mean')
-        row_blocks, col_blocks = chunks | 'Blocks' >> BuildBlocks(block_cfg, users, items)
+        row_blocks, col_blocks = chunks | 'Blocks' >> BuildBlocks(block_cfg, users, items,
+                                                                f'{self._work_dir}/blocks')
         col_counts = col_blocks | 'ColCounts' >> beam.CombineGlobally(_AssembleCounts())
 
         def init(vocab: Vocabulary, side: str) -> Factors:
@@ -224,9 +229,12 @@ class TrainWals(beam.PTransform):
             reads | 'ReadStart' >> beam.Map(lambda r: ('read_start', r.started_at)),
             col_blocks | 'BlocksBuilt' >> beam.Map(lambda b: ('blocks_built', b.built_at)),
         ]
-        for it, (_, v_it) in enumerate(history, 1):
+        for it, (u_it, v_it) in enumerate(history, 1):
             events.append(v_it | f'Iter{it:03d}Done' >> beam.Map(
                 lambda f, it: (f'iteration_{it:03d}', f.finished_at), it))
+            events.append((u_it, v_it) | f'Iter{it:03d}Solves' >> beam.Flatten()
+                          | f'Iter{it:03d}SolveTime' >> beam.Map(
+                              lambda f, it: (f'solve_{it:03d}', f.solve_seconds), it))
         timings = tuple(events) | 'Timings' >> beam.Flatten()
         return TrainedModel(users, items, u, v, stats, reads, bad_lines, timings)
 
@@ -247,8 +255,11 @@ def save_json(path: str, obj: dict) -> None:
 def phase_seconds(events: list[tuple[str, float]], now: float) -> dict:
     """Wall time per phase from the (name, wall clock) events of a run."""
     last: dict[str, float] = {}
+    solve: dict[str, float] = {}
     for name, t in events:
-        if name == 'read_start':
+        if name.startswith('solve_'):
+            solve[name] = solve.get(name, 0.0) + t
+        elif name == 'read_start':
             last[name] = min(last.get(name, t), t)
         else:
             last[name] = max(last.get(name, t), t)
@@ -261,6 +272,9 @@ def phase_seconds(events: list[tuple[str, float]], now: float) -> dict:
         prev = last[k]
     out['iterations'] = prev - last['blocks_built']
     out['per_iteration'] = per_iter
+    # Time inside the numpy solves (summed over blocks and workers): the rest of
+    # per_iteration is the runner's overhead (side inputs, shuffles, scheduling).
+    out['solve_per_iteration'] = [solve[k] for k in sorted(solve)]
     out['evaluate_and_write'] = now - prev
     return {k: (round(v, 3) if isinstance(v, float) else [round(x, 3) for x in v])
             for k, v in out.items()}

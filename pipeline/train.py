@@ -98,7 +98,8 @@ def run(config: TrainConfig, options: PipelineOptions, overwrite: bool = False) 
     # The graph declares no type hints; checking them costs seconds per build.
     options.view_as(TypeOptions).pipeline_type_check = False
     pipeline = beam.Pipeline(options=options)
-    model = pipeline | 'TrainWals' >> TrainWals(config)
+    work_dir = f'{staging}/{WORK_DIR}'
+    model = pipeline | 'TrainWals' >> TrainWals(config, work_dir)
     pipeline | 'WriteModel' >> WriteModel(config, model, staging)
     built = time.time()
     log.info('Training %d iterations of WALS on %s (%d file(s)); staging in %s',
@@ -117,6 +118,8 @@ def run(config: TrainConfig, options: PipelineOptions, overwrite: bool = False) 
         pipeline=round(finished - built, 3),
         total=round(finished - started, 3))
     save_json(path, metrics)
+    if FileSystems.exists(work_dir):
+        FileSystems.delete([work_dir])      # the saved rating blocks: not part of a model
     counts = {k: metrics[k] for k in COUNT_KEYS}
     publish(staging, config.output, {'run_id': run_id, 'inputs': inputs,
                                      'parameters': config.describe(), 'counts': counts,
@@ -125,6 +128,7 @@ def run(config: TrainConfig, options: PipelineOptions, overwrite: bool = False) 
     return metrics
 
 
+WORK_DIR = '_work'
 COUNT_KEYS = ('users', 'items', 'train_ratings', 'test_ratings', 'test_cold_start_ratings',
               'duplicates_merged')
 

@@ -35,32 +35,38 @@ def merge_duplicates(rows: np.ndarray, cols: np.ndarray, values: np.ndarray, how
                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None, int]:
     """Sorts triples by (row, col) and merges repeated pairs by 'mean' or 'sum'.
 
-    Sorting also by value makes the result independent of the input order, so
-    merged means are bit-identical however the triples arrived. `tag` (one value
-    per triple, equal within a pair) is carried along.
+    Where pairs repeat, they are also sorted by value, so merged means are
+    bit-identical however the triples arrived. `tag` (one value per triple, equal
+    within a pair) is carried along.
     Returns (rows, cols, values, tag, number of entries merged away).
     """
+    if how not in ('mean', 'sum'):
+        raise ValueError(f"how must be 'mean' or 'sum', got {how!r}")
     rows = np.asarray(rows, dtype=np.int64)
     cols = np.asarray(cols, dtype=np.int64)
     values = np.asarray(values, dtype=np.float64)
-    order = np.lexsort((values, cols, rows))
+    key = pair_keys(rows, cols)
+    order = np.argsort(key, kind='stable')
+    repeat = np.diff(key[order]) == 0
+    if repeat.any():     # rare: pay for the value-ordered sort only then
+        order = np.lexsort((values, cols, rows))
+        repeat = np.diff(pair_keys(rows[order], cols[order])) == 0
     rows, cols, values = rows[order], cols[order], values[order]
     tag = None if tag is None else np.asarray(tag)[order]
-    if len(rows) < 2:
-        return rows, cols, values, tag, 0
-    new = np.empty(len(rows), dtype=bool)
-    new[0] = True
-    new[1:] = (rows[1:] != rows[:-1]) | (cols[1:] != cols[:-1])
-    starts = np.flatnonzero(new)
-    merged = len(rows) - len(starts)
+    merged = int(repeat.sum())
     if merged == 0:
         return rows, cols, values, tag, 0
+    starts = np.flatnonzero(np.concatenate(([True], ~repeat)))
     sums = np.add.reduceat(values, starts)
     if how == 'mean':
         sums = sums / np.diff(np.append(starts, len(rows)))
-    elif how != 'sum':
-        raise ValueError(f"how must be 'mean' or 'sum', got {how!r}")
     return rows[starts], cols[starts], sums, None if tag is None else tag[starts], merged
+
+
+def pair_keys(rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """One int64 per (row, col) that sorts like (row, col) for non-negative indices
+    below 2**31 each."""
+    return (np.asarray(rows, np.int64) << np.int64(31)) | np.asarray(cols, np.int64)
 
 
 def csr_from_sorted(rows: np.ndarray, cols: np.ndarray, values: np.ndarray,
@@ -75,7 +81,6 @@ def csr_from_sorted(rows: np.ndarray, cols: np.ndarray, values: np.ndarray,
 def csr_from_triples(rows: np.ndarray, cols: np.ndarray, values: np.ndarray,
                      num_rows: int) -> Csr:
     """CSR of unsorted, duplicate-free triples."""
-    rows = np.asarray(rows, dtype=np.int64)
-    cols = np.asarray(cols, dtype=np.int64)
-    order = np.lexsort((cols, rows))
-    return csr_from_sorted(rows[order], cols[order], np.asarray(values)[order], num_rows)
+    order = np.argsort(pair_keys(rows, cols), kind='stable')
+    return csr_from_sorted(np.asarray(rows, np.int64)[order], np.asarray(cols)[order],
+                           np.asarray(values)[order], num_rows)
