@@ -48,7 +48,9 @@ def _key_by_block(rows, cols, values, flags, block_size):
     cuts = np.flatnonzero(np.diff(bid)) + 1
     for first, part in zip(np.r_[0, cuts], np.split(order, cuts)):
         if len(part):
-            yield int(bid[first]), (rows[part], cols[part], values[part], flags[part])
+            # int32 indices: a third fewer bytes through the shuffle
+            yield int(bid[first]), (rows[part].astype(np.int32), cols[part].astype(np.int32),
+                                    values[part], flags[part])
 
 
 class _IndexChunk(beam.DoFn):
