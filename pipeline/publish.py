@@ -86,15 +86,25 @@ def publish(staging: str, output: str, manifest: dict) -> dict:
     FileSystems.rename([f'{staging}/{f}' for f in files], [f'{output}/{f}' for f in files])
     with FileSystems.create(f'{output}/{SUCCESS}') as f:
         f.write(json.dumps(manifest, indent=2, sort_keys=True).encode('utf-8'))
-    FileSystems.delete([staging])
+    remove_tree(staging)
     return manifest
+
+
+def remove_tree(root: str) -> None:
+    """Deletes every file under root, and root itself where folders exist (object
+    stores such as gs:// have no folder to test or delete)."""
+    root = root.rstrip('/')
+    files = list_files(root)
+    if files:
+        FileSystems.delete([f'{root}/{f}' for f in files])
+    if FileSystems.exists(root):
+        FileSystems.delete([root])
 
 
 def discard(staging: str) -> None:
     """Removes a failed run's staging folder (best effort)."""
     try:
-        if FileSystems.exists(staging):
-            FileSystems.delete([staging])
+        remove_tree(staging)
     except Exception:   # noqa: BLE001 - cleanup must not hide the real error
         pass
 

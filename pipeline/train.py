@@ -21,7 +21,7 @@ from pipeline.errors import QuietMarkedErrors, user_message
 from pipeline.model import TrainWals, WriteModel, save_json
 from pipeline.options import ConfigError, TrainConfig, WalsOptions, config_from_args
 from pipeline.publish import (OutputExists, check_output, describe_inputs, discard,
-                              new_run_id, publish, staging_path)
+                              new_run_id, publish, remove_tree, staging_path)
 
 log = logging.getLogger('pipeline.train')
 
@@ -118,8 +118,7 @@ def run(config: TrainConfig, options: PipelineOptions, overwrite: bool = False) 
         pipeline=round(finished - built, 3),
         total=round(finished - started, 3))
     save_json(path, metrics)
-    if FileSystems.exists(work_dir):
-        FileSystems.delete([work_dir])      # the saved rating blocks: not part of a model
+    remove_tree(work_dir)      # the saved rating blocks: not part of a model
     counts = {k: metrics[k] for k in COUNT_KEYS}
     publish(staging, config.output, {'run_id': run_id, 'inputs': inputs,
                                      'parameters': config.describe(), 'counts': counts,
