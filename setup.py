@@ -22,6 +22,9 @@ setuptools.setup(
     ],
     extras_require={
         'local': [BEAM],
-        'test': ['pytest>=8', 'hypothesis>=6'],
+        # gcp-storage-emulator: a real Cloud Storage server on 127.0.0.1 for the gs://
+        # tests; wheel: lets the packaging test build the staged sdist offline.
+        'test': ['pytest>=8', 'hypothesis>=6', 'gcp-storage-emulator==2026.7.19',
+                 'wheel>=0.40'],
     },
 )

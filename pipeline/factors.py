@@ -79,6 +79,9 @@ class _SolveBlock(beam.DoFn):
 class _AssembleFactors(InBlockOrder):
     """FactorBlocks -> Factors; pieces are placed and summed in block-id order."""
 
+    def __init__(self, progress: str = ''):
+        self._progress = progress   # logged when done: long runs show where they are
+
     def keyed(self, block: FactorBlock):
         return block.block_id, block
 
@@ -91,6 +94,8 @@ class _AssembleFactors(InBlockOrder):
         for b in blocks:
             matrix[b.start:b.start + len(b.factors)] = b.factors
             total += b.partial_gramian
+        if self._progress:
+            log.info('%s: %d blocks solved', self._progress, len(blocks))
         return Factors(matrix, total, max(b.finished_at for b in blocks),
                        sum(b.solve_seconds for b in blocks))
 
@@ -109,7 +114,8 @@ class HalfStep(beam.PTransform):
         return (blocks
                 | 'Solve' >> beam.ParDo(_SolveBlock(self._side, self._params, self._iteration),
                                         AsSingleton(self._other), AsSingleton(self._counts))
-                | 'Assemble' >> beam.CombineGlobally(_AssembleFactors()).without_defaults())
+                | 'Assemble' >> beam.CombineGlobally(_AssembleFactors(
+                    f'iteration {self._iteration}, {self._side}s')).without_defaults())
 
 
 class Alternate(beam.PTransform):

@@ -326,3 +326,15 @@ class WriteModel(beam.PTransform):
                     AsSingleton(model.items), AsSingleton(model.row_factors),
                     AsSingleton(model.col_factors), AsSingleton(model.stats),
                     AsSingleton(model.reads), AsList(model.timings)))
+
+
+WORK_DIR = '_work'   # inside the staging folder: saved rating blocks, never published
+
+
+def build_pipeline(pipeline: beam.Pipeline, config: TrainConfig, staging: str) -> str:
+    """Adds the whole training job to `pipeline`, writing under `staging`; returns
+    the work folder the job uses for its rating blocks (inside staging)."""
+    work_dir = f'{staging.rstrip("/")}/{WORK_DIR}'
+    model = pipeline | 'TrainWals' >> TrainWals(config, work_dir)
+    pipeline | 'WriteModel' >> WriteModel(config, model, staging)
+    return work_dir

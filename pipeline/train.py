@@ -18,7 +18,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions, TypeOptions
 
 from pipeline.errors import QuietMarkedErrors, user_message
-from pipeline.model import TrainWals, WriteModel, save_json
+from pipeline.model import build_pipeline, save_json
 from pipeline.options import ConfigError, TrainConfig, WalsOptions, config_from_args
 from pipeline.publish import (OutputExists, check_output, describe_inputs, discard,
                               new_run_id, publish, remove_tree, staging_path)
@@ -98,9 +98,7 @@ def run(config: TrainConfig, options: PipelineOptions, overwrite: bool = False) 
     # The graph declares no type hints; checking them costs seconds per build.
     options.view_as(TypeOptions).pipeline_type_check = False
     pipeline = beam.Pipeline(options=options)
-    work_dir = f'{staging}/{WORK_DIR}'
-    model = pipeline | 'TrainWals' >> TrainWals(config, work_dir)
-    pipeline | 'WriteModel' >> WriteModel(config, model, staging)
+    work_dir = build_pipeline(pipeline, config, staging)
     built = time.time()
     log.info('Training %d iterations of WALS on %s (%d file(s)); staging in %s',
              config.params.num_iters, config.input, len(inputs), staging)
@@ -127,13 +125,15 @@ def run(config: TrainConfig, options: PipelineOptions, overwrite: bool = False) 
     return metrics
 
 
-WORK_DIR = '_work'
 COUNT_KEYS = ('users', 'items', 'train_ratings', 'test_ratings', 'test_cold_start_ratings',
               'duplicates_merged')
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    # The unrolled graph is deep (about 10 stages per iteration) and Beam's
+    # runners walk it recursively: leave room for thousands of iterations.
+    sys.setrecursionlimit(max(sys.getrecursionlimit(), 100_000))
     logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(message)s')
     logging.getLogger('apache_beam').setLevel(logging.WARNING)
     for handler in logging.getLogger().handlers:

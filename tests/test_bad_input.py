@@ -277,7 +277,7 @@ def test_killed_run_leaves_the_earlier_model_untouched(ml100k, small_ratings, tm
     before = {p.relative_to(out): p.read_bytes() for p in out.rglob('*') if p.is_file()}
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     proc = subprocess.Popen([sys.executable, '-m', 'pipeline.train', '--input', str(ml100k),
-                             '--output', str(out), '--overwrite', '--num_iters', '500'],
+                             '--output', str(out), '--overwrite', '--num_iters', '100'],
                             cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     try:

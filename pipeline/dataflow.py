@@ -1,0 +1,381 @@
+"""python -m pipeline.dataflow (run_dataflow.sh): the trainer on Google Cloud Dataflow.
+
+The same command line as pipeline.train / run_local.sh (it reuses that parser and
+its validation), plus --project, --region and --bucket gs://B, from which it fills
+in everything else a Dataflow job needs:
+
+  job name        wals-<UTC timestamp>                (--job_name)
+  input           gs://B/ratings/*                    (--input)
+  output          gs://B/models/<job name>            (--output)
+  temp, staging   gs://B/tmp, gs://B/staging          (--temp_location, --staging_location)
+  worker package  this checkout's setup.py            (--setup_file)
+  workers         n1-highmem-4, up to 1 per 256 MiB of input (1..20)
+                                                      (--machine_type, --max_num_workers)
+
+Every other option is a Beam/Dataflow pipeline option and passes through.
+Before submitting it measures the job graph (which grows with --num_iters) against
+Dataflow's 10 MB limit: it adds --experiments=upload_graph when that is needed, and
+refuses when even an uploaded graph would be too large.
+
+A normal run then hands over to pipeline.train: the launcher waits for the job, then
+publishes the model (the _SUCCESS manifest is written by this process, after the job
+succeeds), so keep it running; Ctrl-C stops the waiting, not the job.
+--dry_run builds the whole job locally and submits nothing, touching no Cloud
+resource; --template_location=FILE (a Beam option) stages the job and writes its
+full description to FILE without running it.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import functools
+import json
+import logging
+import math
+import pathlib
+import re
+import sys
+
+import apache_beam as beam
+from apache_beam.options.pipeline_options import (DebugOptions, GoogleCloudOptions,
+                                                  PipelineOptions, SetupOptions,
+                                                  StandardOptions, WorkerOptions)
+from google.protobuf import json_format
+
+from pipeline import train
+from pipeline.model import build_pipeline
+from pipeline.options import ConfigError, TrainConfig, _bool, config_from_args
+from pipeline.publish import new_run_id, staging_path
+
+log = logging.getLogger('pipeline.dataflow')
+
+SETUP_FILE = pathlib.Path(__file__).resolve().parents[1] / 'setup.py'
+
+# Dataflow refuses a job whose graph is larger than this (its documented limit).
+GRAPH_LIMIT_BYTES = 10 * 1024 * 1024
+# With --experiments=upload_graph the graph goes through Cloud Storage instead of
+# the request; the Beam and Dataflow teams give about 100 MB as the ceiling then.
+UPLOADED_GRAPH_LIMIT_BYTES = 100 * 1024 * 1024
+UPLOAD_GRAPH = 'upload_graph'
+
+# Workers. Every Python SDK process (one per vCPU) holds the factor matrices as side
+# inputs, (users + items) x latent_factors x 4 bytes, so memory per vCPU matters more
+# than vCPUs: n1-highmem-4 gives each of its 4 processes 6.5 GB.
+DEFAULT_MACHINE_TYPE = 'n1-highmem-4'
+INPUT_BYTES_PER_WORKER = 256 * 1024 * 1024
+MAX_WORKERS_CAP = 20
+MAX_WORKERS_UNKNOWN_INPUT = 4      # --dry_run does not list the input
+
+_BUCKET = re.compile(r'^gs://([a-z0-9][-_.a-z0-9]{1,220}[a-z0-9])(/.*)?$')
+_JOB_NAME = re.compile(r'^[a-z]([-a-z0-9]{0,1022}[a-z0-9])?$')
+
+EPILOG = """Defaults (each can be overridden by giving the option):
+  --job_name wals-<UTC timestamp>   --input gs://B/ratings/*
+  --output gs://B/models/<job name>  --temp_location gs://B/tmp
+  --staging_location gs://B/staging  --setup_file <this checkout>/setup.py
+  --machine_type n1-highmem-4        --max_num_workers <1 per 256 MiB of input, 1..20>
+Any other option is a Beam/Dataflow option and is passed through, e.g.
+  --flexrs_goal COST_OPTIMIZED --service_account_email SA --network N --subnetwork S
+  --template_location FILE (stage the job and write its description, do not run)
+Examples:
+  ./run_dataflow.sh --project P --region us-central1 --bucket gs://B --dry_run
+  ./run_dataflow.sh --project P --region us-central1 --bucket gs://B \\
+      --input 'gs://B/ratings/*.tsv' --num_iters 20 --use_optimized"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """pipeline.train's parser (data and model options) plus the Google Cloud ones."""
+    parser = train.build_parser()
+    parser.prog = './run_dataflow.sh'
+    parser.description = ('Train the WALS model on Google Cloud Dataflow, reading from '
+                          'and writing to Cloud Storage.')
+    parser.epilog = EPILOG
+    cloud = parser.add_argument_group('Google Cloud')
+    cloud.add_argument('--project', help='Google Cloud project ID (required).')
+    cloud.add_argument('--region', help='Dataflow region, e.g. us-central1 (required).')
+    cloud.add_argument('--bucket',
+                       help='gs://BUCKET[/prefix] for temp and staging files and the '
+                            'default input and output (required).')
+    cloud.add_argument('--dry_run', '--dry-run', dest='dry_run', type=_bool, nargs='?',
+                       const=True, default=False,
+                       help='Build the whole job (graph, worker package) and print what '
+                            'would run; submit nothing and touch no Cloud resource.')
+    return parser
+
+
+@dataclasses.dataclass(frozen=True)
+class GraphSize:
+    """Job graph bytes as a function of the iteration count: base + n * per_iteration."""
+    base_bytes: int
+    per_iteration_bytes: int
+
+    def total(self, num_iters: int) -> int:
+        return self.base_bytes + num_iters * self.per_iteration_bytes
+
+    def max_iterations(self, limit_bytes: int) -> int:
+        if self.per_iteration_bytes <= 0:
+            return sys.maxsize
+        return max(0, (limit_bytes - self.base_bytes) // self.per_iteration_bytes)
+
+
+def graph_bytes(config: TrainConfig) -> int:
+    """Size of the job graph: the JSON form of the Runner API pipeline that Dataflow
+    turns into its job graph (about a third larger than the binary form Beam stages,
+    so the limits below are applied on the safe side)."""
+    pipeline = beam.Pipeline(options=PipelineOptions([]))
+    build_pipeline(pipeline, config, staging_path(config.output, 'size'))
+    return len(json_format.MessageToJson(pipeline.to_runner_api(), indent=None))
+
+
+def measure_graph(config: TrainConfig) -> GraphSize:
+    """Graph bytes of this configuration, from the graphs of 1 and 2 iterations
+    (each iteration adds the same transforms)."""
+    return _measure_graph(dataclasses.replace(
+        config, params=dataclasses.replace(config.params, num_iters=0)))
+
+
+@functools.lru_cache(maxsize=8)
+def _measure_graph(config: TrainConfig) -> GraphSize:
+    one, two = (graph_bytes(dataclasses.replace(
+        config, params=dataclasses.replace(config.params, num_iters=n))) for n in (1, 2))
+    return GraphSize(base_bytes=2 * one - two, per_iteration_bytes=two - one)
+
+
+def check_graph(size: GraphSize, num_iters: int, experiments: list[str],
+                staging_on_gcs: bool = True) -> list[str]:
+    """The experiments to add so that Dataflow accepts the job graph: [] or
+    ['upload_graph']. ConfigError when no option can make it fit."""
+    total = size.total(num_iters)
+    over = (f'--num_iters {num_iters} needs a job graph of about {total / 1e6:.1f} MB '
+            f'({size.per_iteration_bytes / 1e3:.1f} kB per iteration)')
+    if total > UPLOADED_GRAPH_LIMIT_BYTES:
+        fits = size.max_iterations(UPLOADED_GRAPH_LIMIT_BYTES)
+        raise ConfigError(
+            f'{over}: more than Dataflow accepts even with --experiments={UPLOAD_GRAPH} '
+            f'(about {UPLOADED_GRAPH_LIMIT_BYTES >> 20} MB). Use --num_iters {fits} or '
+            'fewer.')
+    if total <= GRAPH_LIMIT_BYTES or UPLOAD_GRAPH in experiments:
+        return []
+    if not staging_on_gcs:
+        fits = size.max_iterations(GRAPH_LIMIT_BYTES)
+        raise ConfigError(
+            f'{over}, over Dataflow\'s {GRAPH_LIMIT_BYTES >> 20} MB limit, and '
+            f'--experiments={UPLOAD_GRAPH} needs a gs:// --staging_location. Use '
+            f'--num_iters {fits} or fewer, or stage on Cloud Storage.')
+    log.warning('%s, over Dataflow\'s %d MB limit: adding --experiments=%s (the graph '
+                'goes to the staging folder instead of the request).', over,
+                GRAPH_LIMIT_BYTES >> 20, UPLOAD_GRAPH)
+    return [UPLOAD_GRAPH]
+
+
+def default_job_name(now: datetime.datetime | None = None) -> str:
+    now = now or datetime.datetime.now(datetime.timezone.utc)
+    return 'wals-' + now.strftime('%Y%m%d-%H%M%S')
+
+
+def default_max_workers(input_bytes: int | None) -> int:
+    if input_bytes is None:
+        return MAX_WORKERS_UNKNOWN_INPUT
+    return min(MAX_WORKERS_CAP, max(1, math.ceil(input_bytes / INPUT_BYTES_PER_WORKER)))
+
+
+@dataclasses.dataclass
+class Plan:
+    """Everything the launcher decided, before anything runs."""
+    config: TrainConfig
+    job_name: str
+    project: str
+    region: str
+    train_argv: list[str]       # pipeline.train's command line (model + Beam options)
+    beam_args: list[str]        # the Beam options alone
+    dry_run: bool
+    template_location: str | None
+    machine_type: str
+    max_num_workers: int
+    input_bytes: int | None
+    graph: GraphSize
+    added_experiments: list[str]
+
+    @property
+    def output(self) -> str:
+        return self.config.output.rstrip('/')
+
+    def summary(self) -> dict:
+        n = self.config.params.num_iters
+        return {
+            'job_name': self.job_name, 'project': self.project, 'region': self.region,
+            'input': self.config.input, 'output': self.output,
+            'model': f'{self.output}/model/', 'metrics': f'{self.output}/metrics.json',
+            'success_marker': f'{self.output}/_SUCCESS',
+            'machine_type': self.machine_type, 'max_num_workers': self.max_num_workers,
+            'input_bytes': self.input_bytes, 'num_iters': n,
+            'graph_bytes': self.graph.total(n),
+            'graph_bytes_per_iteration': self.graph.per_iteration_bytes,
+            'max_iterations': self.graph.max_iterations(GRAPH_LIMIT_BYTES),
+            'max_iterations_upload_graph': self.graph.max_iterations(
+                UPLOADED_GRAPH_LIMIT_BYTES),
+            'added_experiments': self.added_experiments,
+            'beam_args': self.beam_args,
+        }
+
+
+def _launcher_parser() -> argparse.ArgumentParser:
+    """The options the launcher consumes itself (and passes on explicitly); what it
+    leaves is the pipeline.train command line (model and Beam options)."""
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    for flag in ('--project', '--region', '--bucket'):
+        parser.add_argument(flag)
+    parser.add_argument('--dry_run', '--dry-run', type=_bool, nargs='?', const=True,
+                        default=False)
+    parser.add_argument('--input', '--train-files', '--train_files')
+    parser.add_argument('--output', '--job-dir', '--job_dir')
+    return parser
+
+
+def plan(argv: list[str], parser: argparse.ArgumentParser | None = None) -> Plan:
+    """Parses and validates a run_dataflow.sh command line into a Plan; ConfigError
+    says what is wrong. Lists the input (for worker sizing) unless --dry_run."""
+    parser = parser or build_parser()
+    args, rest = parser.parse_known_args(argv)
+    _, passed_on = _launcher_parser().parse_known_args(argv)
+    beam_args = list(train.split_beam_args(rest))
+    given = PipelineOptions(beam_args)
+    cloud, worker = given.view_as(GoogleCloudOptions), given.view_as(WorkerOptions)
+    runner = given.view_as(StandardOptions).runner
+    if runner and runner.split('.')[-1] not in ('DataflowRunner', 'Dataflow'):
+        raise ConfigError(f'run_dataflow.sh runs on Dataflow, not --runner {runner} '
+                          '(use run_local.sh for the DirectRunner)')
+    for name in ('project', 'region', 'bucket'):
+        if not getattr(args, name):
+            raise ConfigError(f'--{name} is required')
+    if not _BUCKET.match(args.bucket):
+        raise ConfigError(f'--bucket must be gs://BUCKET[/prefix] with a valid bucket '
+                          f'name, got {args.bucket!r}')
+    bucket = args.bucket.rstrip('/')
+    job_name = cloud.job_name or default_job_name()
+    if not _JOB_NAME.match(job_name):
+        raise ConfigError(f'--job_name {job_name!r}: Dataflow job names are lowercase '
+                          'letters, digits and dashes, starting with a letter')
+    args.input = args.input or f'{bucket}/ratings/*'
+    args.output = args.output or f'{bucket}/models/{job_name}'
+    for flag in ('input', 'output'):
+        if not getattr(args, flag).startswith('gs://'):
+            raise ConfigError(f'--{flag} must be a gs:// path: Dataflow workers cannot see '
+                              f'local files (got {getattr(args, flag)!r})')
+    config = config_from_args(args)
+
+    extra = [f'--project={args.project}', f'--region={args.region}']
+    if not runner:
+        extra.append('--runner=DataflowRunner')
+    if not cloud.job_name:
+        extra.append(f'--job_name={job_name}')
+    if not cloud.temp_location:
+        extra.append(f'--temp_location={bucket}/tmp')
+    staging = cloud.staging_location or f'{bucket}/staging'
+    if not cloud.staging_location:
+        extra.append(f'--staging_location={staging}')
+    if not given.view_as(SetupOptions).setup_file:
+        if not SETUP_FILE.exists():
+            raise ConfigError(f'{SETUP_FILE} not found: run from a source checkout or '
+                              'pass --setup_file')
+        extra.append(f'--setup_file={SETUP_FILE}')
+
+    input_bytes = None
+    if not args.dry_run:
+        input_bytes = sum(f['size_bytes'] for f in train.check_inputs(config.input))
+    machine_type = worker.machine_type or DEFAULT_MACHINE_TYPE
+    max_workers = worker.max_num_workers or default_max_workers(input_bytes)
+    if not worker.machine_type:
+        extra.append(f'--machine_type={machine_type}')
+    if not worker.max_num_workers:
+        extra.append(f'--max_num_workers={max_workers}')
+    size = measure_graph(config)
+    added = check_graph(size, config.params.num_iters,
+                        given.view_as(DebugOptions).experiments or [],
+                        staging_on_gcs=staging.startswith('gs://'))
+    extra += [f'--experiments={e}' for e in added]
+
+    return Plan(config=config, job_name=job_name, project=args.project, region=args.region,
+                train_argv=passed_on + ['--input', config.input, '--output', config.output]
+                + extra,
+                beam_args=beam_args + extra, dry_run=args.dry_run,
+                template_location=cloud.template_location, machine_type=machine_type,
+                max_num_workers=max_workers, input_bytes=input_bytes, graph=size,
+                added_experiments=added)
+
+
+def describe(plan: Plan) -> str:
+    s = plan.summary()
+    n = s['num_iters']
+    lines = [
+        f'Dataflow job {plan.job_name} (project {plan.project}, region {plan.region})',
+        f'  input     {s["input"]}' + (f' ({s["input_bytes"]:,} bytes)'
+                                        if s['input_bytes'] is not None else ''),
+        f'  model     {s["model"]}{{user,item,row,col}}.npy',
+        f'  metrics   {s["metrics"]}',
+        f'  marker    {s["success_marker"]} (written by this launcher when the job '
+        'has succeeded)',
+        f'  workers   {plan.machine_type}, autoscaling up to {plan.max_num_workers}',
+        f'  graph     {s["graph_bytes"] / 1e6:.2f} MB for {n} iterations '
+        f'({s["graph_bytes_per_iteration"] / 1e3:.1f} kB each; up to {s["max_iterations"]} '
+        f'fit in {GRAPH_LIMIT_BYTES >> 20} MB, {s["max_iterations_upload_graph"]} with '
+        f'{UPLOAD_GRAPH})',
+        f'  console   https://console.cloud.google.com/dataflow/jobs?project={plan.project}',
+    ]
+    if plan.added_experiments:
+        lines.append(f'  added     --experiments={",".join(plan.added_experiments)}')
+    return '\n'.join(lines)
+
+
+def build_job(plan: Plan):
+    """Runs the DataflowRunner in dry-run or template mode (nothing is executed):
+    returns the runner's result; with --dry_run its .job is the job description."""
+    args = list(plan.beam_args)
+    if plan.dry_run:
+        args.append('--dry_run=True')
+    options = PipelineOptions(args)
+    pipeline = beam.Pipeline(options=options)
+    build_pipeline(pipeline, plan.config, staging_path(plan.config.output, new_run_id()))
+    return pipeline.run()
+
+
+def launch(argv: list[str]) -> int:
+    """run_dataflow.sh without the logging setup: plan, then dry run, template or
+    submission (through pipeline.train, which waits and publishes)."""
+    parser = build_parser()
+    try:
+        the_plan = plan(argv, parser)
+    except ConfigError as e:
+        parser.error(str(e))
+    print(describe(the_plan), flush=True)
+    if the_plan.dry_run or the_plan.template_location:
+        result = build_job(the_plan)
+        if the_plan.dry_run:
+            staged = len(result.job.proto_pipeline.SerializeToString())
+            print(f'Dry run: built job {the_plan.job_name} ({staged:,} bytes of pipeline '
+                  'graph); nothing was submitted.')
+            print(json.dumps(the_plan.summary(), indent=2))
+        else:
+            print(f'Wrote the job description to {the_plan.template_location}; nothing '
+                  'was run.')
+        return 0
+    print('Submitting. Keep this command running: it waits for the job, then publishes '
+          'the model. Ctrl-C stops the waiting (nothing is published) but not the job: '
+          f'cancel that with gcloud dataflow jobs cancel JOB_ID --region {the_plan.region}',
+          flush=True)
+    return train.main(the_plan.train_argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(message)s')
+    logging.getLogger('apache_beam').setLevel(logging.WARNING)
+    # The job's console link, state changes and worker messages come from the
+    # Dataflow runner's loggers: keep them.
+    logging.getLogger('apache_beam.runners.dataflow').setLevel(logging.INFO)
+    return launch(argv)
+
+
+if __name__ == '__main__':
+    sys.exit(main())

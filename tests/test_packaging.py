@@ -1,0 +1,215 @@
+"""The worker package: setup.py built into an sdist the way Beam stages it for
+Dataflow (--setup_file), installed into a fresh virtual environment that has only
+what the SDK container has (Beam and its dependencies), then imported and run.
+
+A module or data file missing from the package, or an import the package does not
+declare, is caught here instead of on a Dataflow worker."""
+from __future__ import annotations
+
+import ast
+import email
+import importlib.metadata as md
+import json
+import os
+import pathlib
+import re
+import subprocess
+import sys
+import sysconfig
+import tarfile
+
+import pytest
+from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.portability.api import beam_runner_api_pb2
+from apache_beam.transforms.environments import python_sdk_dependencies
+
+from tests.conftest import ROOT, write_ratings
+
+PACKAGES = ('pipeline', 'wals_core')
+STAGED_NAME = 'workflow.tar.gz'     # what Dataflow workers pip install
+
+
+def source_files() -> set[str]:
+    """Every file of the packages in the source tree ('pipeline/train.py', ...)."""
+    out = set()
+    for package in PACKAGES:
+        for path in (ROOT / package).rglob('*'):
+            if path.is_file() and '__pycache__' not in path.parts and path.suffix != '.pyc':
+                out.add(path.relative_to(ROOT).as_posix())
+    return out
+
+
+@pytest.fixture(scope='module')
+def sdist(tmp_path_factory) -> pathlib.Path:
+    """The package Beam stages for --setup_file, built by Beam's own stager."""
+    tmp = tmp_path_factory.mktemp('staged')
+    artifacts = python_sdk_dependencies(
+        PipelineOptions([f'--setup_file={ROOT / "setup.py"}']), tmp_dir=str(tmp))
+    for artifact in artifacts:
+        role = beam_runner_api_pb2.ArtifactStagingToRolePayload.FromString(
+            artifact.role_payload)
+        if role.staged_name == STAGED_NAME:
+            return pathlib.Path(beam_runner_api_pb2.ArtifactFilePayload.FromString(
+                artifact.type_payload).path)
+    raise AssertionError(f'Beam staged no {STAGED_NAME}: {artifacts}')
+
+
+def _sdist_members(path: pathlib.Path) -> dict[str, bytes]:
+    with tarfile.open(path) as tar:
+        return {m.name.split('/', 1)[1]: tar.extractfile(m).read()
+                for m in tar.getmembers() if m.isfile() and '/' in m.name}
+
+
+def _name(requirement: str) -> str:
+    return re.split(r'[ ;<>=!~\[(]', requirement.strip(), maxsplit=1)[0].lower()
+
+
+def _requirements(members: dict[str, bytes]) -> tuple[set[str], set[str]]:
+    """(run-time requirement names, names required by an extra) of the staged sdist,
+    from PKG-INFO's Requires-Dist or, for setuptools versions that leave them out of
+    an sdist's PKG-INFO, from its egg-info requires.txt."""
+    runtime, extras = set(), set()
+    reqs = email.message_from_bytes(members['PKG-INFO']).get_all('Requires-Dist') or []
+    for req in reqs:
+        (extras if 'extra ==' in req else runtime).add(_name(req))
+    if not reqs:
+        text = next(v for k, v in members.items() if k.endswith('.egg-info/requires.txt'))
+        section = None
+        for line in text.decode().splitlines():
+            if line.startswith('['):
+                section = line
+            elif line.strip():
+                (extras if section else runtime).add(_name(line))
+    return runtime, extras
+
+
+def test_the_staged_package_holds_every_file_and_declares_the_worker_needs(sdist):
+    members = _sdist_members(sdist)
+    missing = source_files() - set(members)
+    assert not missing, f'not in the staged package (add them to setup.py): {missing}'
+    runtime, extras = _requirements(members)
+    assert {'numpy', 'scipy', 'pandas'} <= runtime
+    # The SDK container brings Beam itself; TensorFlow is not needed by any worker step.
+    assert not {'apache-beam', 'tensorflow'} & runtime
+    assert 'apache-beam' in extras
+
+
+def _import_names(dist: str) -> set[str]:
+    """Top-level import names a distribution installed in this environment provides."""
+    try:
+        files = md.distribution(dist).files or []
+    except md.PackageNotFoundError:
+        return set()
+    names = set()
+    for f in files:
+        top = f.parts[0]
+        if top.endswith(('.dist-info', '.egg-info', '.data')) or top in ('..', 'bin'):
+            continue
+        names.add(top[:-3] if top.endswith('.py') else top)
+    return names
+
+
+def _beam_closure() -> set[str]:
+    """apache-beam[gcp] and everything it requires: what the SDK container has."""
+    todo, seen = ['apache-beam'], set()
+    while todo:
+        dist = todo.pop().lower().replace('_', '-')
+        if dist in seen:
+            continue
+        seen.add(dist)
+        try:
+            requires = md.requires(dist) or []
+        except md.PackageNotFoundError:
+            continue
+        for req in requires:
+            marker = req.split(';', 1)[1] if ';' in req else ''
+            if 'extra ==' in marker and not re.search(r'extra == ["\']gcp["\']', marker):
+                continue
+            todo.append(_name(req))
+    return seen
+
+
+def test_every_import_is_the_standard_library_beam_or_declared(sdist):
+    runtime, _ = _requirements(_sdist_members(sdist))
+    available = set(sys.stdlib_module_names) | set(PACKAGES) | {'__future__'}
+    for dist in runtime | _beam_closure():
+        available |= _import_names(dist)
+    undeclared = {}
+    for rel in sorted(source_files()):
+        if not rel.endswith('.py'):
+            continue
+        tree = ast.parse((ROOT / rel).read_text(), rel)
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                names = [node.module]
+            else:
+                continue
+            for name in names:
+                if name.split('.')[0] not in available:
+                    undeclared.setdefault(rel, []).append(name)
+    assert not undeclared, f'imports that no declared requirement provides: {undeclared}'
+
+
+def _container_layer(tmp: pathlib.Path) -> pathlib.Path:
+    """A folder of links to this environment's installed packages except this
+    project's own: Beam with its dependencies, as in the SDK container."""
+    site = pathlib.Path(sysconfig.get_paths()['purelib'])
+    layer = tmp / 'container-site-packages'
+    layer.mkdir()
+    for entry in site.iterdir():
+        name = entry.name.lower()
+        if name.startswith(('wals_beam', '__editable__', 'pipeline', 'wals_core')) \
+                or name.endswith('.pth') or name == '__pycache__':
+            continue
+        (layer / entry.name).symlink_to(entry)
+    return layer
+
+
+def test_the_staged_package_installs_imports_and_trains_in_a_fresh_environment(
+        sdist, tmp_path):
+    venv = tmp_path / 'fresh'
+    subprocess.run([sys.executable, '-m', 'venv', '--without-pip', str(venv)], check=True,
+                   timeout=120)
+    python = venv / 'bin' / 'python'
+    fresh_site = pathlib.Path(subprocess.run(
+        [str(python), '-c', 'import sysconfig; print(sysconfig.get_paths()["purelib"])'],
+        check=True, capture_output=True, text=True).stdout.strip())
+    (fresh_site / '_sdk_container.pth').write_text(f'{_container_layer(tmp_path)}\n')
+    env = {k: v for k, v in os.environ.items() if k not in ('PYTHONPATH', 'PYTHONHOME')}
+    work = tmp_path / 'work'          # not the checkout: nothing importable by accident
+    work.mkdir()
+
+    install = subprocess.run(
+        [sys.executable, '-m', 'pip', '--python', str(python), 'install', '--no-index',
+         '--no-build-isolation', '--disable-pip-version-check', str(sdist)],
+        cwd=work, env=env, capture_output=True, text=True, timeout=600)
+    assert install.returncode == 0, install.stdout + install.stderr
+
+    check = ('import importlib, json, pkgutil, pipeline, wals_core\n'
+             'mods = [m.name for p in (pipeline, wals_core)\n'
+             '        for m in pkgutil.walk_packages(p.__path__, p.__name__ + ".")]\n'
+             'for m in mods: importlib.import_module(m)\n'
+             'print(json.dumps({"files": [pipeline.__file__, wals_core.__file__], '
+             '"modules": mods}))\n')
+    proc = subprocess.run([str(python), '-c', check], cwd=work, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    found = json.loads(proc.stdout.strip().splitlines()[-1])
+    for path in found['files']:
+        assert pathlib.Path(path).is_relative_to(fresh_site), path
+    assert 'pipeline.train' in found['modules'] and 'wals_core.solve' in found['modules']
+
+    ratings = write_ratings(work / 'ratings.tsv', [u % 40 + 1 for u in range(600)],
+                            [(u * 7) % 30 + 1 for u in range(600)],
+                            [u % 5 + 1 for u in range(600)])
+    train = subprocess.run(
+        [str(python), '-m', 'pipeline.train', '--input', str(ratings), '--output',
+         str(work / 'out'), '--num_iters', '2', '--latent_factors', '3'],
+        cwd=work, env=env, capture_output=True, text=True, timeout=600)
+    assert train.returncode == 0, train.stdout + train.stderr
+    for name in ('user', 'item', 'row', 'col'):
+        assert (work / 'out' / 'model' / f'{name}.npy').stat().st_size > 0
+    metrics = json.loads((work / 'out' / 'metrics.json').read_text())
+    assert metrics['users'] == 40 and metrics['train_rmse'] is not None
