@@ -19,6 +19,7 @@ setuptools.setup(
         'numpy>=1.26',
         'scipy>=1.11',
         'pandas>=2.0',
+        'threadpoolctl>=3.1',   # one BLAS thread inside the batched solves
     ],
     extras_require={
         'local': [BEAM],

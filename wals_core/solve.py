@@ -3,78 +3,87 @@
 For row i with observed columns j, other factors v_j, Gramian G = VᵀV:
     (w0*G + λI + Σ_j R_i*C_j v_j v_jᵀ) u_i = Σ_j (w0 + R_i*C_j) A_ij v_j
 
-How it is computed (exact solver)
----------------------------------
-Rows are processed in chunks (bounded memory), the chunks spread over a few
-threads (numpy and BLAS release the GIL). Per chunk:
-
-* Per-row weighted Gramians by BLAS-3: the entries of a row are gathered as
-  x_j = sqrt(R_i C_j) v_j, so that Σ_j R_i C_j v_j v_jᵀ = XᵀX. A row is cut into
-  full segments of `_SEGMENT` entries plus a remainder padded with zero rows to a
-  multiple of `_PAD`; equal-shaped pieces are stacked into (pieces × length × k)
-  arrays and multiplied in one batched call (numpy hands XᵀX to BLAS syrk), the
-  segments of a row are then summed. Everything is float64 (no float32
-  accumulation), so results agree with a dense per-row solve to rounding.
-  The right-hand sides come from the same gathered pieces (a batched matvec).
-* Batched Cholesky (LAPACK potrf per matrix) of w0*G + λI + XᵀX, then vectorized
-  forward/back substitution.
-* A row whose Cholesky fails or has a pivot below `_PIVOT_RTOL` × its largest
-  diagonal element (singular or numerically singular, e.g. λ = w0 = 0 with fewer
-  ratings than factors) gets the pseudo-inverse (least-squares, minimum-norm)
-  answer from an eigendecomposition, eigenvalues below `_PINV_RTOL` × the largest
-  treated as zero. Other rows of the batch are not affected.
-* When every R_i*C_j of a chunk is 0 (weights off), all its rows share the matrix
-  w0*G + λI: one factorization, one multi-right-hand-side solve.
-
-OpenBLAS's own threading is slow for these many small products (and badly so on a
-busy machine), so while solving, numpy's OpenBLAS is set to one thread (restored
-afterwards) and the chunks are spread over `num_threads` Python threads instead.
+How the exact solver computes it (all in float64: no float32 accumulation, results
+agree with a dense per-row np.linalg.solve to rounding, ~1e-13 relative)
+--------------------------------------------------------------------------------
+* Per-row Gramians by BLAS-3. With x_j = sqrt(C_j) v_j (one scaled float64 copy of
+  the other side per call), Σ_j R_i C_j v_j v_jᵀ = R_i XᵀX, X stacking the x_j of
+  the row's entries. Rows are sorted by entry count and grouped into chunks of
+  similar length (within _LENGTH_RATIOS; shorter rows padded with a zero row). A
+  chunk is processed in batches of rows whose arrays stay in cache: gather X as a
+  (rows × length × k) array and get every XᵀX from one batched matmul (numpy hands
+  A.T @ A to BLAS syrk; a very long row is cut into pieces that are summed). The
+  right-hand sides come from the same X (a batched matvec), since for C_j > 0
+  (w0 + R_i C_j) A_ij v_j = A_ij (w0 / sqrt(C_j) + R_i sqrt(C_j)) x_j; entries with
+  C_j <= 0 are added from v_j itself.
+* Batched solve through numpy's LAPACK gufuncs. When R, C >= 0 every matrix is
+  w0*G + λI plus a PSD part, so if the smallest eigenvalue of w0*G + λI is not tiny
+  next to the batch's largest diagonal element (_SAFE_RTOL) no row can be singular:
+  one batched LU solve (gesv). Otherwise batched Cholesky (potrf), substitutions
+  vectorized over the batch, and a row whose factorization fails or has a pivot²
+  below _PIVOT_RTOL × its largest diagonal element (singular or numerically so,
+  e.g. λ = w0 = 0 with fewer ratings than factors) gets the pseudo-inverse
+  (minimum-norm least-squares) answer from an eigendecomposition, eigenvalues below
+  _PINV_RTOL × the largest counted as zero. Other rows are not affected: never NaN
+  (unless the row's inputs are: a NaN rating or factor stays visible in its row),
+  never a failed batch.
+* A row without entries gets 0. When no entry of a batch has R_i*C_j != 0 (weights
+  off), its rows share the matrix w0*G + λI: factorized once per call.
+* Chunks are spread over `num_threads` Python threads (numpy's take/matmul and the
+  LAPACK gufuncs release the GIL). OpenBLAS's own threading is slow for these many
+  small products (and pathological on a busy machine: spinning threads), so during
+  the call numpy's OpenBLAS runs on one thread (reference counted; the previous
+  setting is restored afterwards). Results do not depend on the number of threads.
 
 Optional conjugate-gradient solver (`solver='cg'`): `cg_steps` CG iterations per
-row, warm-started from `x0` (e.g. the previous solution, as `implicit` does), using
-the per-row operator without forming the Gramians. It is APPROXIMATE: its answer
-approaches the exact one as cg_steps grows (exact, up to rounding, at cg_steps = k).
+row, warm-started from `x0` (e.g. the previous solution, as the `implicit` library
+does), applying each row's matrix through its entries without forming it. It is
+APPROXIMATE: the answer approaches the exact one as cg_steps grows (in exact
+arithmetic it is exact after k steps). Here it is not faster than the exact solver
+for k <= ~32 (its per-row matrix-vector products are BLAS-2 calls, and the exact
+path's Gramians are cheap BLAS-3): it is there for warm-start experiments.
 """
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import glob
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-import scipy.sparse
+from threadpoolctl import ThreadpoolController
 
 from wals_core.sparse import Csr
 
-# Bound on the per-chunk temporary arrays (elements), so memory stays flat for big blocks.
-_CHUNK_ELEMENTS = 1 << 23
-# Entries of a chunk (bounds the per-entry temporaries: ~40 bytes per entry).
+# Scheduling unit (chunk) of the thread pool: at most _CHUNK_ENTRIES padded entries
+# (unless one row alone has more) and _CHUNK_ELEMENTS / k² rows, lengths within
+# _LENGTH_RATIO of each other (padding waste <= 6%) ...
+_CHUNK_ELEMENTS = 1 << 21
 _CHUNK_ENTRIES = 1 << 19
-# Elements of one gathered (pieces × length × k) stack: 2^17 float64 = 1 MB, cache-resident.
-_TASK_ELEMENTS = 1 << 17
-# Rows are cut into segments of this many entries; remainders are padded to a multiple of _PAD.
-_SEGMENT = 128
-_PAD = 8
+_LENGTH_RATIO = 1.0625
+# ... widened step by step (up to 1.5) while a chunk has fewer padded entries than this.
+_LENGTH_RATIOS = (_LENGTH_RATIO, 1.125, 1.25, 1.5)
+_MIN_CHUNK_ENTRIES = 1 << 15
+# Rows whose k × k matrices (rows × k² elements; 1 MiB) are built and solved together.
+_BATCH_ELEMENTS = 1 << 17
+# Elements of one gathered (rows × length × k) piece: 2^17 float64 = 1 MiB (cache).
+_PIECE_ELEMENTS = 1 << 17
+# Gathered factors (rows × length × k elements) the CG solver holds at a time.
+_CG_ELEMENTS = 1 << 20
 # A Cholesky pivot² below this × the row's largest diagonal element means "singular".
 _PIVOT_RTOL = 1e-10
-# Pseudo-inverse cutoff (relative to the largest eigenvalue) for those rows.
+# Pseudo-inverse cutoff (relative to the largest |eigenvalue|) for those rows.
 _PINV_RTOL = 1e-10
+# A batch whose matrices are all known to have condition number below
+# 1 / (_SAFE_RTOL × k) is solved by LU without per-row checks.
+_SAFE_RTOL = 1e-9
 
 
 def gramian(factors: np.ndarray) -> np.ndarray:
     """VᵀV in float64."""
     f = np.asarray(factors, dtype=np.float64)
-    return f.T @ f
-
-
-def _default_threads() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):
-        return max(1, os.cpu_count() or 1)
+    with _single_threaded_blas():
+        return f.T @ f
 
 
 def solve_rows(block: Csr, self_weights: np.ndarray, other_factors: np.ndarray,
@@ -89,9 +98,9 @@ def solve_rows(block: Csr, self_weights: np.ndarray, other_factors: np.ndarray,
     A row with no entries gets the exact minimizer of its regularized problem: 0.
     A singular system gets its least-squares (minimum-norm, pseudo-inverse) answer.
 
-    solver: 'exact' (default; Cholesky) or 'cg' (approximate: `cg_steps` conjugate-
-    gradient steps per row starting from `x0`, block.num_rows × k, zeros if None).
-    num_threads: worker threads (default: the CPUs this process may use).
+    solver: 'exact' (default) or 'cg': APPROXIMATE, `cg_steps` conjugate-gradient
+    steps per row starting from `x0` (block.num_rows × k; zeros if None).
+    num_threads: worker threads (default: the CPUs this process may run on).
     """
     if solver not in ('exact', 'cg'):
         raise ValueError(f"solver must be 'exact' or 'cg', got {solver!r}")
@@ -100,220 +109,338 @@ def solve_rows(block: Csr, self_weights: np.ndarray, other_factors: np.ndarray,
     out = np.zeros((ctx.n, ctx.k), dtype=np.float64)
     if ctx.n == 0 or ctx.k == 0 or block.nnz == 0:
         return out
+    # Gathers below clip indices (no bounds checks): check them once here.
+    if int(ctx.indices.min()) < 0 or int(ctx.indices.max()) >= ctx.m:
+        raise IndexError(f'column index out of range for {ctx.m} rows of other factors')
     if solver == 'cg':
-        if x0 is None:
-            start = np.zeros((ctx.n, ctx.k), dtype=np.float64)
-        else:
-            start = np.asarray(x0, dtype=np.float64)
-            if start.shape != (ctx.n, ctx.k):
-                raise ValueError(f'x0 must have shape {(ctx.n, ctx.k)}, got {start.shape}')
         steps = int(cg_steps)
         if steps < 0:
             raise ValueError(f'cg_steps must be >= 0, got {cg_steps!r}')
-
-        def work(lo, hi):
-            out[lo:hi] = ctx.cg_chunk(lo, hi, start[lo:hi], steps)
+        if x0 is not None:
+            start = np.asarray(x0, dtype=np.float64)
+            if start.shape != out.shape:
+                raise ValueError(f'x0 must have shape {out.shape}, got {start.shape}')
+            out[:] = start
+        kernel = lambda rows, length: ctx.cg_chunk(rows, length, out[rows], steps)  # noqa: E731
     else:
-        def work(lo, hi):
-            out[lo:hi] = ctx.exact_chunk(lo, hi)
+        kernel = ctx.exact_chunk
+
+    def work(rows, length):
+        out[rows] = kernel(rows, length)
 
     chunks = ctx.chunks()
     threads = _default_threads() if num_threads is None else max(1, int(num_threads))
     threads = min(threads, len(chunks))
     with _single_threaded_blas():
         if threads <= 1:
-            for lo, hi in chunks:
-                work(lo, hi)
+            for rows, length in chunks:
+                work(rows, length)
         else:
             with ThreadPoolExecutor(max_workers=threads) as pool:
-                # Largest chunks first, so the last ones to finish are small.
-                order = sorted(chunks, key=lambda c: -(ctx.indptr[c[1]] - ctx.indptr[c[0]]))
-                for f in [pool.submit(work, lo, hi) for lo, hi in order]:
+                # Biggest chunks first, so the last ones to finish are small.
+                order = sorted(chunks, key=lambda c: -len(c[0]) * (c[1] + ctx.k))
+                for f in [pool.submit(work, rows, length) for rows, length in order]:
                     f.result()
+    if solver == 'cg':
+        out[np.diff(ctx.indptr) == 0] = 0.0
     return out
 
 
+def _default_threads() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
 class _Context:
-    """One solve_rows call's inputs, in the dtypes the kernels want."""
+    """One solve_rows call's inputs, in the forms the chunk kernels want."""
 
     def __init__(self, block, self_weights, other_factors, other_weights, other_gramian,
                  unobs_weight, regularization):
         self.indptr = np.asarray(block.indptr, dtype=np.int64)
-        self.indices = block.indices
+        self.indices = np.asarray(block.indices)
         self.values = np.asarray(block.values, dtype=np.float64)
-        self.n = block.num_rows
-        factors = np.asarray(other_factors)
-        self.k = factors.shape[1]
-        self.v = np.ascontiguousarray(factors, dtype=np.float64)
+        self.n = len(self.indptr) - 1
+        self.factors = np.asarray(other_factors)
+        self.m, self.k = self.factors.shape
         self.own = np.asarray(self_weights, dtype=np.float64)
         self.other = np.asarray(other_weights, dtype=np.float64)
         self.w0 = float(unobs_weight)
         self.base = self.w0 * np.asarray(other_gramian, dtype=np.float64) \
             + float(regularization) * np.eye(self.k)
-        self._base_solver = None
         self._lock = threading.Lock()
+        self._base_solver = None
+        self._columns = None
+        self._v = None
 
-    # -- chunking ---------------------------------------------------------------------
+    @property
+    def v(self) -> np.ndarray:
+        """The other side's factors in float64 (made on first use: only the weights-off,
+        C_j <= 0 and CG paths need them)."""
+        with self._lock:
+            if self._v is None:
+                self._v = np.ascontiguousarray(self.factors, dtype=np.float64)
+            return self._v
 
-    def chunks(self) -> list[tuple[int, int]]:
-        """Row ranges [lo, hi): at most per_row rows and (unless one row alone is
-        bigger) at most _CHUNK_ENTRIES entries."""
-        k = self.k
-        per_row = max(1, _CHUNK_ELEMENTS // (k * k))
-        out = []
-        start = 0
-        while start < self.n:
-            limit = self.indptr[start] + _CHUNK_ENTRIES
-            stop = int(np.searchsorted(self.indptr, limit, side='right')) - 1
-            stop = min(max(stop, start + 1), start + per_row, self.n)
-            out.append((start, stop))
-            start = stop
-        return out
-
-    def _entries(self, lo, hi):
-        """Local CSR pieces of rows [lo, hi) and their per-entry weights."""
-        e0, e1 = int(self.indptr[lo]), int(self.indptr[hi])
-        ptr = self.indptr[lo:hi + 1] - e0
-        cols = self.indices[e0:e1]
-        vals = self.values[e0:e1]
-        lens = np.diff(ptr)
-        conf = np.repeat(self.own[lo:hi], lens) * self.other[cols]   # R_i * C_j per entry
-        return ptr, lens, cols, vals, conf
-
-    # -- shared matrix (weights off) --------------------------------------------------
+    def columns(self):
+        """Per column j of the other side (computed once): x_j = sqrt(C_j) v_j (0 where
+        C_j <= 0, plus a zero row m that padding entries gather), sqrt(C_j),
+        w0 / sqrt(C_j) (0 where C_j <= 0), sqrt(-C_j) v_j (None if no C_j < 0), whether
+        every C_j > 0, the smallest eigenvalue of w0*G + λI, and w0 / sqrt(C_j) + sqrt(C_j)."""
+        with self._lock:
+            if self._columns is None:
+                c = self.other
+                pos = c > 0
+                sq = np.sqrt(np.where(pos, c, 0.0))
+                w0_inv = np.divide(self.w0, sq, out=np.zeros_like(sq), where=pos)
+                scaled = np.zeros((self.m + 1, self.k))
+                np.multiply(self.factors, sq[:, None], out=scaled[:-1])
+                neg = None
+                if np.any(c < 0):
+                    neg = np.zeros((self.m + 1, self.k))
+                    np.multiply(self.factors, np.sqrt(np.maximum(-c, 0.0))[:, None],
+                                out=neg[:-1])
+                base_min = float(np.linalg.eigvalsh(self.base)[0]) if self.k else 0.0
+                self._columns = (scaled, sq, w0_inv, neg, bool(np.all(pos)), base_min,
+                                 w0_inv + sq)
+            return self._columns
 
     def base_solve(self, rhs: np.ndarray) -> np.ndarray:
-        """(w0*G + λI)⁻¹ rhsᵀ for rhs (n × k), pseudo-inverse if singular."""
+        """(w0*G + λI)⁻¹ for the rows of rhs (n × k); pseudo-inverse if singular."""
         with self._lock:
             if self._base_solver is None:
                 self._base_solver = _SharedSolver(self.base)
         return self._base_solver(rhs)
 
-    def _sparse_rhs(self, ptr, cols, weights, n) -> np.ndarray:
-        m = self.v.shape[0]
-        mat = scipy.sparse.csr_matrix((weights, cols, ptr), shape=(n, m))
-        return np.asarray(mat @ self.v)
+    # -- chunking ---------------------------------------------------------------------
+
+    def chunks(self) -> list[tuple[np.ndarray, int]]:
+        """(rows, padded length): rows with entries, sorted by entry count, cut into
+        groups whose lengths are within _LENGTH_RATIOS, at most _CHUNK_ENTRIES padded
+        entries (unless one row alone has more) and _CHUNK_ELEMENTS / k² rows."""
+        lens = np.diff(self.indptr)
+        order = np.argsort(lens, kind='stable')
+        order = order[lens[order] > 0]
+        sorted_lens = lens[order]
+        max_rows = max(1, _CHUNK_ELEMENTS // (self.k * self.k))
+        out = []
+        start, total = 0, len(order)
+        while start < total:
+            lo = int(sorted_lens[start])
+            # Lengths within _LENGTH_RATIO; where rows are few (small blocks, the long
+            # tail), accept more padding rather than many tiny chunks.
+            for ratio in _LENGTH_RATIOS:
+                stop = int(np.searchsorted(sorted_lens, lo * ratio, side='right'))
+                if (stop - start) * int(sorted_lens[stop - 1]) >= _MIN_CHUNK_ENTRIES:
+                    break
+            stop = min(stop, start + max_rows)
+            # Rows [start, stop) are padded to the longest: cap the padded entries.
+            length = int(sorted_lens[stop - 1])
+            if (stop - start) * length > _CHUNK_ENTRIES:
+                stop = start + max(1, _CHUNK_ENTRIES // length)
+                length = int(sorted_lens[stop - 1])
+            out.append((np.sort(order[start:stop]), length))
+            start = stop
+        return out
+
+    def _entries(self, rows: np.ndarray, length: int):
+        """The chunk's entries as (rows × length) arrays: column ids (intp; padding
+        repeats a row's last entry), values (NOT zeroed at padding) and the padding
+        mask (None without padding)."""
+        starts = self.indptr[rows]
+        lens = self.indptr[rows + 1] - starts
+        pos = np.add.outer(starts, np.arange(length))
+        pad = None
+        if int(lens.min()) < length:
+            last = starts + lens - 1
+            pad = pos > last[:, None]
+            np.minimum(pos, last[:, None], out=pos)
+        cols = np.take(self.indices, pos, mode='clip').astype(np.intp, copy=False)
+        vals = np.take(self.values, pos, mode='clip')
+        return cols, vals, pad
 
     # -- exact ------------------------------------------------------------------------
 
-    def exact_chunk(self, lo: int, hi: int) -> np.ndarray:
-        n, k = hi - lo, self.k
-        ptr, lens, cols, vals, conf = self._entries(lo, hi)
-        w = (self.w0 + conf) * vals                      # right-hand-side weights
-        if not np.any(conf):
-            return self.base_solve(self._sparse_rhs(ptr, cols, w, n))
-        if np.any(conf < 0):
-            raise ValueError('negative observation weights R_i * C_j are not supported')
-        s = np.sqrt(conf)
-        zero = s == 0
-        ws = np.divide(w, s, out=np.zeros_like(w), where=~zero)
-        lhs, rhs = _gramians(self.v, ptr, lens, cols, s, ws)
-        if np.any(zero & (w != 0)):
-            rhs += self._sparse_rhs(ptr, cols, np.where(zero, w, 0.0), n)
-        lhs += self.base
-        has = lens > 0
-        x = np.zeros((n, k))
-        if np.all(has):
-            x = _spd_solve(lhs, rhs)
+    def exact_chunk(self, rows: np.ndarray, length: int) -> np.ndarray:
+        k = self.k
+        out = np.empty((len(rows), k))
+        # Batches of rows whose arrays stay in cache: entries, gather, Gramians, solve.
+        for rs, pieces in _batches(len(rows), length, k):
+            out[rs] = self._exact_batch(rows[rs], length, pieces)
+        return out
+
+    def _exact_batch(self, rows: np.ndarray, length: int, pieces) -> np.ndarray:
+        cols, vals, pad = self._entries(rows, length)
+        r = self.own[rows]
+        scaled, sq, w0_inv, neg, all_pos, base_min, col_w = self.columns()
+        if all_pos:
+            weighted = bool(np.any(r))
         else:
-            x[has] = _spd_solve(lhs[has], rhs[has])
-        return x
+            conf = r[:, None] * np.take(self.other, cols, mode='clip')
+            if pad is not None:
+                conf[pad] = 0.0
+            weighted = bool(np.any(conf))
+        if not weighted:
+            # No observation weights: every row's matrix is w0*G + λI.
+            w = self.w0 * vals
+            if pad is not None:
+                w[pad] = 0.0
+            return self.base_solve(_weighted_sums(self.v, cols, w, pieces))
+        # Right-hand-side weights on x_j: A_ij (w0 / sqrt(C_j) + R_i sqrt(C_j)).
+        ones = bool(np.all(r == 1.0))
+        if ones:
+            y = np.take(col_w, cols, mode='clip')
+        else:
+            y = np.take(sq, cols, mode='clip')
+            y *= r[:, None]
+            y += np.take(w0_inv, cols, mode='clip')
+        y *= vals                           # (padding gathers the zero row: y irrelevant)
+        gcols = cols if pad is None else np.where(pad, self.m, cols)   # m: the zero row
+        lhs, rhs = _gram_and_rhs(scaled, gcols, y, pieces)
+        if neg is not None:
+            lhs -= _gram_and_rhs(neg, gcols, None, pieces)[0]
+        if not ones:
+            lhs *= r[:, None, None]
+        if not all_pos:
+            # Entries whose C_j <= 0 add (w0 + R_i C_j) A_ij v_j from v itself.
+            c = np.take(self.other, cols, mode='clip')
+            other = c <= 0
+            if pad is not None:
+                other &= ~pad
+            if np.any(other):
+                i, j = np.nonzero(other)
+                weight = vals[i, j] * (self.w0 + r[i] * c[i, j])
+                np.add.at(rhs, i, self.v[cols[i, j]] * weight[:, None])
+        lhs += self.base
+        # Every matrix is base + (PSD) when R, C >= 0: if base is well conditioned
+        # relative to the largest diagonal element, no row can be (nearly) singular.
+        safe = neg is None and bool(np.all(r >= 0)) and base_min > _SAFE_RTOL * self.k \
+            * float(np.max(np.diagonal(lhs, axis1=1, axis2=2)))
+        return _spd_solve(lhs, rhs, safe)
 
     # -- conjugate gradient -----------------------------------------------------------
 
-    def cg_chunk(self, lo: int, hi: int, x: np.ndarray, steps: int) -> np.ndarray:
-        """`steps` CG iterations per row on (base + Σ c_j v_j v_jᵀ) x = b, from x."""
-        n, k = hi - lo, self.k
-        ptr, lens, cols, vals, conf = self._entries(lo, hi)
+    def cg_chunk(self, rows: np.ndarray, length: int, x: np.ndarray,
+                 steps: int) -> np.ndarray:
+        """`steps` CG iterations per row on (base + R_i Σ_j C_j v_j v_jᵀ) u = b from x."""
+        cols, vals, pad = self._entries(rows, length)
+        conf = self.own[rows][:, None] * np.take(self.other, cols, mode='clip')
+        if pad is not None:
+            conf[pad] = 0.0
+            vals[pad] = 0.0
         w = (self.w0 + conf) * vals
         x = np.array(x, dtype=np.float64, copy=True)
-        has = lens > 0
-        x[~has] = 0.0
-        if steps == 0 or not np.any(has):
+        if steps == 0:
             return x
-        b = self._sparse_rhs(ptr, cols, w, n)
-        rows = np.repeat(np.arange(n), lens)
-        v = self.v[cols]                                 # entries × k, float64
-        nz = np.flatnonzero(conf)
-        v_nz, rows_nz, conf_nz = v[nz], rows[nz], conf[nz]
-        del v
-
-        def apply(p):
-            out = p @ self.base
-            if len(nz):
-                t = np.einsum('ek,ek->e', v_nz, p[rows_nz]) * conf_nz
-                contrib = v_nz * t[:, None]
-                for j in range(k):
-                    out[:, j] += np.bincount(rows_nz, contrib[:, j], minlength=n)
-            return out
-
-        r = b - apply(x)
-        r[~has] = 0.0
-        p = r.copy()
-        rs = np.einsum('ij,ij->i', r, r)
-        for _ in range(steps):
-            ap = apply(p)
-            pap = np.einsum('ij,ij->i', p, ap)
-            ok = (pap > 0) & (rs > 0)
-            alpha = np.divide(rs, pap, out=np.zeros(n), where=ok)
-            x += alpha[:, None] * p
-            r -= alpha[:, None] * ap
-            rs_new = np.einsum('ij,ij->i', r, r)
-            beta = np.divide(rs_new, rs, out=np.zeros(n), where=ok)
-            p = r + beta[:, None] * p
-            rs = rs_new
+        per = max(1, _CG_ELEMENTS // (length * self.k))
+        for a in range(0, len(rows), per):
+            s = slice(a, a + per)
+            v = np.take(self.v, cols[s], axis=0, mode='clip')       # rows × length × k
+            x[s] = _cg(v, conf[s], w[s], self.base, x[s], steps)
         return x
 
 
-def _gramians(v, ptr, lens, cols, s, ws):
-    """Per-row Σ_j s_j² v_j v_jᵀ (n × k × k) and Σ_j ws_j s_j v_j (n × k), float64."""
-    n, k = len(lens), v.shape[1]
-    lhs = np.zeros((n, k, k))
-    rhs = np.zeros((n, k))
-    # A sentinel entry (column 0, weight 0) that padding positions point at.
-    sentinel = len(cols)
-    cols = np.append(cols, 0)
-    s = np.append(s, 0.0)
-    ws = np.append(ws, 0.0)
+def _cg(v: np.ndarray, conf: np.ndarray, w: np.ndarray, base: np.ndarray, x: np.ndarray,
+        steps: int) -> np.ndarray:
+    """Conjugate gradient on (base + Σ_l conf[i, l] v[i, l] v[i, l]ᵀ) x[i] = Σ_l w[i, l]
+    v[i, l], `steps` iterations from x, for every row i at once."""
+    def apply(p):
+        t = np.matmul(v, p[:, :, None])[:, :, 0]
+        t *= conf
+        return p @ base + _matvec(v, t)
 
-    def run(rows, starts, length, valid=None):
-        """Pieces [starts, starts + length) (valid: true lengths, rest padding)."""
-        per_task = max(1, _TASK_ELEMENTS // (length * k))
-        for a in range(0, len(rows), per_task):
-            r, st = rows[a:a + per_task], starts[a:a + per_task]
-            idx = st[:, None] + np.arange(length)
-            if valid is not None:
-                idx[np.arange(length) >= valid[a:a + per_task, None]] = sentinel
-            x = np.take(v, np.take(cols, idx), axis=0)           # pieces × length × k
-            x *= np.take(s, idx)[..., None]
-            g = np.matmul(x.transpose(0, 2, 1), x)               # syrk per piece
-            b = np.matmul(np.take(ws, idx)[:, None, :], x)[:, 0]  # pieces × k
-            # A row may own several consecutive pieces: sum them first.
-            first = np.flatnonzero(np.r_[True, r[1:] != r[:-1]])
-            if len(first) != len(r):
-                g = np.add.reduceat(g, first, axis=0)
-                b = np.add.reduceat(b, first, axis=0)
-                r = r[first]
-            lhs[r] += g
-            rhs[r] += b
+    res = _matvec(v, w) - apply(x)
+    p = res.copy()
+    rs = np.einsum('ij,ij->i', res, res)
+    for _ in range(steps):
+        ap = apply(p)
+        pap = np.einsum('ij,ij->i', p, ap)
+        ok = (pap > 0) & (rs > 0)
+        alpha = np.divide(rs, pap, out=np.zeros_like(rs), where=ok)
+        x += alpha[:, None] * p
+        res -= alpha[:, None] * ap
+        rs_new = np.einsum('ij,ij->i', res, res)
+        beta = np.divide(rs_new, rs, out=np.zeros_like(rs), where=ok)
+        p = res + beta[:, None] * p
+        rs = rs_new
+    return x
 
-    q = lens // _SEGMENT
-    if np.any(q):
-        seg_rows = np.repeat(np.arange(n), q)
-        within = np.arange(len(seg_rows)) - np.repeat(np.cumsum(q) - q, q)
-        run(seg_rows, ptr[seg_rows] + within * _SEGMENT, _SEGMENT)
-    rem = lens - q * _SEGMENT
-    padded = -(-rem // _PAD) * _PAD
-    for length in np.unique(padded[padded > 0]):
-        rows = np.flatnonzero(padded == length)
-        run(rows, ptr[rows] + q[rows] * _SEGMENT, int(length), rem[rows])
+
+def _matvec(v: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """Σ_l w[i, l] v[i, l, :] for every i (batched vector-matrix product)."""
+    return np.matmul(w[:, None, :], v)[:, 0, :]
+
+
+def _batches(n_rows: int, length: int, k: int):
+    """Row batches [rs] of a chunk (their k × k matrices take about _BATCH_ELEMENTS),
+    each with its gather pieces [(row slice within the batch, entry slice)] of at most
+    _PIECE_ELEMENTS elements (a long row is cut along its entries)."""
+    per_row = length * k
+    batch = max(1, _BATCH_ELEMENTS // (k * k))
+    if per_row <= _PIECE_ELEMENTS:
+        step = max(1, _PIECE_ELEMENTS // per_row)
+        batch = max(batch, step)
+        for a in range(0, n_rows, batch):
+            nb = min(batch, n_rows - a)
+            pieces = [(slice(b, min(b + step, nb)), slice(0, length))
+                      for b in range(0, nb, step)]
+            yield slice(a, a + nb), pieces
+    else:
+        step = max(1, _PIECE_ELEMENTS // k)
+        for a in range(n_rows):
+            pieces = [(slice(0, 1), slice(e, min(e + step, length)))
+                      for e in range(0, length, step)]
+            yield slice(a, a + 1), pieces
+
+
+def _gram_and_rhs(scaled: np.ndarray, cols: np.ndarray, y: np.ndarray | None, pieces):
+    """Per row i: Σ_l x xᵀ and Σ_l y[i, l] x over x = scaled[cols[i, l]] (float64),
+    gathered piece by piece."""
+    n, length = cols.shape
+    k = scaled.shape[1]
+    lhs = np.empty((n, k, k))
+    rhs = np.empty((n, k)) if y is not None else None
+    whole = pieces[0][1].stop == length        # else: one long row, cut along entries
+    if not whole:
+        lhs[:] = 0.0
+        if rhs is not None:
+            rhs[:] = 0.0
+    size = max((p[0].stop - p[0].start) * (p[1].stop - p[1].start) for p in pieces)
+    buf = np.empty(size * k)
+    for rs, es in pieces:
+        idx = cols[rs, es]
+        x = buf[:idx.size * k].reshape(idx.shape + (k,))
+        np.take(scaled, idx, axis=0, out=x, mode='clip')
+        if whole:
+            np.matmul(x.transpose(0, 2, 1), x, out=lhs[rs])  # BLAS syrk per row
+            if rhs is not None:
+                np.matmul(y[rs, None, :], x, out=rhs[rs, None, :])
+        else:
+            lhs[rs] += np.matmul(x.transpose(0, 2, 1), x)
+            if rhs is not None:
+                rhs[rs] += _matvec(x, y[rs, es])
     return lhs, rhs
+
+
+def _weighted_sums(v: np.ndarray, cols: np.ndarray, w: np.ndarray, pieces) -> np.ndarray:
+    """Σ_l w[i, l] v[cols[i, l]] for every row i, piece by piece."""
+    out = np.zeros((cols.shape[0], v.shape[1]))
+    for rs, es in pieces:
+        out[rs] += _matvec(np.take(v, cols[rs, es], axis=0, mode='clip'), w[rs, es])
+    return out
+
+
+# -- batched symmetric solves -----------------------------------------------------------
+
+def _gufunc(name: str):
+    return getattr(getattr(np.linalg, '_umath_linalg', None), name, None)
 
 
 def _cholesky_lower(a: np.ndarray) -> np.ndarray:
     """Batched lower Cholesky factors; a matrix that is not positive definite gets
     NaNs instead of failing the batch."""
-    gufunc = getattr(getattr(np.linalg, '_umath_linalg', None), 'cholesky_lo', None)
+    gufunc = _gufunc('cholesky_lo')
     if gufunc is not None:
         with np.errstate(invalid='ignore', divide='ignore', over='ignore', under='ignore'):
             return gufunc(a, signature='d->d')
@@ -329,45 +456,70 @@ def _cholesky_lower(a: np.ndarray) -> np.ndarray:
         return out
 
 
-def _spd_solve(lhs: np.ndarray, rhs: np.ndarray) -> np.ndarray:
+def _lu_solve(lhs: np.ndarray, rhs: np.ndarray) -> np.ndarray:
+    """Batched LAPACK gesv; a singular system gets NaNs instead of failing the batch."""
+    gufunc = _gufunc('solve1')
+    if gufunc is not None:
+        with np.errstate(invalid='ignore', divide='ignore', over='ignore', under='ignore'):
+            return gufunc(lhs, rhs, signature='dd->d')
+    try:
+        return np.linalg.solve(lhs, rhs[..., None])[..., 0]
+    except np.linalg.LinAlgError:
+        return np.full(rhs.shape, np.nan)
+
+
+def _spd_solve(lhs: np.ndarray, rhs: np.ndarray, safe: bool = False) -> np.ndarray:
     """Solves lhs[i] x[i] = rhs[i] for symmetric positive semi-definite lhs[i];
-    (numerically) singular ones get the pseudo-inverse answer."""
-    n, k = rhs.shape
+    (numerically) singular ones get the pseudo-inverse answer.
+
+    safe: the caller knows every lhs[i] is well conditioned: one batched LU solve
+    (LAPACK gesv; for k >= ~16 cheaper than potrf plus vectorized substitutions)."""
+    if safe:
+        x = _lu_solve(lhs, rhs)
+        bad = ~np.all(np.isfinite(x), axis=1)
+        if np.any(bad):
+            x[bad] = _spd_solve(lhs[bad], rhs[bad])
+        return x
     chol = _cholesky_lower(lhs)
     diag = np.diagonal(chol, axis1=1, axis2=2)
     scale = np.max(np.diagonal(lhs, axis1=1, axis2=2), axis=1)
     with np.errstate(invalid='ignore'):
         good = np.all(diag * diag > _PIVOT_RTOL * scale[:, None], axis=1)
-    x = np.empty((n, k))
     if np.all(good):
         return _cholesky_solve(chol, rhs)
+    x = np.empty(rhs.shape)
     if np.any(good):
         x[good] = _cholesky_solve(chol[good], rhs[good])
-    bad = ~good
-    x[bad] = _pinv_solve(lhs[bad], rhs[bad])
+    bad = np.flatnonzero(~good)
+    # Non-finite inputs (e.g. a NaN rating) stay NaN, for the caller to notice.
+    finite = np.all(np.isfinite(lhs[bad]), axis=(1, 2)) & np.all(np.isfinite(rhs[bad]), axis=1)
+    x[bad[~finite]] = np.nan
+    if np.any(finite):
+        x[bad[finite]] = _pinv_solve(lhs[bad[finite]], rhs[bad[finite]])
     return x
 
 
 def _cholesky_solve(chol: np.ndarray, rhs: np.ndarray) -> np.ndarray:
-    """x with chol chol ᵀ x = rhs, batched (forward then back substitution)."""
+    """x with chol cholᵀ x = rhs for a batch of lower factors (n × k × k): forward
+    and back substitution, each step vectorized over the batch."""
     k = rhs.shape[1]
     x = np.array(rhs, dtype=np.float64, copy=True)
+    diag = np.diagonal(chol, axis1=1, axis2=2)
     for j in range(k):
-        x[:, j] /= chol[:, j, j]
-        if j + 1 < k:
-            x[:, j + 1:] -= chol[:, j + 1:, j] * x[:, j, None]
-    for j in range(k - 1, -1, -1):
-        x[:, j] /= chol[:, j, j]
         if j:
-            x[:, :j] -= chol[:, j, :j] * x[:, j, None]
+            x[:, j] -= np.einsum('nj,nj->n', chol[:, j, :j], x[:, :j])
+        x[:, j] /= diag[:, j]
+    for j in range(k - 1, -1, -1):
+        if j + 1 < k:
+            x[:, j] -= np.einsum('nj,nj->n', chol[:, j + 1:, j], x[:, j + 1:])
+        x[:, j] /= diag[:, j]
     return x
 
 
 def _pinv_solve(lhs: np.ndarray, rhs: np.ndarray) -> np.ndarray:
     """Minimum-norm least-squares answers for symmetric lhs (eigenvalues below
     _PINV_RTOL × the largest |eigenvalue| count as zero)."""
-    lhs = np.nan_to_num(np.asarray(lhs, dtype=np.float64))
-    vals, vecs = np.linalg.eigh(lhs)
+    vals, vecs = np.linalg.eigh(np.asarray(lhs, dtype=np.float64))
     cutoff = _PINV_RTOL * np.max(np.abs(vals), axis=-1, keepdims=True)
     keep = np.abs(vals) > cutoff
     inv = np.divide(1.0, vals, out=np.zeros_like(vals), where=keep)
@@ -376,24 +528,23 @@ def _pinv_solve(lhs: np.ndarray, rhs: np.ndarray) -> np.ndarray:
 
 
 class _SharedSolver:
-    """Solves with one symmetric matrix for many right-hand sides."""
+    """Solves with one symmetric matrix (w0*G + λI) for many right-hand sides."""
 
     def __init__(self, a: np.ndarray):
-        self._a = a
-        self._chol = None
-        k = a.shape[0]
-        if k:
-            chol = _cholesky_lower(a[None])[0]
-            d = np.diagonal(chol)
-            with np.errstate(invalid='ignore'):
-                if np.all(d * d > _PIVOT_RTOL * np.max(np.diagonal(a))):
-                    self._chol = chol
+        k = len(a)
+        chol = _cholesky_lower(a[None])[0]
+        d = np.diagonal(chol)
+        with np.errstate(invalid='ignore'):
+            good = bool(np.all(d * d > _PIVOT_RTOL * np.max(np.diagonal(a))))
+        # Its inverse (or pseudo-inverse), column by column of the identity.
+        eye = np.eye(k)
+        if good:
+            self._inv = _cholesky_solve(np.broadcast_to(chol, (k, k, k)), eye)
+        else:
+            self._inv = _pinv_solve(np.broadcast_to(a, (k, k, k)), eye)
 
     def __call__(self, rhs: np.ndarray) -> np.ndarray:
-        if self._chol is not None:
-            import scipy.linalg
-            return scipy.linalg.cho_solve((self._chol, True), rhs.T, check_finite=False).T
-        return _pinv_solve(np.broadcast_to(self._a, (len(rhs),) + self._a.shape), rhs)
+        return rhs @ self._inv          # the inverse is symmetric
 
 
 def batched_solve(lhs: np.ndarray, rhs: np.ndarray) -> np.ndarray:
@@ -407,65 +558,29 @@ def batched_solve(lhs: np.ndarray, rhs: np.ndarray) -> np.ndarray:
 
 _blas_lock = threading.Lock()
 _blas_users = 0
-_blas_saved = None
-_blas_api = None          # (get, set) of numpy's OpenBLAS, or False if not found
-
-
-def _find_openblas():
-    """get/set_num_threads of the OpenBLAS numpy is linked with (Linux), else None."""
-    names = [('scipy_openblas_get_num_threads64_', 'scipy_openblas_set_num_threads64_'),
-             ('scipy_openblas_get_num_threads', 'scipy_openblas_set_num_threads'),
-             ('openblas_get_num_threads64_', 'openblas_set_num_threads64_'),
-             ('openblas_get_num_threads', 'openblas_set_num_threads')]
-    paths = []
-    try:
-        with open('/proc/self/maps') as f:
-            for line in f:
-                path = line.split()[-1] if len(line.split()) >= 6 else ''
-                if 'openblas' in os.path.basename(path).lower() and path not in paths:
-                    paths.append(path)
-    except OSError:
-        pass
-    libdir = os.path.join(os.path.dirname(os.path.dirname(np.__file__)), 'numpy.libs')
-    paths += [p for p in glob.glob(os.path.join(libdir, '*openblas*')) if p not in paths]
-    # numpy's own copy first (scipy may bring a separate one).
-    paths.sort(key=lambda p: 'numpy' not in p)
-    mode = getattr(os, 'RTLD_NOLOAD', 0) | getattr(os, 'RTLD_LAZY', 1)
-    for path in paths:
-        try:
-            lib = ctypes.CDLL(path, mode=mode)
-        except OSError:
-            continue
-        for get_name, set_name in names:
-            get, set_ = getattr(lib, get_name, None), getattr(lib, set_name, None)
-            if get is not None and set_ is not None:
-                get.restype = ctypes.c_int
-                set_.argtypes = [ctypes.c_int]
-                set_.restype = None
-                return get, set_
-    return None
+_blas_limiter = None
+_blas_controller = None
 
 
 @contextlib.contextmanager
 def _single_threaded_blas():
-    """numpy's OpenBLAS on one thread while any solve_rows call runs (reference
-    counted, so concurrent calls restore the caller's setting once, at the end)."""
-    global _blas_users, _blas_saved, _blas_api
+    """numpy's BLAS on one thread while any solve runs (threadpoolctl; reference
+    counted, so overlapping calls from several threads restore it once, at the end)."""
+    global _blas_users, _blas_limiter, _blas_controller
     with _blas_lock:
-        if _blas_api is None:
+        if _blas_users == 0:
             try:
-                _blas_api = _find_openblas() or False
-            except Exception:   # noqa: BLE001 -- never let this optimization fail a solve
-                _blas_api = False
-        if _blas_api and _blas_users == 0:
-            _blas_saved = _blas_api[0]()
-            if _blas_saved > 1:
-                _blas_api[1](1)
+                if _blas_controller is None:
+                    _blas_controller = ThreadpoolController()
+                _blas_limiter = _blas_controller.limit(limits=1, user_api='blas')
+            except Exception:   # noqa: BLE001 -- an optimization must never fail a solve
+                _blas_limiter = None
         _blas_users += 1
     try:
         yield
     finally:
         with _blas_lock:
             _blas_users -= 1
-            if _blas_api and _blas_users == 0 and _blas_saved is not None and _blas_saved > 1:
-                _blas_api[1](_blas_saved)
+            if _blas_users == 0 and _blas_limiter is not None:
+                _blas_limiter.restore_original_limits()
+                _blas_limiter = None
