@@ -147,7 +147,9 @@ def test_graph_size_decides_upload_graph_or_refusal():
     # Linear in the iteration count (each iteration adds the same transforms).
     five = dataflow.graph_bytes(dataflow.dataclasses.replace(
         config, params=dataflow.dataclasses.replace(config.params, num_iters=5)))
-    assert abs(five - size.total(5)) <= 0.001 * five     # ids grow a digit now and then
+    # Close to linear: generated ids grow a digit now and then, and the compressed
+    # pickled DoFns vary by some hundred bytes between builds.
+    assert abs(five - size.total(5)) <= 0.01 * five
     inline = size.max_iterations(dataflow.GRAPH_LIMIT_BYTES)
     uploaded = size.max_iterations(dataflow.UPLOADED_GRAPH_LIMIT_BYTES)
     assert inline >= 20              # the default --num_iters needs no experiment
