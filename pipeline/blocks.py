@@ -16,7 +16,7 @@ from apache_beam.pvalue import AsSingleton
 from pipeline.block_store import BlockRef, RatingBlock, save_block
 from pipeline.parse import ParsedChunk
 from wals_core.hashing import is_test
-from wals_core.sparse import (Csr, csr_from_sorted, csr_from_triples, merge_duplicates,
+from wals_core.sparse import (csr_from_sorted, csr_from_triples, merge_duplicates,
                               pair_keys)
 from wals_core.vocab import Vocabulary
 

@@ -15,8 +15,6 @@ from collections import Counter
 import numpy as np
 
 WEB_VIEW_COLUMNS = ('clientId', 'contentId', 'timeOnPage')
-BAD_REASONS = ('too_few_fields', 'wrong_field_count', 'empty_id', 'not_a_number',
-               'not_finite', 'not_utf8', 'negative_value')
 
 
 @dataclasses.dataclass

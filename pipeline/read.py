@@ -6,7 +6,6 @@ element per line: the per-element cost of a runner would dominate otherwise.
 from __future__ import annotations
 
 import dataclasses
-import io
 import time
 
 import apache_beam as beam
@@ -16,7 +15,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
 from pipeline.errors import InputError
-from pipeline.parse import LineFormat, ParsedChunk, header_columns, parse_range
+from pipeline.parse import LineFormat, header_columns, parse_range
 
 SPLIT_BYTES = 64 << 20   # range size for uncompressed files
 

@@ -109,7 +109,6 @@ def test_wt_type_codes_follow_the_original_constants():
 
 
 def test_row_without_ratings_gets_zero_and_singular_rows_stay_finite():
-    params = WalsParams(latent_factors=4, regularization=0.0, unobs_weight=0.0)
     # Row 0: no ratings; row 1: one rating with k = 4 -> singular without λ and w0.
     block = csr_from_triples(np.array([1]), np.array([2]), np.array([4.0]), 2)
     v = initial_factors(id_hashes(range(5)), 4, 0, 'col')

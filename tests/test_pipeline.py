@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import gzip
-import shutil
 
 import apache_beam as beam
 import numpy as np
