@@ -6,7 +6,9 @@ rating in every iteration; instead each block is saved once (as an .npz under
 the run's work folder, local or gs://) and the stages pass a small BlockRef. A
 worker process keeps the blocks it has loaded in an LRU cache (bounded by
 WALS_BLOCK_CACHE_MB, default 4096), so in steady state an iteration moves only
-factors, as Spark ALS does with its persisted blocks.
+factors, as Spark ALS does with its persisted blocks. A cached block also keeps
+what its solves reuse between iterations (wals_core.solve.RowSolver plans), and
+the cache counts their memory too.
 """
 from __future__ import annotations
 
@@ -38,6 +40,14 @@ class RatingBlock:
     test_values: np.ndarray
     merged: int = 0            # duplicate (user, item) entries merged into one
     built_at: float = 0.0
+    # Per-worker state the solves keep with the block (RowSolver by side and
+    # parameters); never saved.
+    solvers: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def cached_nbytes(self) -> int:
+        """Memory of the solver plans kept with the block."""
+        return sum(s.plan_nbytes for s in list(self.solvers.values()))
 
     @property
     def num_rows(self) -> int:
@@ -86,11 +96,13 @@ def _read_block(ref: BlockRef) -> RatingBlock:
 
 
 class _LruCache:
+    """Blocks by path, least recently used evicted first. An entry's size is its file
+    size plus the solver plans it has grown, re-measured whenever a block is added."""
+
     def __init__(self, limit_bytes: int):
         self._limit = limit_bytes
         self._items: collections.OrderedDict[str, tuple[int, RatingBlock]] = \
             collections.OrderedDict()
-        self._bytes = 0
         self._lock = threading.Lock()
 
     def put(self, ref: BlockRef, block: RatingBlock) -> None:
@@ -98,10 +110,10 @@ class _LruCache:
             if ref.path in self._items:
                 return
             self._items[ref.path] = (ref.nbytes, block)
-            self._bytes += ref.nbytes
-            while self._bytes > self._limit and len(self._items) > 1:
-                _, (size, _) = self._items.popitem(last=False)
-                self._bytes -= size
+            total = sum(size + b.cached_nbytes for size, b in self._items.values())
+            while total > self._limit and len(self._items) > 1:
+                _, (size, old) = self._items.popitem(last=False)
+                total -= size + old.cached_nbytes
 
     def get(self, ref: BlockRef) -> RatingBlock:
         with self._lock:

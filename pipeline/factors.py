@@ -19,7 +19,7 @@ from pipeline.block_store import BlockRef
 from pipeline.combine import InBlockOrder
 from pipeline.errors import NumericalError
 from wals_core.params import WalsParams
-from wals_core.solve import gramian, solve_rows
+from wals_core.solve import RowSolver, gramian
 from wals_core.weights import column_weights, row_weights
 
 log = logging.getLogger(__name__)
@@ -57,16 +57,9 @@ class _SolveBlock(beam.DoFn):
 
     def process(self, ref: BlockRef, other: Factors, col_counts: np.ndarray):
         block = ref.load()
-        p = self._params
-        if self._side == 'row':
-            own = row_weights(block.num_rows, p)
-            others = column_weights(col_counts, p)
-        else:
-            own = column_weights(col_counts[block.start:block.start + block.num_rows], p)
-            others = row_weights(len(other.matrix), p)
         started = time.perf_counter()
-        x = solve_rows(block.train, own, other.matrix, others, other.gramian,
-                       p.unobs_weight, p.regularization)
+        x = self._solver(block, col_counts, len(other.matrix)).solve(other.matrix,
+                                                                     other.gramian)
         if not np.all(np.isfinite(x)):
             raise NumericalError(
                 f'non-finite factors in iteration {self._iteration}, {self._side} side '
@@ -74,6 +67,24 @@ class _SolveBlock(beam.DoFn):
         x = x.astype(np.float32)
         yield FactorBlock(block.block_id, block.start, block.total_rows, x, gramian(x),
                           time.time(), time.perf_counter() - started)
+
+
+    def _solver(self, block, col_counts: np.ndarray, other_rows: int) -> RowSolver:
+        """The block's RowSolver for this side and these parameters, kept with the
+        cached block so that every iteration reuses its plan."""
+        p = self._params
+        key = (self._side, p)
+        solver = block.solvers.get(key)
+        if solver is None:
+            if self._side == 'row':
+                own = row_weights(block.num_rows, p)
+                others = column_weights(col_counts, p)
+            else:
+                own = column_weights(col_counts[block.start:block.start + block.num_rows], p)
+                others = row_weights(other_rows, p)
+            solver = block.solvers[key] = RowSolver(block.train, own, others, p.unobs_weight,
+                                                    p.regularization, p.latent_factors)
+        return solver
 
 
 class _AssembleFactors(InBlockOrder):

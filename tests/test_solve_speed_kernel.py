@@ -371,14 +371,59 @@ def test_nan_factor_gives_nan_rows_only_where_used():
 def test_chunks_cover_every_row_once_with_bounded_padding(small_pieces):
     rng = np.random.default_rng(26)
     block, factors = make_block(rng, 5, n_rows=300)
-    ctx = solve_mod._Context(block, np.ones(300), factors, np.ones(len(factors)),
-                             gramian(factors), 0.01, 0.1)
+    solver = solve_mod.RowSolver(block, np.ones(300), np.ones(len(factors)), 0.01, 0.1, 5)
     lens = np.diff(block.indptr)
     seen = []
-    for rows, length in ctx.chunks():
+    for rows, length in solver.chunks:
         seen.extend(rows.tolist())
         assert lens[rows].max() == length
         assert lens[rows].min() * solve_mod._LENGTH_RATIOS[-1] >= length
         assert len(rows) == 1 or len(rows) * length <= solve_mod._CHUNK_ENTRIES
         assert len(rows) <= max(1, solve_mod._CHUNK_ELEMENTS // 25)
     assert sorted(seen) == np.flatnonzero(lens > 0).tolist()
+
+
+# ----------------------------------------------------------------------------------
+# RowSolver: one block solved again and again with a kept plan
+# ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize('case', ['ones', 'row_weights', 'weights_off', 'zero_and_negative'])
+def test_row_solver_reuses_its_plan_across_iterations(case, small_pieces):
+    """A kept plan gives the same answers as a fresh one-shot solve, for new factors
+    every call, on every path of the exact solver (each checked against the dense
+    reference too)."""
+    rng = np.random.default_rng(len(case))
+    k = 5
+    block, factors = make_block(rng, k, n_rows=70)
+    m = len(factors)
+    own = {'ones': np.ones(70), 'row_weights': rng.uniform(0.5, 2.0, 70),
+           'weights_off': np.zeros(70), 'zero_and_negative': np.ones(70)}[case]
+    other = {'ones': rng.uniform(0.1, 3.0, m), 'row_weights': rng.uniform(0.1, 3.0, m),
+             'weights_off': np.zeros(m),
+             'zero_and_negative': np.where(rng.random(m) < 0.3, 0.0,
+                                           rng.uniform(-0.02, 2.0, m))}[case]
+    solver = solve_mod.RowSolver(block, own, other, 0.05, 0.3, k, num_threads=2)
+    assert solver.plan_nbytes == 0
+    for it in range(3):
+        v = (rng.standard_normal((m, k)) / np.sqrt(k)).astype(np.float32)
+        got = solver.solve(v, gramian(v))
+        assert solver.plan_nbytes > 0
+        np.testing.assert_array_equal(got, run(block, own, v, other, 0.05, 0.3))
+        assert_close(got, reference(block, own, v, other, 0.05, 0.3))
+
+
+def test_row_solver_checks_its_inputs():
+    rng = np.random.default_rng(31)
+    block, factors = make_block(rng, 3, n_rows=10)
+    m = len(factors)
+    with pytest.raises(ValueError, match='self weights'):
+        solve_mod.RowSolver(block, np.ones(9), np.ones(m), 0.01, 0.1, 3)
+    solver = solve_mod.RowSolver(block, np.ones(10), np.ones(m), 0.01, 0.1, 3)
+    with pytest.raises(ValueError, match='shape'):
+        solver.solve(factors[:, :2], gramian(factors[:, :2]))
+    with pytest.raises(ValueError, match='shape'):
+        solver.solve(factors[1:], gramian(factors[1:]))
+    one_shot = solve_mod.RowSolver(block, np.ones(10), np.ones(m), 0.01, 0.1, 3,
+                                   keep_plan=False)
+    one_shot.solve(factors, gramian(factors))
+    assert one_shot.plan_nbytes == 0

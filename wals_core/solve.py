@@ -27,6 +27,11 @@ agree with a dense per-row np.linalg.solve to rounding, ~1e-13 relative)
   _PINV_RTOL × the largest counted as zero. Other rows are not affected: never NaN
   (unless the row's inputs are: a NaN rating or factor stays visible in its row),
   never a failed batch.
+* Solved again every iteration (RowSolver): what the factors do not change is
+  planned once per block, on the first solve, and kept: the row chunks, and per
+  batch the padded gather indices and the right-hand-side weights of every entry
+  (about 16 bytes per rating). An iteration then only gathers, multiplies and
+  solves. `solve_rows` is the one-call form (the plan is dropped afterwards).
 * A row without entries gets 0. When no entry of a batch has R_i*C_j != 0 (weights
   off), its rows share the matrix w0*G + λI: factorized once per call.
 * Chunks are spread over `num_threads` Python threads (numpy's take/matmul and the
@@ -46,6 +51,7 @@ path's Gramians are cheap BLAS-3): it is there for warm-start experiments.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -101,49 +107,14 @@ def solve_rows(block: Csr, self_weights: np.ndarray, other_factors: np.ndarray,
     solver: 'exact' (default) or 'cg': APPROXIMATE, `cg_steps` conjugate-gradient
     steps per row starting from `x0` (block.num_rows × k; zeros if None).
     num_threads: worker threads (default: the CPUs this process may run on).
+
+    One call; to solve the same block in every iteration, keep a RowSolver.
     """
-    if solver not in ('exact', 'cg'):
-        raise ValueError(f"solver must be 'exact' or 'cg', got {solver!r}")
-    ctx = _Context(block, self_weights, other_factors, other_weights, other_gramian,
-                   unobs_weight, regularization)
-    out = np.zeros((ctx.n, ctx.k), dtype=np.float64)
-    if ctx.n == 0 or ctx.k == 0 or block.nnz == 0:
-        return out
-    # Gathers below clip indices (no bounds checks): check them once here.
-    if int(ctx.indices.min()) < 0 or int(ctx.indices.max()) >= ctx.m:
-        raise IndexError(f'column index out of range for {ctx.m} rows of other factors')
-    if solver == 'cg':
-        steps = int(cg_steps)
-        if steps < 0:
-            raise ValueError(f'cg_steps must be >= 0, got {cg_steps!r}')
-        if x0 is not None:
-            start = np.asarray(x0, dtype=np.float64)
-            if start.shape != out.shape:
-                raise ValueError(f'x0 must have shape {out.shape}, got {start.shape}')
-            out[:] = start
-        kernel = lambda rows, length: ctx.cg_chunk(rows, length, out[rows], steps)  # noqa: E731
-    else:
-        kernel = ctx.exact_chunk
-
-    def work(rows, length):
-        out[rows] = kernel(rows, length)
-
-    chunks = ctx.chunks()
-    threads = _default_threads() if num_threads is None else max(1, int(num_threads))
-    threads = min(threads, len(chunks))
-    with _single_threaded_blas():
-        if threads <= 1:
-            for rows, length in chunks:
-                work(rows, length)
-        else:
-            with ThreadPoolExecutor(max_workers=threads) as pool:
-                # Biggest chunks first, so the last ones to finish are small.
-                order = sorted(chunks, key=lambda c: -len(c[0]) * (c[1] + ctx.k))
-                for f in [pool.submit(work, rows, length) for rows, length in order]:
-                    f.result()
-    if solver == 'cg':
-        out[np.diff(ctx.indptr) == 0] = 0.0
-    return out
+    factors = np.asarray(other_factors)
+    k = factors.shape[1] if factors.ndim == 2 else 0
+    return RowSolver(block, self_weights, other_weights, unobs_weight, regularization, k,
+                     num_threads=num_threads, keep_plan=False).solve(
+        factors, other_gramian, solver=solver, x0=x0, cg_steps=cg_steps)
 
 
 def _default_threads() -> int:
@@ -153,69 +124,129 @@ def _default_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-class _Context:
-    """One solve_rows call's inputs, in the forms the chunk kernels want."""
+@dataclasses.dataclass
+class _Batch:
+    """The iteration-invariant inputs of one batch of rows (see RowSolver.plan)."""
+    rows: np.ndarray               # row numbers in the block
+    pieces: list                   # gather pieces (see _batches)
+    cols: np.ndarray               # (rows × length) column ids; padding -> m, the zero row
+    y: np.ndarray | None           # right-hand-side weight on x_j per entry (weighted)
+    r: np.ndarray | None           # R_i, when not all 1 (weighted)
+    w: np.ndarray | None           # w0 * A_ij, padding 0 (weights off)
+    general: tuple | None = None   # (cols, vals, pad, r) when some C_j <= 0
 
-    def __init__(self, block, self_weights, other_factors, other_weights, other_gramian,
-                 unobs_weight, regularization):
+    @property
+    def nbytes(self) -> int:
+        arrays = [self.cols, self.y, self.r, self.w] + list(self.general or ())
+        return sum(a.nbytes for a in arrays if isinstance(a, np.ndarray))
+
+
+class RowSolver:
+    """Solves the rows of one block again and again, once per iteration, against the
+    other side's changing factors.
+
+    What does not change between iterations is worked out once: the grouping of rows
+    by entry count (chunks), and per batch of rows the gather indices and per-entry
+    weights (the plan, made on the first exact solve; about 16 bytes per rating).
+    self_weights: R (or C) of the block's rows; other_weights: C (or R) of every row
+    of the other side (its length is the other side's row count); num_factors: k.
+    keep_plan: False to drop the plan after each solve (for a single call).
+    """
+
+    def __init__(self, block: Csr, self_weights: np.ndarray, other_weights: np.ndarray,
+                 unobs_weight: float, regularization: float, num_factors: int, *,
+                 num_threads: int | None = None, keep_plan: bool = True):
         self.indptr = np.asarray(block.indptr, dtype=np.int64)
         self.indices = np.asarray(block.indices)
         self.values = np.asarray(block.values, dtype=np.float64)
         self.n = len(self.indptr) - 1
-        self.factors = np.asarray(other_factors)
-        self.m, self.k = self.factors.shape
         self.own = np.asarray(self_weights, dtype=np.float64)
         self.other = np.asarray(other_weights, dtype=np.float64)
+        self.m = len(self.other)
+        self.k = int(num_factors)
         self.w0 = float(unobs_weight)
-        self.base = self.w0 * np.asarray(other_gramian, dtype=np.float64) \
-            + float(regularization) * np.eye(self.k)
-        self._lock = threading.Lock()
-        self._base_solver = None
-        self._columns = None
-        self._v = None
+        self.regularization = float(regularization)
+        if len(self.own) != self.n:
+            raise ValueError(f'{len(self.own)} self weights for {self.n} rows')
+        # Gathers below clip indices (no bounds checks): check them once here.
+        if len(self.indices) and (int(self.indices.min()) < 0
+                                  or int(self.indices.max()) >= self.m):
+            raise IndexError(f'column index out of range for {self.m} rows of other factors')
+        c = self.other
+        self.all_pos = bool(np.all(c > 0))
+        self.any_neg = bool(np.any(c < 0))
+        self.sq = np.sqrt(np.where(c > 0, c, 0.0))
+        self.w0_inv = np.divide(self.w0, self.sq, out=np.zeros_like(self.sq),
+                                where=c > 0)
+        self.col_w = self.w0_inv + self.sq
+        self.row_safe = bool(np.all(self.own >= 0))
+        self.threads = _default_threads() if num_threads is None else max(1, int(num_threads))
+        self.keep_plan = keep_plan
+        self.chunks = self._chunks() if self.k and self.n else []
+        self._plan: list[list[_Batch] | None] = [None] * len(self.chunks)
 
     @property
-    def v(self) -> np.ndarray:
-        """The other side's factors in float64 (made on first use: only the weights-off,
-        C_j <= 0 and CG paths need them)."""
-        with self._lock:
-            if self._v is None:
-                self._v = np.ascontiguousarray(self.factors, dtype=np.float64)
-            return self._v
+    def plan_nbytes(self) -> int:
+        """Memory held by the plan (0 until the first exact solve)."""
+        return sum(b.nbytes for batches in self._plan if batches for b in batches)
 
-    def columns(self):
-        """Per column j of the other side (computed once): x_j = sqrt(C_j) v_j (0 where
-        C_j <= 0, plus a zero row m that padding entries gather), sqrt(C_j),
-        w0 / sqrt(C_j) (0 where C_j <= 0), sqrt(-C_j) v_j (None if no C_j < 0), whether
-        every C_j > 0, the smallest eigenvalue of w0*G + λI, and w0 / sqrt(C_j) + sqrt(C_j)."""
-        with self._lock:
-            if self._columns is None:
-                c = self.other
-                pos = c > 0
-                sq = np.sqrt(np.where(pos, c, 0.0))
-                w0_inv = np.divide(self.w0, sq, out=np.zeros_like(sq), where=pos)
-                scaled = np.zeros((self.m + 1, self.k))
-                np.multiply(self.factors, sq[:, None], out=scaled[:-1])
-                neg = None
-                if np.any(c < 0):
-                    neg = np.zeros((self.m + 1, self.k))
-                    np.multiply(self.factors, np.sqrt(np.maximum(-c, 0.0))[:, None],
-                                out=neg[:-1])
-                base_min = float(np.linalg.eigvalsh(self.base)[0]) if self.k else 0.0
-                self._columns = (scaled, sq, w0_inv, neg, bool(np.all(pos)), base_min,
-                                 w0_inv + sq)
-            return self._columns
+    def solve(self, other_factors: np.ndarray, other_gramian: np.ndarray, *,
+              solver: str = 'exact', x0: np.ndarray | None = None,
+              cg_steps: int = 3) -> np.ndarray:
+        """Minimizer for every row (float64, n × k) given the other side's factors
+        (m × k) and their Gramian VᵀV; see solve_rows."""
+        if solver not in ('exact', 'cg'):
+            raise ValueError(f"solver must be 'exact' or 'cg', got {solver!r}")
+        factors = np.asarray(other_factors)
+        if factors.shape != (self.m, self.k):
+            raise ValueError(f'other factors must have shape {(self.m, self.k)}, '
+                             f'got {factors.shape}')
+        call = _Call(self, factors, other_gramian)
+        out = np.zeros((self.n, self.k), dtype=np.float64)
+        if not self.chunks:
+            return out
+        if solver == 'cg':
+            steps = int(cg_steps)
+            if steps < 0:
+                raise ValueError(f'cg_steps must be >= 0, got {cg_steps!r}')
+            if x0 is not None:
+                start = np.asarray(x0, dtype=np.float64)
+                if start.shape != out.shape:
+                    raise ValueError(f'x0 must have shape {out.shape}, got {start.shape}')
+                out[:] = start
 
-    def base_solve(self, rhs: np.ndarray) -> np.ndarray:
-        """(w0*G + λI)⁻¹ for the rows of rhs (n × k); pseudo-inverse if singular."""
-        with self._lock:
-            if self._base_solver is None:
-                self._base_solver = _SharedSolver(self.base)
-        return self._base_solver(rhs)
+            def work(i):
+                rows, length = self.chunks[i]
+                out[rows] = call.cg_chunk(rows, length, out[rows], steps)
+        else:
+            def work(i):
+                batches = self._plan[i]
+                if batches is None:
+                    batches = self._plan_chunk(*self.chunks[i])
+                    if self.keep_plan:
+                        self._plan[i] = batches
+                for b in batches:
+                    out[b.rows] = call.exact_batch(b)
+
+        threads = min(self.threads, len(self.chunks))
+        with _single_threaded_blas():
+            if threads <= 1:
+                for i in range(len(self.chunks)):
+                    work(i)
+            else:
+                with ThreadPoolExecutor(max_workers=threads) as pool:
+                    # Biggest chunks first, so the last ones to finish are small.
+                    order = sorted(range(len(self.chunks)), key=lambda i: -len(
+                        self.chunks[i][0]) * (self.chunks[i][1] + self.k))
+                    for f in [pool.submit(work, i) for i in order]:
+                        f.result()
+        if solver == 'cg':
+            out[np.diff(self.indptr) == 0] = 0.0
+        return out
 
     # -- chunking ---------------------------------------------------------------------
 
-    def chunks(self) -> list[tuple[np.ndarray, int]]:
+    def _chunks(self) -> list[tuple[np.ndarray, int]]:
         """(rows, padded length): rows with entries, sorted by entry count, cut into
         groups whose lengths are within _LENGTH_RATIOS, at most _CHUNK_ENTRIES padded
         entries (unless one row alone has more) and _CHUNK_ELEMENTS / k² rows."""
@@ -244,8 +275,8 @@ class _Context:
             start = stop
         return out
 
-    def _entries(self, rows: np.ndarray, length: int):
-        """The chunk's entries as (rows × length) arrays: column ids (intp; padding
+    def entries(self, rows: np.ndarray, length: int):
+        """The rows' entries as (rows × length) arrays: column ids (intp; padding
         repeats a row's last entry), values (NOT zeroed at padding) and the padding
         mask (None without padding)."""
         starts = self.indptr[rows]
@@ -260,84 +291,161 @@ class _Context:
         vals = np.take(self.values, pos, mode='clip')
         return cols, vals, pad
 
-    # -- exact ------------------------------------------------------------------------
+    def _plan_chunk(self, rows: np.ndarray, length: int) -> list[_Batch]:
+        """A chunk's batches of rows whose arrays stay in cache, with everything the
+        exact solve of each needs that the factors do not change."""
+        return [self._plan_batch(rows[rs], length, pieces)
+                for rs, pieces in _batches(len(rows), length, self.k)]
 
-    def exact_chunk(self, rows: np.ndarray, length: int) -> np.ndarray:
-        k = self.k
-        out = np.empty((len(rows), k))
-        # Batches of rows whose arrays stay in cache: entries, gather, Gramians, solve.
-        for rs, pieces in _batches(len(rows), length, k):
-            out[rs] = self._exact_batch(rows[rs], length, pieces)
-        return out
-
-    def _exact_batch(self, rows: np.ndarray, length: int, pieces) -> np.ndarray:
-        cols, vals, pad = self._entries(rows, length)
+    def _plan_batch(self, rows: np.ndarray, length: int, pieces) -> _Batch:
+        cols, vals, pad = self.entries(rows, length)
         r = self.own[rows]
-        scaled, sq, w0_inv, neg, all_pos, base_min, col_w = self.columns()
-        if all_pos:
-            weighted = bool(np.any(r))
-        else:
-            conf = r[:, None] * np.take(self.other, cols, mode='clip')
-            if pad is not None:
-                conf[pad] = 0.0
-            weighted = bool(np.any(conf))
-        if not weighted:
+        if not self.all_pos:
+            return _Batch(rows, pieces, cols, None, None, None, general=(cols, vals, pad, r))
+        if not np.any(r):
             # No observation weights: every row's matrix is w0*G + λI.
             w = self.w0 * vals
             if pad is not None:
                 w[pad] = 0.0
-            return self.base_solve(_weighted_sums(self.v, cols, w, pieces))
+            return _Batch(rows, pieces, cols, None, None, w)
         # Right-hand-side weights on x_j: A_ij (w0 / sqrt(C_j) + R_i sqrt(C_j)).
         ones = bool(np.all(r == 1.0))
         if ones:
-            y = np.take(col_w, cols, mode='clip')
+            y = np.take(self.col_w, cols, mode='clip')
         else:
-            y = np.take(sq, cols, mode='clip')
+            y = np.take(self.sq, cols, mode='clip')
             y *= r[:, None]
-            y += np.take(w0_inv, cols, mode='clip')
+            y += np.take(self.w0_inv, cols, mode='clip')
         y *= vals                           # (padding gathers the zero row: y irrelevant)
-        gcols = cols if pad is None else np.where(pad, self.m, cols)   # m: the zero row
-        lhs, rhs = _gram_and_rhs(scaled, gcols, y, pieces)
+        if pad is not None:
+            cols[pad] = self.m              # m: the zero row
+        return _Batch(rows, pieces, cols, y, None if ones else r, None)
+
+
+class _Call:
+    """One solve's inputs that change every iteration: the other side's factors."""
+
+    def __init__(self, solver: RowSolver, factors: np.ndarray, other_gramian: np.ndarray):
+        self.s = solver
+        self.factors = factors
+        k = solver.k
+        self.base = solver.w0 * np.asarray(other_gramian, dtype=np.float64) \
+            + solver.regularization * np.eye(k)
+        self._lock = threading.Lock()
+        self._base_solver = None
+        self._columns = None
+        self._v = None
+
+    @property
+    def v(self) -> np.ndarray:
+        """The other side's factors in float64 (made on first use: only the weights-off,
+        C_j <= 0 and CG paths need them)."""
+        with self._lock:
+            if self._v is None:
+                self._v = np.ascontiguousarray(self.factors, dtype=np.float64)
+            return self._v
+
+    def columns(self):
+        """(computed once per call) x_j = sqrt(C_j) v_j (0 where C_j <= 0, plus a zero
+        row m that padding entries gather), sqrt(-C_j) v_j (None if no C_j < 0), and
+        the smallest eigenvalue of w0*G + λI."""
+        with self._lock:
+            if self._columns is None:
+                s = self.s
+                scaled = np.zeros((s.m + 1, s.k))
+                np.multiply(self.factors, s.sq[:, None], out=scaled[:-1])
+                neg = None
+                if s.any_neg:
+                    neg = np.zeros((s.m + 1, s.k))
+                    np.multiply(self.factors, np.sqrt(np.maximum(-s.other, 0.0))[:, None],
+                                out=neg[:-1])
+                base_min = float(np.linalg.eigvalsh(self.base)[0]) if s.k else 0.0
+                self._columns = (scaled, neg, base_min)
+            return self._columns
+
+    def base_solve(self, rhs: np.ndarray) -> np.ndarray:
+        """(w0*G + λI)⁻¹ for the rows of rhs (n × k); pseudo-inverse if singular."""
+        with self._lock:
+            if self._base_solver is None:
+                self._base_solver = _SharedSolver(self.base)
+        return self._base_solver(rhs)
+
+    # -- exact ------------------------------------------------------------------------
+
+    def exact_batch(self, b: _Batch) -> np.ndarray:
+        if b.general is not None:
+            return self._general_batch(b)
+        if b.w is not None:
+            return self.base_solve(_weighted_sums(self.v, b.cols, b.w, b.pieces))
+        scaled, neg, base_min = self.columns()
+        lhs, rhs = _gram_and_rhs(scaled, b.cols, b.y, b.pieces)
         if neg is not None:
-            lhs -= _gram_and_rhs(neg, gcols, None, pieces)[0]
-        if not ones:
-            lhs *= r[:, None, None]
-        if not all_pos:
-            # Entries whose C_j <= 0 add (w0 + R_i C_j) A_ij v_j from v itself.
-            c = np.take(self.other, cols, mode='clip')
-            other = c <= 0
-            if pad is not None:
-                other &= ~pad
-            if np.any(other):
-                i, j = np.nonzero(other)
-                weight = vals[i, j] * (self.w0 + r[i] * c[i, j])
-                np.add.at(rhs, i, self.v[cols[i, j]] * weight[:, None])
+            lhs -= _gram_and_rhs(neg, b.cols, None, b.pieces)[0]
+        if b.r is not None:
+            lhs *= b.r[:, None, None]
+        return self._finish(lhs, rhs, neg is None, base_min)
+
+    def _finish(self, lhs, rhs, no_neg: bool, base_min: float) -> np.ndarray:
         lhs += self.base
         # Every matrix is base + (PSD) when R, C >= 0: if base is well conditioned
         # relative to the largest diagonal element, no row can be (nearly) singular.
-        safe = neg is None and bool(np.all(r >= 0)) and base_min > _SAFE_RTOL * self.k \
+        safe = no_neg and self.s.row_safe and base_min > _SAFE_RTOL * self.s.k \
             * float(np.max(np.diagonal(lhs, axis1=1, axis2=2)))
         return _spd_solve(lhs, rhs, safe)
+
+    def _general_batch(self, b: _Batch) -> np.ndarray:
+        """Some C_j <= 0: weights from the entries themselves, recomputed every call."""
+        s = self.s
+        cols, vals, pad, r = b.general
+        conf = r[:, None] * np.take(s.other, cols, mode='clip')
+        if pad is not None:
+            conf[pad] = 0.0
+        if not np.any(conf):
+            w = s.w0 * vals
+            if pad is not None:
+                w = np.where(pad, 0.0, w)
+            return self.base_solve(_weighted_sums(self.v, cols, w, b.pieces))
+        scaled, neg, base_min = self.columns()
+        y = np.take(s.sq, cols, mode='clip')
+        y *= r[:, None]
+        y += np.take(s.w0_inv, cols, mode='clip')
+        y *= vals
+        gcols = cols if pad is None else np.where(pad, s.m, cols)   # m: the zero row
+        lhs, rhs = _gram_and_rhs(scaled, gcols, y, b.pieces)
+        if neg is not None:
+            lhs -= _gram_and_rhs(neg, gcols, None, b.pieces)[0]
+        lhs *= r[:, None, None]
+        # Entries whose C_j <= 0 add (w0 + R_i C_j) A_ij v_j from v itself.
+        c = np.take(s.other, cols, mode='clip')
+        other = c <= 0
+        if pad is not None:
+            other &= ~pad
+        if np.any(other):
+            i, j = np.nonzero(other)
+            weight = vals[i, j] * (s.w0 + r[i] * c[i, j])
+            np.add.at(rhs, i, self.v[cols[i, j]] * weight[:, None])
+        return self._finish(lhs, rhs, neg is None, base_min)
 
     # -- conjugate gradient -----------------------------------------------------------
 
     def cg_chunk(self, rows: np.ndarray, length: int, x: np.ndarray,
                  steps: int) -> np.ndarray:
         """`steps` CG iterations per row on (base + R_i Σ_j C_j v_j v_jᵀ) u = b from x."""
-        cols, vals, pad = self._entries(rows, length)
-        conf = self.own[rows][:, None] * np.take(self.other, cols, mode='clip')
+        s = self.s
+        cols, vals, pad = s.entries(rows, length)
+        conf = s.own[rows][:, None] * np.take(s.other, cols, mode='clip')
         if pad is not None:
             conf[pad] = 0.0
             vals[pad] = 0.0
-        w = (self.w0 + conf) * vals
+        w = (s.w0 + conf) * vals
         x = np.array(x, dtype=np.float64, copy=True)
         if steps == 0:
             return x
-        per = max(1, _CG_ELEMENTS // (length * self.k))
+        per = max(1, _CG_ELEMENTS // (length * s.k))
         for a in range(0, len(rows), per):
-            s = slice(a, a + per)
-            v = np.take(self.v, cols[s], axis=0, mode='clip')       # rows × length × k
-            x[s] = _cg(v, conf[s], w[s], self.base, x[s], steps)
+            sl = slice(a, a + per)
+            v = np.take(self.v, cols[sl], axis=0, mode='clip')       # rows × length × k
+            x[sl] = _cg(v, conf[sl], w[sl], self.base, x[sl], steps)
         return x
 
 

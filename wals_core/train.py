@@ -12,7 +12,7 @@ from typing import Callable
 import numpy as np
 
 from wals_core.params import WalsParams
-from wals_core.solve import gramian, solve_rows
+from wals_core.solve import RowSolver, gramian
 from wals_core.sparse import Csr, csr_from_triples
 from wals_core.weights import column_weights, row_weights
 
@@ -26,6 +26,8 @@ class Problem:
     by_col: Csr
     row_wts: np.ndarray
     col_wts: np.ndarray
+    # One RowSolver per (side, k, w0, λ), made on first use: iterations reuse its plan.
+    _solvers: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def build(cls, rows: np.ndarray, cols: np.ndarray, values: np.ndarray,
@@ -41,12 +43,17 @@ class Problem:
 def solve_side(problem: Problem, side: str, other: np.ndarray,
                params: WalsParams) -> np.ndarray:
     """One half-step for all rows ('row') or all columns ('col'); returns float32."""
-    if side == 'row':
-        block, own, others = problem.by_row, problem.row_wts, problem.col_wts
-    else:
-        block, own, others = problem.by_col, problem.col_wts, problem.row_wts
-    return solve_rows(block, own, other, others, gramian(other), params.unobs_weight,
-                      params.regularization).astype(np.float32)
+    key = (side, params.latent_factors, params.unobs_weight, params.regularization)
+    solver = problem._solvers.get(key)
+    if solver is None:
+        if side == 'row':
+            block, own, others = problem.by_row, problem.row_wts, problem.col_wts
+        else:
+            block, own, others = problem.by_col, problem.col_wts, problem.row_wts
+        solver = problem._solvers[key] = RowSolver(
+            block, own, others, params.unobs_weight, params.regularization,
+            params.latent_factors)
+    return solver.solve(other, gramian(other)).astype(np.float32)
 
 
 def train(problem: Problem, params: WalsParams, row_init: np.ndarray,
