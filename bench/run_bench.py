@@ -469,7 +469,9 @@ NOTES = """\
   (`train(..., on_half_step)`). *implicit*: median of the per-iteration times its `fit`
   callback reports. *Spark*: marginal `(fit(maxIter=10) − fit(maxIter=1)) / 9` (fit(1)
   runs first, so the JVM is warm for both). Medians ignore the first-iteration warm-up;
-  the marginal does too. On small data the Spark marginal is dominated by noise and
+  the marginal does too. (Beam and wals_core plan each block's solve on the first
+  iteration — `wals_core.solve.RowSolver` — and reuse the plan afterwards: that
+  first-iteration cost is in read→model, not in s/iter.) On small data the Spark marginal is dominated by noise and
   JIT/scheduling warm-up (it can come out near zero); its `fit_1`/`fit_10` are in the
   phase table.
 * **it** — iterations the case ran (`--iters`, or `--case_iters` for a case whose
@@ -509,9 +511,12 @@ NOTES = """\
   is excluded, so this is a lower bound, not a target.
 * **Threads** — implicit `num_threads=2` with BLAS pinned to 1 thread
   (`threadpool_limits(1, 'blas')`, as implicit asks); Spark `local[2]`, driver memory
-  6g, `spark.sql.shuffle.partitions` 8; Beam multi_processing 2 workers; Beam
-  in_memory, wals_core and numpy floor use numpy's default BLAS threads (see
-  versions).
+  6g, `spark.sql.shuffle.partitions` 8; Beam multi_processing 2 workers; the
+  project's solve kernel (Beam, wals_core) runs 2 Python threads with BLAS pinned
+  to 1 thread; numpy floor uses numpy's default BLAS threads (see versions).
+* **Allocator** — the Beam command line raises glibc's mmap/trim thresholds
+  (`pipeline/memory_tuning.py`); the wals_core case applies the same setting, so
+  the pipeline-vs-wals_core ratio compares like with like. Peers run as shipped.
 * **Peers read a pre-split file** (`output/bench-data/NAME.split.tsv`: dense indices,
   rating, test flag), so they do not pay for the ID hashing/split; the pipeline and
   wals_core read the raw `u.data` file and compute the split themselves.

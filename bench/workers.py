@@ -62,6 +62,8 @@ def run_wals_core(args) -> dict:
     from wals_core.sparse import merge_duplicates
     from wals_core.train import Problem, train
     from wals_core.vocab import Vocabulary
+    from pipeline.memory_tuning import tune_malloc
+    tune_malloc()                  # as the Beam command line does (see run_bench NOTES)
     ready = time.time()
 
     # Read: the raw file. IDs are canonical integers in every data set here, so the

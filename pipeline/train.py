@@ -18,6 +18,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions, TypeOptions
 
 from pipeline.errors import QuietMarkedErrors, user_message
+from pipeline.memory_tuning import tune_malloc
 from pipeline.model import build_pipeline, save_json
 from pipeline.options import ConfigError, TrainConfig, WalsOptions, config_from_args
 from pipeline.publish import (OutputExists, check_output, describe_inputs, discard,
@@ -134,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     # The unrolled graph is deep (about 10 stages per iteration) and Beam's
     # runners walk it recursively: leave room for thousands of iterations.
     sys.setrecursionlimit(max(sys.getrecursionlimit(), 100_000))
+    tune_malloc()
     logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(message)s')
     logging.getLogger('apache_beam').setLevel(logging.WARNING)
     for handler in logging.getLogger().handlers:

@@ -177,3 +177,19 @@ def test_merge_duplicates_mean_or_sum_in_any_order():
     assert v2.tobytes() == v.tobytes()
     _, _, s, _, _ = merge_duplicates(rows, cols, vals, 'sum')
     np.testing.assert_allclose(s, [6.0, 0.8, 5.0])
+
+
+def test_squared_error_sums_every_slice(monkeypatch):
+    import wals_core.metrics as metrics
+    rng = np.random.default_rng(4)
+    u = rng.standard_normal((30, 4)).astype(np.float32)
+    v = rng.standard_normal((20, 4)).astype(np.float32)
+    rows, cols = rng.integers(0, 30, 1000), rng.integers(0, 20, 1000)
+    values = rng.uniform(1, 5, 1000)
+    pred = (u.astype(np.float64) @ v.astype(np.float64).T)[rows, cols]
+    want = float(np.sum((values - pred) ** 2))
+    monkeypatch.setattr(metrics, '_SLICE', 64)          # 16 slices, the last one short
+    assert metrics.squared_error(rows, cols, values, u, v) == pytest.approx(want, rel=1e-12)
+    assert metrics.squared_error(rows[:0], cols[:0], values[:0], u, v) == 0.0
+    assert metrics.rmse(want, 1000) == pytest.approx(np.sqrt(want / 1000))
+    assert metrics.rmse(0.0, 0) is None
