@@ -353,7 +353,11 @@ def targets(results) -> list[list[str]]:
     elif any20:
         rows.append(['4', 'beam_inmem k=32, 10 it, 20m', any20[0]['status'], '≤ 8 GiB', 'FAIL'])
     else:
-        rows.append(['4', 'beam_inmem k=32, 10 it, 20m', 'n/a', '≤ 8 GiB', 'NOT RUN'])
+        # The 20m case is its own run (see the module docstring): say where it is.
+        rows.append(['4', 'beam_inmem k=32, 10 it, 20m',
+                     'not in this run: [BENCHMARKS-scale.md](BENCHMARKS-scale.md) '
+                     '(`--sizes 1m,10m,20m --methods beam_inmem@32`)', '≤ 8 GiB',
+                     'SEPARATE RUN'])
     c = _find(results, '100k', 'beam_cli', 5)
     failed_cli = [r for r in results if r['method'] == 'beam_cli' and r['status'] != 'ok']
     if c:
@@ -467,8 +471,10 @@ NOTES = """\
   between the moments the last item block of consecutive iterations finished).
   *wals_core*: median of wall times between the ends of consecutive column half-steps
   (`train(..., on_half_step)`). *implicit*: median of the per-iteration times its `fit`
-  callback reports. *Spark*: marginal `(fit(maxIter=10) − fit(maxIter=1)) / 9` (fit(1)
-  runs first, so the JVM is warm for both). Medians ignore the first-iteration warm-up;
+  callback reports. *Spark*: marginal `(fit(maxIter=10) − fit(maxIter=1)) / 9`, both
+  fits after a discarded warm-up `fit(maxIter=1)` (`fit_warmup` in the phase table),
+  so neither pays the JIT compilation of the ALS code (without the warm-up, fit(1)
+  alone pays it and the marginal comes out low by that cost / 9). Medians ignore the first-iteration warm-up;
   the marginal does too. (Beam and wals_core plan each block's solve on the first
   iteration — `wals_core.solve.RowSolver` — and reuse the plan afterwards: that
   first-iteration cost is in read→model, not in s/iter.) On small data the Spark marginal is dominated by noise and
@@ -486,9 +492,9 @@ NOTES = """\
   evaluation, which runs inside the pipeline before the write). wals_core: read
   (pandas) + vocabulary/split/CSR build + iterations + `np.save`. implicit: read of
   the pre-split file + CSR build + fit + save. Spark: `load + fit(maxIter=10) + write`
-  (load = CSV read + filter + cache + count; fit(1) and evaluation excluded).
+  (load = CSV read + filter + cache + count; the fit(1)s and evaluation excluded).
 * **process wall** — spawn → exit of the case's process, everything included
-  (Spark: also its fit(1) and RMSE evaluation; wals_core: also its RMSE evaluation).
+  (Spark: also its two fit(1)s and RMSE evaluation; wals_core: also its RMSE evaluation).
 * **CPU s** — user + system CPU of the case's process tree: the larger of os.wait4's
   figure (waited-for descendants) and the sum over the tree's processes of their
   CPU times sampled every 0.1 s (catches Spark's JVM, which nobody reaps).

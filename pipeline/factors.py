@@ -68,7 +68,6 @@ class _SolveBlock(beam.DoFn):
         yield FactorBlock(block.block_id, block.start, block.total_rows, x, gramian(x),
                           time.time(), time.perf_counter() - started)
 
-
     def _solver(self, block, col_counts: np.ndarray, other_rows: int) -> RowSolver:
         """The block's RowSolver for this side and these parameters, kept with the
         cached block so that every iteration reuses its plan."""

@@ -229,12 +229,14 @@ class TrainWals(beam.PTransform):
             reads | 'ReadStart' >> beam.Map(lambda r: ('read_start', r.started_at)),
             col_blocks | 'BlocksBuilt' >> beam.Map(lambda b: ('blocks_built', b.built_at)),
         ]
+        # Each half-step's events come from a Map fused into the stage that made its
+        # Factors (a Flatten per iteration would cost a stage per iteration).
         for it, (u_it, v_it) in enumerate(history, 1):
-            events.append(v_it | f'Iter{it:03d}Done' >> beam.Map(
-                lambda f, it: (f'iteration_{it:03d}', f.finished_at), it))
-            events.append((u_it, v_it) | f'Iter{it:03d}Solves' >> beam.Flatten()
-                          | f'Iter{it:03d}SolveTime' >> beam.Map(
-                              lambda f, it: (f'solve_{it:03d}', f.solve_seconds), it))
+            events.append(u_it | f'Iter{it:03d}RowTimes' >> beam.FlatMap(
+                lambda f, it: [(f'solve_{it:03d}', f.solve_seconds)], it))
+            events.append(v_it | f'Iter{it:03d}ColTimes' >> beam.FlatMap(
+                lambda f, it: [(f'iteration_{it:03d}', f.finished_at),
+                               (f'solve_{it:03d}', f.solve_seconds)], it))
         timings = tuple(events) | 'Timings' >> beam.Flatten()
         return TrainedModel(users, items, u, v, stats, reads, bad_lines, timings)
 
