@@ -15,9 +15,10 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from wals_core.params import (DATA_TYPES, OPTIMIZED, WalsParams, default_wt_type,
                               parse_wt_type)
 
-# Big enough that a block's solve keeps both cores busy and each half-step has few
-# stages' worth of per-block overhead (10M ratings: 2048 -> 0.95 s/iteration,
-# 16384 -> 0.63 s on 2 cores); lower it for more parallel tasks on many workers.
+# Big enough that a block's solve keeps both cores busy and a half-step pays little
+# per-block overhead (10M ratings, k=10, 2 cores, back to back: 2048 -> 0.97 s per
+# iteration, 8192 -> 0.80 s, 65536 -> 0.68 s); lower it for more parallel tasks on
+# many workers.
 DEFAULT_BLOCK_SIZE = 16384
 
 

@@ -126,10 +126,10 @@ def _default_threads() -> int:
 
 @dataclasses.dataclass
 class _Batch:
-    """The iteration-invariant inputs of one batch of rows (see RowSolver.plan)."""
+    """The iteration-invariant inputs of one batch of rows (RowSolver._plan_batch)."""
     rows: np.ndarray               # row numbers in the block
     pieces: list                   # gather pieces (see _batches)
-    cols: np.ndarray               # (rows × length) column ids; padding -> m, the zero row
+    cols: np.ndarray               # (rows × length) column ids (weighted: padding -> m)
     y: np.ndarray | None           # right-hand-side weight on x_j per entry (weighted)
     r: np.ndarray | None           # R_i, when not all 1 (weighted)
     w: np.ndarray | None           # w0 * A_ij, padding 0 (weights off)
