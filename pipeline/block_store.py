@@ -42,7 +42,8 @@ class RatingBlock:
     built_at: float = 0.0
     # Per-worker state the solves keep with the block (RowSolver by side and
     # parameters); never saved.
-    solvers: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
+    solvers: dict = dataclasses.field(default_factory=dict, init=False, repr=False,
+                                      compare=False)
 
     @property
     def cached_nbytes(self) -> int:

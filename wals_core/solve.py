@@ -138,7 +138,8 @@ class _Batch:
     @property
     def nbytes(self) -> int:
         arrays = [self.cols, self.y, self.r, self.w] + list(self.general or ())
-        return sum(a.nbytes for a in arrays if isinstance(a, np.ndarray))
+        unique = {id(a): a for a in arrays if isinstance(a, np.ndarray)}  # cols is shared
+        return sum(a.nbytes for a in unique.values())
 
 
 class RowSolver:

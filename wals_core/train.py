@@ -27,7 +27,8 @@ class Problem:
     row_wts: np.ndarray
     col_wts: np.ndarray
     # One RowSolver per (side, k, w0, λ), made on first use: iterations reuse its plan.
-    _solvers: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
+    _solvers: dict = dataclasses.field(default_factory=dict, init=False, repr=False,
+                                       compare=False)
 
     @classmethod
     def build(cls, rows: np.ndarray, cols: np.ndarray, values: np.ndarray,
