@@ -407,7 +407,9 @@ def test_row_solver_reuses_its_plan_across_iterations(case, small_pieces):
     for it in range(3):
         v = (rng.standard_normal((m, k)) / np.sqrt(k)).astype(np.float32)
         got = solver.solve(v, gramian(v))
-        assert solver.plan_nbytes > 0
+        planned = [b for batches in solver._plan for b in batches]
+        assert len(planned) > 1
+        assert solver.plan_nbytes == sum(b.nbytes for b in planned) > 0  # counted once
         np.testing.assert_array_equal(got, run(block, own, v, other, 0.05, 0.3))
         assert_close(got, reference(block, own, v, other, 0.05, 0.3))
 

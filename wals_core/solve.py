@@ -185,11 +185,13 @@ class RowSolver:
         self.keep_plan = keep_plan
         self.chunks = self._chunks() if self.k and self.n else []
         self._plan: list[list[_Batch] | None] = [None] * len(self.chunks)
+        self._plan_bytes = 0          # kept up to date as chunks are planned
+        self._plan_lock = threading.Lock()
 
     @property
     def plan_nbytes(self) -> int:
         """Memory held by the plan (0 until the first exact solve)."""
-        return sum(b.nbytes for batches in self._plan if batches for b in batches)
+        return self._plan_bytes
 
     def solve(self, other_factors: np.ndarray, other_gramian: np.ndarray, *,
               solver: str = 'exact', x0: np.ndarray | None = None,
@@ -225,7 +227,10 @@ class RowSolver:
                 if batches is None:
                     batches = self._plan_chunk(*self.chunks[i])
                     if self.keep_plan:
-                        self._plan[i] = batches
+                        with self._plan_lock:
+                            if self._plan[i] is None:
+                                self._plan[i] = batches
+                                self._plan_bytes += sum(b.nbytes for b in batches)
                 for b in batches:
                     out[b.rows] = call.exact_batch(b)
 
