@@ -310,22 +310,33 @@ class RowSolver:
             return _Batch(rows, pieces, cols, None, None, None, general=(cols, vals, pad, r))
         if not np.any(r):
             # No observation weights: every row's matrix is w0*G + λI.
-            w = self.w0 * vals
-            if pad is not None:
-                w[pad] = 0.0
-            return _Batch(rows, pieces, cols, None, None, w)
-        # Right-hand-side weights on x_j: A_ij (w0 / sqrt(C_j) + R_i sqrt(C_j)).
+            return _Batch(rows, pieces, cols, None, None, self.unweighted_rhs(vals, pad))
         ones = bool(np.all(r == 1.0))
-        if ones:
+        y = self.rhs_weights(cols, vals, None if ones else r)
+        if pad is not None:
+            cols[pad] = self.m              # m: the zero row
+        return _Batch(rows, pieces, cols, y, None if ones else r, None)
+
+    def unweighted_rhs(self, vals: np.ndarray, pad: np.ndarray | None) -> np.ndarray:
+        """Weights off: w0 A_ij per entry (0 at padding), summed over v_j."""
+        w = self.w0 * vals
+        if pad is not None:
+            w[pad] = 0.0
+        return w
+
+    def rhs_weights(self, cols: np.ndarray, vals: np.ndarray,
+                    r: np.ndarray | None) -> np.ndarray:
+        """Right-hand-side weights on x_j = sqrt(C_j) v_j: A_ij (w0 / sqrt(C_j) +
+        R_i sqrt(C_j)) (0 where C_j <= 0; padding values are irrelevant, as padding
+        gathers the zero row). r None means every R_i is 1."""
+        if r is None:
             y = np.take(self.col_w, cols, mode='clip')
         else:
             y = np.take(self.sq, cols, mode='clip')
             y *= r[:, None]
             y += np.take(self.w0_inv, cols, mode='clip')
-        y *= vals                           # (padding gathers the zero row: y irrelevant)
-        if pad is not None:
-            cols[pad] = self.m              # m: the zero row
-        return _Batch(rows, pieces, cols, y, None if ones else r, None)
+        y *= vals
+        return y
 
 
 class _Call:
@@ -407,15 +418,10 @@ class _Call:
         if pad is not None:
             conf[pad] = 0.0
         if not np.any(conf):
-            w = s.w0 * vals
-            if pad is not None:
-                w = np.where(pad, 0.0, w)
-            return self.base_solve(_weighted_sums(self.v, cols, w, b.pieces))
+            return self.base_solve(_weighted_sums(self.v, cols, s.unweighted_rhs(vals, pad),
+                                                  b.pieces))
         scaled, neg, base_min = self.columns()
-        y = np.take(s.sq, cols, mode='clip')
-        y *= r[:, None]
-        y += np.take(s.w0_inv, cols, mode='clip')
-        y *= vals
+        y = s.rhs_weights(cols, vals, r)
         gcols = cols if pad is None else np.where(pad, s.m, cols)   # m: the zero row
         lhs, rhs = _gram_and_rhs(scaled, gcols, y, b.pieces)
         if neg is not None:
