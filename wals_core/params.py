@@ -12,6 +12,7 @@ LINEAR_RATINGS = 1   # the original's constant: linear weights, C_j = feature_wt
 WT_TYPE_NAMES = {LOG_RATINGS: 'log', LINEAR_RATINGS: 'linear'}
 
 DATA_TYPES = ('ratings', 'web_views')
+MODELS = ('wals', 'implicit', 'explicit')
 
 # The original's `--use-optimized` hyperparameter sets (from its tuning runs).
 OPTIMIZED = {
@@ -33,10 +34,19 @@ class WalsParams:
     wt_type: str = 'linear'          # 'linear' or 'log'
     feature_wt_factor: float = 130.0
     feature_wt_exp: float = 0.08
+    # The objective (wals_core/objectives.py) and the implicit mode's confidence.
+    model: str = 'wals'               # 'wals', 'implicit' or 'explicit'
+    alpha: float = 1.0                # implicit: confidence 1 + alpha * g(r)
+    epsilon: float = 1.0              # implicit, log confidence: g(r) = log1p(r / epsilon)
+    confidence: str = 'log'           # implicit: 'log' or 'linear' (g(r) = r)
 
     def __post_init__(self) -> None:
         if self.wt_type not in ('linear', 'log'):
             raise ValueError(f"wt_type must be 'linear' or 'log', got {self.wt_type!r}")
+        if self.model not in MODELS:
+            raise ValueError(f'model must be one of {", ".join(MODELS)}, got {self.model!r}')
+        if self.confidence not in ('log', 'linear'):
+            raise ValueError(f"confidence must be 'log' or 'linear', got {self.confidence!r}")
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -40,6 +40,13 @@ agree with a dense per-row np.linalg.solve to rounding, ~1e-13 relative)
   the call numpy's OpenBLAS runs on one thread (reference counted; the previous
   setting is restored afterwards). Results do not depend on the number of threads.
 
+Generalizations used by the other objectives (wals_core/objectives.py), all on the
+same path: per-entry weights E_ij >= 0 (an observed entry weighs w0 + R_i C_j E_ij:
+the gathered x_j are scaled by sqrt(E_ij) before the Gramian product), a per-row
+regularization λ_i instead of one λ (ALS-WR's λ·n_i), and per-column offsets o_j
+given with each solve (the target becomes A_ij - o_j: the other side's bias). With
+none of them the code path is exactly the original one.
+
 Optional conjugate-gradient solver (`solver='cg'`): `cg_steps` CG iterations per
 row, warm-started from `x0` (e.g. the previous solution, as the `implicit` library
 does), applying each row's matrix through its entries without forming it. It is
@@ -133,11 +140,13 @@ class _Batch:
     y: np.ndarray | None           # right-hand-side weight on x_j per entry (weighted)
     r: np.ndarray | None           # R_i, when not all 1 (weighted)
     w: np.ndarray | None           # w0 * A_ij, padding 0 (weights off)
-    general: tuple | None = None   # (cols, vals, pad, r) when some C_j <= 0
+    general: tuple | None = None   # (cols, vals, pad, r, s) when some C_j <= 0
+    s: np.ndarray | None = None    # sqrt(E_ij) per entry, padding 0 (entry weights)
+    f: np.ndarray | None = None    # rhs factor per entry: y (or w) is A_ij * f (offsets)
 
     @property
     def nbytes(self) -> int:
-        arrays = [self.cols, self.y, self.r, self.w] + list(self.general or ())
+        arrays = [self.cols, self.y, self.r, self.w, self.s, self.f] + list(self.general or ())
         unique = {id(a): a for a in arrays if isinstance(a, np.ndarray)}  # cols is shared
         return sum(a.nbytes for a in unique.values())
 
@@ -156,6 +165,8 @@ class RowSolver:
 
     def __init__(self, block: Csr, self_weights: np.ndarray, other_weights: np.ndarray,
                  unobs_weight: float, regularization: float, num_factors: int, *,
+                 entry_weights: np.ndarray | None = None,
+                 row_regularization: np.ndarray | None = None, offsets: bool = False,
                  num_threads: int | None = None, keep_plan: bool = True):
         self.indptr = np.asarray(block.indptr, dtype=np.int64)
         self.indices = np.asarray(block.indices)
@@ -169,6 +180,20 @@ class RowSolver:
         self.regularization = float(regularization)
         if len(self.own) != self.n:
             raise ValueError(f'{len(self.own)} self weights for {self.n} rows')
+        self.entry = None
+        if entry_weights is not None:
+            self.entry = np.asarray(entry_weights, dtype=np.float64)
+            if self.entry.shape != self.values.shape:
+                raise ValueError(f'{len(self.entry)} entry weights for {len(self.values)} entries')
+            if not np.all(self.entry >= 0):
+                raise ValueError('entry weights must be finite and >= 0')
+            self.entry_sqrt = np.sqrt(self.entry)
+        self.row_reg = None
+        if row_regularization is not None:
+            self.row_reg = np.asarray(row_regularization, dtype=np.float64)
+            if self.row_reg.shape != (self.n,):
+                raise ValueError(f'{len(self.row_reg)} row regularizations for {self.n} rows')
+        self.offsets = bool(offsets)
         # Gathers below clip indices (no bounds checks): check them once here.
         if len(self.indices) and (int(self.indices.min()) < 0
                                   or int(self.indices.max()) >= self.m):
@@ -194,17 +219,25 @@ class RowSolver:
         return self._plan_bytes
 
     def solve(self, other_factors: np.ndarray, other_gramian: np.ndarray, *,
+              other_offsets: np.ndarray | None = None,
               solver: str = 'exact', x0: np.ndarray | None = None,
               cg_steps: int = 3) -> np.ndarray:
         """Minimizer for every row (float64, n × k) given the other side's factors
-        (m × k) and their Gramian VᵀV; see solve_rows."""
+        (m × k) and their Gramian VᵀV; see solve_rows. other_offsets (m,): o_j,
+        subtracted from every target A_ij (needs a solver made with offsets=True)."""
         if solver not in ('exact', 'cg'):
             raise ValueError(f"solver must be 'exact' or 'cg', got {solver!r}")
+        if other_offsets is not None and not self.offsets:
+            raise ValueError('other_offsets needs a RowSolver made with offsets=True')
+        if solver == 'cg' and (self.entry is not None or self.row_reg is not None
+                               or self.offsets):
+            raise ValueError("solver='cg' supports neither entry weights, per-row "
+                             "regularization nor offsets")
         factors = np.asarray(other_factors)
         if factors.shape != (self.m, self.k):
             raise ValueError(f'other factors must have shape {(self.m, self.k)}, '
                              f'got {factors.shape}')
-        call = _Call(self, factors, other_gramian)
+        call = _Call(self, factors, other_gramian, other_offsets)
         out = np.zeros((self.n, self.k), dtype=np.float64)
         if not self.chunks:
             return out
@@ -284,7 +317,7 @@ class RowSolver:
     def entries(self, rows: np.ndarray, length: int):
         """The rows' entries as (rows × length) arrays: column ids (intp; padding
         repeats a row's last entry), values (NOT zeroed at padding) and the padding
-        mask (None without padding)."""
+        mask (None without padding). See entry_scale for sqrt(E_ij)."""
         starts = self.indptr[rows]
         lens = self.indptr[rows + 1] - starts
         pos = np.add.outer(starts, np.arange(length))
@@ -297,6 +330,19 @@ class RowSolver:
         vals = np.take(self.values, pos, mode='clip')
         return cols, vals, pad
 
+    def entry_scale(self, rows: np.ndarray, length: int,
+                    pad: np.ndarray | None) -> np.ndarray | None:
+        """sqrt(E_ij) of the rows' entries (rows × length, 0 at padding), or None
+        without entry weights."""
+        if self.entry is None:
+            return None
+        starts = self.indptr[rows]
+        pos = np.add.outer(starts, np.arange(length))
+        s = np.take(self.entry_sqrt, pos, mode='clip')
+        if pad is not None:
+            s[pad] = 0.0
+        return s
+
     def _plan_chunk(self, rows: np.ndarray, length: int) -> list[_Batch]:
         """A chunk's batches of rows whose arrays stay in cache, with everything the
         exact solve of each needs that the factors do not change."""
@@ -306,16 +352,24 @@ class RowSolver:
     def _plan_batch(self, rows: np.ndarray, length: int, pieces) -> _Batch:
         cols, vals, pad = self.entries(rows, length)
         r = self.own[rows]
-        if not self.all_pos:
-            return _Batch(rows, pieces, cols, None, None, None, general=(cols, vals, pad, r))
-        if not np.any(r):
+        s = self.entry_scale(rows, length, pad)
+        # An entry with E_ij = 0 but a target and w0 != 0 cannot be reached through
+        # sqrt(E_ij) x_j: such batches take the general path.
+        unreachable = s is not None and self.w0 != 0 and bool(np.any((s == 0) & (vals != 0)))
+        if not self.all_pos or unreachable:
+            return _Batch(rows, pieces, cols, None, None, None, general=(cols, vals, pad, r, s))
+        if not np.any(r) and self.row_reg is None:
             # No observation weights: every row's matrix is w0*G + λI.
-            return _Batch(rows, pieces, cols, None, None, self.unweighted_rhs(vals, pad))
+            w = self.unweighted_rhs(vals, pad)
+            f = self.unweighted_rhs(np.ones_like(vals), pad) if self.offsets else None
+            return _Batch(rows, pieces, cols, None, None, w, f=f)
         ones = bool(np.all(r == 1.0))
-        y = self.rhs_weights(cols, vals, None if ones else r)
+        y = self.rhs_weights(cols, vals, None if ones else r, s)
+        f = self.rhs_weights(cols, np.ones_like(vals), None if ones else r, s) \
+            if self.offsets else None
         if pad is not None:
             cols[pad] = self.m              # m: the zero row
-        return _Batch(rows, pieces, cols, y, None if ones else r, None)
+        return _Batch(rows, pieces, cols, y, None if ones else r, None, s=s, f=f)
 
     def unweighted_rhs(self, vals: np.ndarray, pad: np.ndarray | None) -> np.ndarray:
         """Weights off: w0 A_ij per entry (0 at padding), summed over v_j."""
@@ -325,10 +379,22 @@ class RowSolver:
         return w
 
     def rhs_weights(self, cols: np.ndarray, vals: np.ndarray,
-                    r: np.ndarray | None) -> np.ndarray:
+                    r: np.ndarray | None, s: np.ndarray | None = None) -> np.ndarray:
         """Right-hand-side weights on x_j = sqrt(C_j) v_j: A_ij (w0 / sqrt(C_j) +
         R_i sqrt(C_j)) (0 where C_j <= 0; padding values are irrelevant, as padding
-        gathers the zero row). r None means every R_i is 1."""
+        gathers the zero row). r None means every R_i is 1. With entry scales s =
+        sqrt(E_ij) (x_j also scaled by s): A_ij (w0 / (sqrt(C_j) s) + R_i sqrt(C_j) s),
+        0 where s = 0."""
+        if s is not None:
+            y = np.take(self.w0_inv, cols, mode='clip')
+            np.divide(y, s, out=y, where=s > 0)
+            y[s == 0] = 0.0
+            t = np.take(self.sq, cols, mode='clip') * s
+            if r is not None:
+                t *= r[:, None]
+            y += t
+            y *= vals
+            return y
         if r is None:
             y = np.take(self.col_w, cols, mode='clip')
         else:
@@ -342,12 +408,22 @@ class RowSolver:
 class _Call:
     """One solve's inputs that change every iteration: the other side's factors."""
 
-    def __init__(self, solver: RowSolver, factors: np.ndarray, other_gramian: np.ndarray):
+    def __init__(self, solver: RowSolver, factors: np.ndarray, other_gramian: np.ndarray,
+                 offsets: np.ndarray | None = None):
         self.s = solver
         self.factors = factors
         k = solver.k
+        # With per-row λ_i the base is w0*G alone; λ_i goes on each row's diagonal.
+        reg = 0.0 if solver.row_reg is not None else solver.regularization
         self.base = solver.w0 * np.asarray(other_gramian, dtype=np.float64) \
-            + solver.regularization * np.eye(k)
+            + reg * np.eye(k)
+        # o_j per column plus a 0 for the zero row m that padding gathers.
+        self.offsets = None
+        if solver.offsets:
+            o = np.zeros(solver.m + 1)
+            if offsets is not None:
+                o[:-1] = np.asarray(offsets, dtype=np.float64).reshape(solver.m)
+            self.offsets = o
         self._lock = threading.Lock()
         self._base_solver = None
         self._columns = None
@@ -389,21 +465,33 @@ class _Call:
 
     # -- exact ------------------------------------------------------------------------
 
+    def _shifted(self, y: np.ndarray, f: np.ndarray | None, cols: np.ndarray) -> np.ndarray:
+        """Right-hand-side weights for targets A_ij - o_j: y - o_j f (f: y per unit A)."""
+        if self.offsets is None:
+            return y
+        return y - np.take(self.offsets, cols, mode='clip') * f
+
     def exact_batch(self, b: _Batch) -> np.ndarray:
         if b.general is not None:
             return self._general_batch(b)
         if b.w is not None:
-            return self.base_solve(_weighted_sums(self.v, b.cols, b.w, b.pieces))
+            return self.base_solve(_weighted_sums(self.v, b.cols, self._shifted(b.w, b.f, b.cols),
+                                                  b.pieces))
         scaled, neg, base_min = self.columns()
-        lhs, rhs = _gram_and_rhs(scaled, b.cols, b.y, b.pieces)
+        lhs, rhs = _gram_and_rhs(scaled, b.cols, self._shifted(b.y, b.f, b.cols), b.pieces, b.s)
         if neg is not None:
-            lhs -= _gram_and_rhs(neg, b.cols, None, b.pieces)[0]
+            lhs -= _gram_and_rhs(neg, b.cols, None, b.pieces, b.s)[0]
         if b.r is not None:
             lhs *= b.r[:, None, None]
-        return self._finish(lhs, rhs, neg is None, base_min)
+        return self._finish(lhs, rhs, neg is None, base_min, b.rows)
 
-    def _finish(self, lhs, rhs, no_neg: bool, base_min: float) -> np.ndarray:
+    def _finish(self, lhs, rhs, no_neg: bool, base_min: float, rows: np.ndarray) -> np.ndarray:
         lhs += self.base
+        if self.s.row_reg is not None:
+            reg = self.s.row_reg[rows]
+            diag = np.arange(self.s.k)
+            lhs[:, diag, diag] += reg[:, None]
+            base_min += float(np.min(reg)) if len(reg) else 0.0
         # Every matrix is base + (PSD) when R, C >= 0: if base is well conditioned
         # relative to the largest diagonal element, no row can be (nearly) singular.
         safe = no_neg and self.s.row_safe and base_min > _SAFE_RTOL * self.s.k \
@@ -413,30 +501,37 @@ class _Call:
     def _general_batch(self, b: _Batch) -> np.ndarray:
         """Some C_j <= 0: weights from the entries themselves, recomputed every call."""
         s = self.s
-        cols, vals, pad, r = b.general
-        conf = r[:, None] * np.take(s.other, cols, mode='clip')
+        cols, vals, pad, r, es = b.general
+        if self.offsets is not None:
+            vals = vals - np.take(self.offsets, cols, mode='clip')
+        c = np.take(s.other, cols, mode='clip')
+        conf = r[:, None] * c
+        if es is not None:
+            conf *= es * es
         if pad is not None:
             conf[pad] = 0.0
-        if not np.any(conf):
+        if not np.any(conf) and s.row_reg is None:
             return self.base_solve(_weighted_sums(self.v, cols, s.unweighted_rhs(vals, pad),
                                                   b.pieces))
         scaled, neg, base_min = self.columns()
-        y = s.rhs_weights(cols, vals, r)
+        y = s.rhs_weights(cols, vals, r, es)
         gcols = cols if pad is None else np.where(pad, s.m, cols)   # m: the zero row
-        lhs, rhs = _gram_and_rhs(scaled, gcols, y, b.pieces)
+        lhs, rhs = _gram_and_rhs(scaled, gcols, y, b.pieces, es)
         if neg is not None:
-            lhs -= _gram_and_rhs(neg, gcols, None, b.pieces)[0]
+            lhs -= _gram_and_rhs(neg, gcols, None, b.pieces, es)[0]
         lhs *= r[:, None, None]
-        # Entries whose C_j <= 0 add (w0 + R_i C_j) A_ij v_j from v itself.
-        c = np.take(s.other, cols, mode='clip')
+        # Entries whose C_j <= 0 (or E_ij = 0) add (w0 + R_i C_j E_ij) A_ij v_j from
+        # v itself.
         other = c <= 0
+        if es is not None:
+            other |= es == 0
         if pad is not None:
             other &= ~pad
         if np.any(other):
             i, j = np.nonzero(other)
-            weight = vals[i, j] * (s.w0 + r[i] * c[i, j])
+            weight = vals[i, j] * (s.w0 + conf[i, j])
             np.add.at(rhs, i, self.v[cols[i, j]] * weight[:, None])
-        return self._finish(lhs, rhs, neg is None, base_min)
+        return self._finish(lhs, rhs, neg is None, base_min, b.rows)
 
     # -- conjugate gradient -----------------------------------------------------------
 
@@ -514,9 +609,10 @@ def _batches(n_rows: int, length: int, k: int):
             yield slice(a, a + 1), pieces
 
 
-def _gram_and_rhs(scaled: np.ndarray, cols: np.ndarray, y: np.ndarray | None, pieces):
-    """Per row i: Σ_l x xᵀ and Σ_l y[i, l] x over x = scaled[cols[i, l]] (float64),
-    gathered piece by piece."""
+def _gram_and_rhs(scaled: np.ndarray, cols: np.ndarray, y: np.ndarray | None, pieces,
+                  entry_scale: np.ndarray | None = None):
+    """Per row i: Σ_l x xᵀ and Σ_l y[i, l] x over x = scaled[cols[i, l]] (float64;
+    times entry_scale[i, l] if given), gathered piece by piece."""
     n, length = cols.shape
     k = scaled.shape[1]
     lhs = np.empty((n, k, k))
@@ -532,6 +628,8 @@ def _gram_and_rhs(scaled: np.ndarray, cols: np.ndarray, y: np.ndarray | None, pi
         idx = cols[rs, es]
         x = buf[:idx.size * k].reshape(idx.shape + (k,))
         np.take(scaled, idx, axis=0, out=x, mode='clip')
+        if entry_scale is not None:
+            x *= entry_scale[rs, es][..., None]
         if whole:
             np.matmul(x.transpose(0, 2, 1), x, out=lhs[rs])  # BLAS syrk per row
             if rhs is not None:

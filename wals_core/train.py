@@ -1,7 +1,10 @@
-"""In-memory WALS trainer: the same kernel as the Beam pipeline, on one array.
+"""In-memory trainer (the numpy reference, no Beam): the same kernel as the Beam
+pipeline, on one array. pipeline/train.py is the command line that runs the Beam
+job; this module trains small data in one process (tests, the tuner).
 
-It serves small data and is the reference the pipeline is tested against.
 Factors are stored in float32 between half-steps, exactly as the pipeline does.
+Every mode of wals_core/objectives.py is supported; for `explicit` the stored
+matrices carry the bias as their last column (see objectives.split_bias).
 """
 from __future__ import annotations
 
@@ -11,8 +14,9 @@ from typing import Callable
 
 import numpy as np
 
+from wals_core import objectives
 from wals_core.params import WalsParams
-from wals_core.solve import RowSolver, gramian
+from wals_core.solve import gramian
 from wals_core.sparse import Csr, csr_from_triples
 from wals_core.weights import column_weights, row_weights
 
@@ -26,7 +30,9 @@ class Problem:
     by_col: Csr
     row_wts: np.ndarray
     col_wts: np.ndarray
-    # One RowSolver per (side, k, w0, λ), made on first use: iterations reuse its plan.
+    col_counts: np.ndarray = None      # training ratings per column
+    global_mean: float = 0.0           # mean training rating (the explicit mode's μ)
+    # One RowSolver per (side, parameters), made on first use: iterations reuse its plan.
     _solvers: dict = dataclasses.field(default_factory=dict, init=False, repr=False,
                                        compare=False)
 
@@ -35,26 +41,38 @@ class Problem:
               num_rows: int, num_cols: int, params: WalsParams) -> 'Problem':
         """From duplicate-free training triples (row index, col index, value)."""
         counts = np.bincount(np.asarray(cols, np.int64), minlength=num_cols)
+        values = np.asarray(values, np.float64)
         return cls(by_row=csr_from_triples(rows, cols, values, num_rows),
                    by_col=csr_from_triples(cols, rows, values, num_cols),
                    row_wts=row_weights(num_rows, params),
-                   col_wts=column_weights(counts, params))
+                   col_wts=column_weights(counts, params),
+                   col_counts=counts,
+                   global_mean=float(values.mean()) if len(values) else 0.0)
 
 
 def solve_side(problem: Problem, side: str, other: np.ndarray,
                params: WalsParams) -> np.ndarray:
-    """One half-step for all rows ('row') or all columns ('col'); returns float32."""
-    key = (side, params.latent_factors, params.unobs_weight, params.regularization)
+    """One half-step for all rows ('row') or all columns ('col') against the other
+    side's stored factor matrix; returns the stored matrix of this side (float32)."""
+    p = dataclasses.replace(params, num_iters=0)     # iterations do not change a solve
+    key = (side, p)
     solver = problem._solvers.get(key)
     if solver is None:
         if side == 'row':
-            block, own, others = problem.by_row, problem.row_wts, problem.col_wts
+            block, other_rows = problem.by_row, problem.by_col.num_rows
         else:
-            block, own, others = problem.by_col, problem.col_wts, problem.row_wts
-        solver = problem._solvers[key] = RowSolver(
-            block, own, others, params.unobs_weight, params.regularization,
-            params.latent_factors)
-    return solver.solve(other, gramian(other)).astype(np.float32)
+            block, other_rows = problem.by_col, problem.by_row.num_rows
+        solver = problem._solvers[key] = objectives.make_solver(
+            block, side, params, problem.col_counts, 0, other_rows, problem.global_mean)
+    factors, offsets = objectives.solve_inputs(np.asarray(other), params)
+    return solver.solve(factors, gramian(other), other_offsets=offsets).astype(np.float32)
+
+
+def initial_state(row_init: np.ndarray, col_init: np.ndarray, params: WalsParams
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """Stored initial matrices from per-ID N(0, 1) draws (objectives.initial_matrix)."""
+    return (objectives.initial_matrix(row_init, params),
+            objectives.initial_matrix(col_init, params))
 
 
 def train(problem: Problem, params: WalsParams, row_init: np.ndarray,

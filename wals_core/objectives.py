@@ -1,0 +1,170 @@
+"""The three objectives (`--model`) as inputs of the one blocked solver (solve.py).
+
+Every mode is a weighted ridge problem per row, solved by RowSolver; a mode only
+chooses the weights, the targets, the regularization and the factor layout:
+
+* wals (default; TF's WALSModel): an observed entry weighs w0 + R_i C_j (C_j from
+  item popularity, weights.py), every unobserved one w0; target A_ij; λ.
+* implicit (Hu, Koren & Volinsky 2008, as `implicit` and Spark's implicitPrefs): every
+  pair has preference p_ij (1 for an observed rating > 0, else 0) and confidence
+  1 + alpha · g(|r_ij|), g = log1p(r / epsilon) ('log') or r ('linear'); an
+  unobserved pair has p = 0 and confidence 1. As solver inputs: w0 = 1, R = C = 1,
+  per-entry weights E_ij = alpha · g(|r_ij|), target p_ij, λ.
+* explicit (biased ALS-WR): observed entries only (w0 = 0, weight 1), target
+  r_ij - μ (μ: mean training rating), per-row λ · n_i (n_i: the row's training
+  ratings, as Spark's explicit ALS scales it), and per-user and per-item biases
+  learned in the same solves through an augmented column: a row solves [u_i, b_i]
+  against [v_j, 1] with target r_ij - μ - c_j (c_j: the item's bias, passed to the
+  solver as an offset), and a column [v_j, c_j] against [u_i, 1] with r_ij - μ - b_i.
+  Factor matrices of this mode carry the bias as their last column.
+  Prediction: μ + b_i + c_j + u_i · v_j.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from wals_core.params import MODELS, WalsParams
+from wals_core.solve import RowSolver
+from wals_core.sparse import Csr
+from wals_core.weights import column_weights, row_weights
+
+
+
+def has_bias(params: WalsParams) -> bool:
+    """True when factor matrices carry a bias column after the k factors."""
+    return params.model == 'explicit'
+
+
+def stored_width(params: WalsParams) -> int:
+    """Columns of a factor matrix as it flows between half-steps."""
+    return params.latent_factors + (1 if has_bias(params) else 0)
+
+
+def confidence(values: np.ndarray, params: WalsParams) -> np.ndarray:
+    """alpha · g(|r|) for the implicit mode (float64): the confidence above 1."""
+    r = np.abs(np.asarray(values, dtype=np.float64))
+    g = np.log1p(r / params.epsilon) if params.confidence == 'log' else r
+    return params.alpha * g
+
+
+def preference(values: np.ndarray) -> np.ndarray:
+    """p_ij of the implicit mode: 1 where r > 0, else 0 (float64)."""
+    return (np.asarray(values, dtype=np.float64) > 0).astype(np.float64)
+
+
+def make_solver(train: Csr, side: str, params: WalsParams, col_counts: np.ndarray,
+                start: int, other_rows: int, global_mean: float = 0.0,
+                **solver_options) -> RowSolver:
+    """The RowSolver of one block of `side` ('row' or 'col') for the mode.
+
+    train: the block's training ratings (rows start at `start` on its side);
+    col_counts: training ratings per column of the whole matrix (the wals mode's
+    popularity weights); other_rows: rows of the other side; global_mean: μ
+    (explicit mode only).
+    """
+    p = params
+    n = train.num_rows
+    if p.model == 'wals':
+        if side == 'row':
+            own, others = row_weights(n, p), column_weights(col_counts, p)
+        else:
+            own = column_weights(col_counts[start:start + n], p)
+            others = row_weights(other_rows, p)
+        return RowSolver(train, own, others, p.unobs_weight, p.regularization,
+                         p.latent_factors, **solver_options)
+    ones_own, ones_other = np.ones(n), np.ones(other_rows)
+    if p.model == 'implicit':
+        block = Csr(train.indptr, train.indices, preference(train.values))
+        return RowSolver(block, ones_own, ones_other, 1.0, p.regularization,
+                         p.latent_factors, entry_weights=confidence(train.values, p),
+                         **solver_options)
+    if p.model == 'explicit':
+        block = Csr(train.indptr, train.indices,
+                    np.asarray(train.values, np.float64) - global_mean)
+        per_row = p.regularization * np.diff(train.indptr).astype(np.float64)
+        return RowSolver(block, ones_own, ones_other, 0.0, p.regularization,
+                         p.latent_factors + 1, row_regularization=per_row, offsets=True,
+                         **solver_options)
+    raise ValueError(f'unknown model {p.model!r} (expected one of {", ".join(MODELS)})')
+
+
+def solve_inputs(other: np.ndarray, params: WalsParams
+                 ) -> tuple[np.ndarray, np.ndarray | None]:
+    """(factors the solver multiplies, per-column offsets) from the other side's
+    stored factor matrix: for explicit [V, 1] and the biases, else (V, None)."""
+    if not has_bias(params):
+        return other, None
+    k = params.latent_factors
+    aug = np.empty((len(other), k + 1), dtype=other.dtype)
+    aug[:, :k] = other[:, :k]
+    aug[:, k] = 1.0
+    return aug, np.asarray(other[:, k], np.float64)
+
+
+def initial_matrix(factors: np.ndarray, params: WalsParams) -> np.ndarray:
+    """Stored initial factors (float32) from today's per-ID N(0, 1) draws: unchanged
+    for wals; scaled by 1/sqrt(k) (unit expected norm, as Spark and `implicit` start
+    small) and with a zero bias column where the mode has one."""
+    f = np.asarray(factors, np.float32)
+    if params.model == 'wals':
+        return f
+    f = (f / np.float32(np.sqrt(params.latent_factors))).astype(np.float32)
+    if has_bias(params):
+        f = np.concatenate([f, np.zeros((len(f), 1), np.float32)], axis=1)
+    return f
+
+
+def split_bias(matrix: np.ndarray, params: WalsParams
+               ) -> tuple[np.ndarray, np.ndarray | None]:
+    """(k factors, bias or None) of a stored factor matrix."""
+    if not has_bias(params):
+        return matrix, None
+    k = params.latent_factors
+    return np.ascontiguousarray(matrix[:, :k]), np.ascontiguousarray(matrix[:, k])
+
+
+def predict(rows: np.ndarray, cols: np.ndarray, row_matrix: np.ndarray,
+            col_matrix: np.ndarray, params: WalsParams, global_mean: float = 0.0,
+            clip: tuple[float, float] | None = None) -> np.ndarray:
+    """Predicted ratings (float64) of the given pairs from stored factor matrices:
+    u_i · v_j, plus μ + b_i + c_j for explicit, clipped to `clip` if given."""
+    u = np.asarray(row_matrix, np.float64)
+    v = np.asarray(col_matrix, np.float64)
+    k = params.latent_factors
+    pred = np.einsum('ij,ij->i', u[rows, :k], v[cols, :k])
+    if has_bias(params):
+        pred += global_mean + u[rows, k] + v[cols, k]
+    if clip is not None:
+        np.clip(pred, clip[0], clip[1], out=pred)
+    return pred
+
+
+def objective(by_row: Csr, col_counts: np.ndarray, row_matrix: np.ndarray,
+              col_matrix: np.ndarray, params: WalsParams, global_mean: float = 0.0) -> float:
+    """The loss the mode minimizes, regularization included (float64), for the
+    training ratings `by_row` (all rows) and stored factor matrices."""
+    p = params
+    u = np.asarray(row_matrix, np.float64)
+    v = np.asarray(col_matrix, np.float64)
+    rows = by_row.row_of_entry()
+    cols = np.asarray(by_row.indices, np.int64)
+    a = np.asarray(by_row.values, np.float64)
+    k = p.latent_factors
+    dot = np.einsum('ij,ij->i', u[rows, :k], v[cols, :k])
+    if p.model == 'explicit':
+        err = a - (global_mean + u[rows, k] + v[cols, k] + dot)
+        n_row = np.diff(by_row.indptr).astype(np.float64)
+        n_col = np.bincount(cols, minlength=len(v)).astype(np.float64)
+        return float(err @ err + p.regularization * (n_row @ np.sum(u * u, axis=1)
+                                                     + n_col @ np.sum(v * v, axis=1)))
+    reg = p.regularization * (np.sum(u * u) + np.sum(v * v))
+    gram = np.sum((u[:, :k].T @ u[:, :k]) * (v[:, :k].T @ v[:, :k]))
+    if p.model == 'implicit':
+        pref, conf = preference(a), confidence(a, p)
+        observed = np.sum((1.0 + conf) * (pref - dot) ** 2)
+        return float(observed + gram - np.sum(dot ** 2) + reg)
+    cw = column_weights(col_counts, p)
+    rw = row_weights(by_row.num_rows, p)
+    w0 = p.unobs_weight
+    observed = np.sum((w0 + rw[rows] * cw[cols]) * (a - dot) ** 2)
+    return float(observed + w0 * (gram - np.sum(dot ** 2)) + reg)
