@@ -22,7 +22,8 @@ from wals_core.params import (DATA_TYPES, OPTIMIZED, WalsParams, default_wt_type
 DEFAULT_BLOCK_SIZE = 16384
 
 
-def _bool(text: str) -> bool:
+def parse_bool(text: str) -> bool:
+    """true/false, yes/no, on/off, 1/0 (any case) as a bool; argparse's type= for flags."""
     value = str(text).strip().lower()
     if value in ('1', 'true', 'yes', 'y', 'on'):
         return True
@@ -32,7 +33,9 @@ def _bool(text: str) -> bool:
 
 
 class WalsOptions(PipelineOptions):
-    """The WALS model and data options (any other Beam option passes through)."""
+    """The WALS model and data options (any other Beam option passes through).
+    Read them as Beam's examples do: PipelineOptions(argv).view_as(WalsOptions),
+    then config_from_options() validates them into a TrainConfig."""
 
     @classmethod
     def _add_argparse_args(cls, parser):
@@ -83,7 +86,7 @@ class WalsOptions(PipelineOptions):
         model.add_argument('--unobs_weight', '--unobs-weight', dest='unobs_weight',
                            type=float, default=None,
                            help='Weight w0 of every unobserved entry. Default: 0.01.')
-        model.add_argument('--weights', type=_bool, default=None,
+        model.add_argument('--weights', type=parse_bool, default=None,
                            help='true: observed entries weigh w0 + C_j from item '
                                 'popularity; false: every entry weighs w0 (plain ALS). '
                                 'Default: true.')
@@ -157,8 +160,9 @@ def default_output() -> str:
     return os.path.join('output', f'run-{stamp}')
 
 
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """Validated TrainConfig from parsed WalsOptions arguments."""
+def config_from_options(options: PipelineOptions) -> TrainConfig:
+    """Validated TrainConfig from the WalsOptions view of `options`."""
+    args = options.view_as(WalsOptions)
     if not args.input:
         raise ConfigError('--input is required (a ratings file or glob)')
     base = dict(latent_factors=5, num_iters=20, regularization=0.07, unobs_weight=0.01,
