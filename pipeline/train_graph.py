@@ -16,13 +16,15 @@ from apache_beam.pvalue import AsSingleton
 from pipeline.block_store import BlockRef
 from pipeline.blocks import BlockConfig, BuildBlocks
 from pipeline.combine import InBlockOrder
-from pipeline.evaluate import Evaluate
+from pipeline.evaluate import EvalConfig, Evaluate
 from pipeline.factors import Alternate, Factors, factors_from_matrix
 from pipeline.options import TrainConfig
 from pipeline.read import ReadConfig, ReadRatings
+from pipeline.rating_stats import SummarizeTraining
 from pipeline.read_summary import ReadSummary, SummarizeReads, check_reads, number_bad_lines
 from pipeline.vocabulary import UniqueIds
 from pipeline.write_model import WriteModel
+from wals_core import objectives
 from wals_core.init import initial_factors
 from wals_core.vocab import Vocabulary
 
@@ -34,17 +36,21 @@ class TrainedModel(NamedTuple):
     NamedTuple, so that Beam records each as a named output of TrainWals."""
     users: beam.PCollection        # Vocabulary
     items: beam.PCollection        # Vocabulary
-    row_factors: beam.PCollection  # Factors
-    col_factors: beam.PCollection  # Factors
-    stats: beam.PCollection        # BlockStats
+    row_factors: beam.PCollection  # Factors (explicit: bias as the last column)
+    col_factors: beam.PCollection  # Factors (explicit: bias as the last column)
+    evaluation: beam.PCollection   # Evaluation (RMSE sums, ranking sums, counts)
     reads: beam.PCollection        # ReadSummary (checked)
+    test_reads: beam.PCollection   # ReadSummary of --test_input (checked), or None
+    ratings: beam.PCollection      # RatingStats of the training ratings
+    cold_start: beam.PCollection   # int: --test_input pairs with an unknown user or item
     bad_lines: beam.PCollection    # JSON text per bad line, several
     timings: beam.PCollection      # (name, wall clock) events, several
 
 
 class TrainWals(beam.PTransform):
-    """PBegin -> TrainedModel: reads the ratings, builds vocabularies and blocks,
-    runs num_iters alternating solves and evaluates train/test RMSE."""
+    """PBegin -> TrainedModel: reads the ratings (and --test_input), builds
+    vocabularies and blocks, runs num_iters alternating solves of the --model
+    objective and evaluates train/test RMSE and the ranking metrics."""
 
     def __init__(self, config: TrainConfig, work_dir: str | None = None):
         super().__init__()
@@ -56,33 +62,62 @@ class TrainWals(beam.PTransform):
     def expand(self, pbegin) -> TrainedModel:
         cfg = self._config
         p = cfg.params
-        chunks = pbegin | 'Read' >> ReadRatings(ReadConfig(cfg.input, cfg.delimiter,
-                                                           cfg.headers, cfg.data_type))
-        reads = (chunks | 'SummarizeReads' >> beam.CombineGlobally(SummarizeReads())
-                 | 'CheckReads' >> beam.Map(check_reads, cfg.input, cfg.max_bad_fraction))
-        bad_lines = chunks | 'NumberBadLines' >> beam.FlatMap(number_bad_lines,
-                                                               AsSingleton(reads))
+        chunks, reads, bad_lines = pbegin | 'Read' >> _ReadChecked(cfg, cfg.input)
         users = (chunks | 'UserIds' >> beam.CombineGlobally(UniqueIds('user_ids'))
                  | 'CountUsers' >> beam.Map(_count_vocab, 'users', AsSingleton(reads)))
         items = (chunks | 'ItemIds' >> beam.CombineGlobally(UniqueIds('item_ids'))
                  | 'CountItems' >> beam.Map(_count_vocab, 'items', AsSingleton(reads)))
+        test_chunks = test_reads = None
+        if cfg.test_input:
+            test_chunks, test_reads, test_bad = pbegin | 'ReadTest' >> _ReadChecked(
+                cfg, cfg.test_input)
+            bad_lines = (bad_lines, test_bad) | 'AllBadLines' >> beam.Flatten()
+        else:
+            test_reads = pbegin | 'NoTestInput' >> beam.Create([None])
         block_cfg = BlockConfig(cfg.block_size, cfg.test_fraction, cfg.split_seed,
-                                'sum' if cfg.data_type == 'web_views' else 'mean')
-        row_blocks, col_blocks = chunks | 'Blocks' >> BuildBlocks(block_cfg, users, items,
-                                                                f'{self._work_dir}/blocks')
+                                'sum' if cfg.data_type == 'web_views' else 'mean',
+                                holdout=bool(cfg.test_input))
+        build = BuildBlocks(block_cfg, users, items, f'{self._work_dir}/blocks', test_chunks)
+        row_blocks, col_blocks = chunks | 'Blocks' >> build
+        cold_start = (build.cold_start if build.cold_start is not None
+                      else pbegin | 'NoColdStart' >> beam.Create([]))
+        cold_start = cold_start | 'CountColdStart' >> beam.CombineGlobally(sum)
         col_counts = col_blocks | 'ColCounts' >> beam.CombineGlobally(_AssembleCounts())
+        ratings = row_blocks | 'TrainingRatings' >> beam.CombineGlobally(SummarizeTraining())
 
         def init(vocab: Vocabulary, side: str) -> Factors:
-            return factors_from_matrix(initial_factors(vocab.hashes, p.latent_factors,
-                                                       cfg.seed, side))
+            return factors_from_matrix(objectives.initial_matrix(
+                initial_factors(vocab.hashes, p.latent_factors, cfg.seed, side), p))
         v = items | 'InitCols' >> beam.Map(init, 'col')
         u = users | 'InitRows' >> beam.Map(init, 'row')
-        history = (row_blocks, col_blocks) | 'Alternate' >> Alternate(p, v, col_counts)
+        history = (row_blocks, col_blocks) | 'Alternate' >> Alternate(p, v, col_counts, ratings)
         if history:
             u, v = history[-1]
-        stats = row_blocks | 'Evaluate' >> Evaluate(u, v, col_counts)
+        eval_cfg = EvalConfig(p, cfg.rank_k, cfg.relevance_threshold,
+                              implicit_data=cfg.data_type == 'web_views')
+        evaluation = row_blocks | 'Evaluate' >> Evaluate(u, v, col_counts, ratings, eval_cfg)
         timings = _timings(reads, col_blocks, history)
-        return TrainedModel(users, items, u, v, stats, reads, bad_lines, timings)
+        return TrainedModel(users, items, u, v, evaluation, reads, test_reads, ratings,
+                            cold_start, bad_lines, timings)
+
+
+class _ReadChecked(beam.PTransform):
+    """PBegin -> (ParsedChunks, singleton checked ReadSummary, bad-line JSON texts) of
+    one input pattern: too many bad lines, or none kept, fail the run."""
+
+    def __init__(self, cfg: TrainConfig, pattern: str):
+        super().__init__()
+        self._cfg, self._pattern = cfg, pattern
+
+    def expand(self, pbegin):
+        cfg = self._cfg
+        chunks = pbegin | 'Read' >> ReadRatings(ReadConfig(self._pattern, cfg.delimiter,
+                                                           cfg.headers, cfg.data_type))
+        reads = (chunks | 'SummarizeReads' >> beam.CombineGlobally(SummarizeReads())
+                 | 'CheckReads' >> beam.Map(check_reads, self._pattern, cfg.max_bad_fraction))
+        bad_lines = chunks | 'NumberBadLines' >> beam.FlatMap(number_bad_lines,
+                                                               AsSingleton(reads))
+        return chunks, reads, bad_lines
 
 
 def build_pipeline(pipeline: beam.Pipeline, config: TrainConfig, staging: str) -> str:

@@ -14,11 +14,13 @@ from apache_beam.pvalue import AsList, AsSingleton
 
 from pipeline.errors import NumericalError
 from pipeline.options import TrainConfig
+from wals_core import objectives
 
 if TYPE_CHECKING:
     from pipeline.train_graph import TrainedModel
 
 MODEL_FILES = ('user.npy', 'item.npy', 'row.npy', 'col.npy')
+BIAS_FILES = ('row_bias.npy', 'col_bias.npy', 'global_mean.npy')   # explicit only
 
 
 def save_npy(path: str, array: np.ndarray) -> None:
@@ -67,30 +69,49 @@ class _WriteOutputs(beam.DoFn):
         self._config = config
         self._dest = dest.rstrip('/')
 
-    def process(self, _, users, items, u, v, stats, reads, events):
-        metrics = stats.summary()
+    def process(self, _, users, items, u, v, evaluation, reads, test_reads, ratings,
+                cold_start, events):
+        p = self._config.params
+        metrics = evaluation.summary()
         for name in ('train_rmse', 'test_rmse'):
             if metrics[name] is not None and not np.isfinite(metrics[name]):
                 raise NumericalError(f'{name} is {metrics[name]}: training diverged')
+        metrics['test_cold_start_ratings'] += cold_start
         out = self._dest
+        row, row_bias = objectives.split_bias(u.matrix, p)
+        col, col_bias = objectives.split_bias(v.matrix, p)
         save_npy(f'{out}/model/user.npy', users.ids)
         save_npy(f'{out}/model/item.npy', items.ids)
-        save_npy(f'{out}/model/row.npy', u.matrix)
-        save_npy(f'{out}/model/col.npy', v.matrix)
+        save_npy(f'{out}/model/row.npy', row)
+        save_npy(f'{out}/model/col.npy', col)
+        if row_bias is not None:
+            # explicit: prediction = global_mean + row_bias[i] + col_bias[j] + row[i]·col[j]
+            save_npy(f'{out}/model/row_bias.npy', row_bias)
+            save_npy(f'{out}/model/col_bias.npy', col_bias)
+            save_npy(f'{out}/model/global_mean.npy', np.float64(ratings.mean))
         metrics.update({
+            'model': p.model,
             'users': len(users), 'items': len(items),
             'lines': reads.line_report(),
             'bad_line_examples': [reads.describe_bad(b) for b in reads.bad_examples],
             'parameters': self._config.describe(),
             'phase_seconds': phase_seconds(events, time.time()),
         })
+        if p.model == 'explicit':
+            metrics['global_mean'] = ratings.mean
+            metrics['rmse_clipped_to'] = list(ratings.range) if ratings.range else None
+        if test_reads is not None:
+            metrics['test_lines'] = test_reads.line_report()
+            metrics['bad_line_examples'] += [test_reads.describe_bad(b)
+                                             for b in test_reads.bad_examples]
         save_json(f'{out}/metrics.json', metrics)
         yield metrics
 
 
 class WriteModel(beam.PTransform):
     """TrainedModel -> singleton metrics dict. Writes the model under `dest`:
-    model/{user,item,row,col}.npy, metrics.json and errors/bad_lines-*.jsonl.
+    model/{user,item,row,col}.npy (explicit also row_bias, col_bias, global_mean),
+    metrics.json and errors/bad_lines-*.jsonl.
     Apply it to TrainWals' output: `model | WriteModel(config, dest)`."""
 
     def __init__(self, config: TrainConfig, dest: str):
@@ -105,5 +126,7 @@ class WriteModel(beam.PTransform):
                 | 'Write' >> beam.ParDo(
                     _WriteOutputs(self._config, self._dest), AsSingleton(model.users),
                     AsSingleton(model.items), AsSingleton(model.row_factors),
-                    AsSingleton(model.col_factors), AsSingleton(model.stats),
-                    AsSingleton(model.reads), AsList(model.timings)))
+                    AsSingleton(model.col_factors), AsSingleton(model.evaluation),
+                    AsSingleton(model.reads), AsSingleton(model.test_reads),
+                    AsSingleton(model.ratings), AsSingleton(model.cold_start),
+                    AsList(model.timings)))
