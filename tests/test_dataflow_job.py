@@ -242,8 +242,9 @@ def test_template_job_description(emulator, tmp_path, monkeypatch, capsys):
         assert options['staging_location'].startswith(f'gs://{BUCKET}/staging/')
         assert pool['machineType'] == dataflow.DEFAULT_MACHINE_TYPE
         assert pool['autoscalingSettings']['maxNumWorkers'] == 1     # a tiny input
-        # Side inputs: each half-step's solve gets the other side's factors and the
-        # column counts; the evaluation and the writer get theirs too.
+        # Side inputs: each half-step's solve gets the other side's factors, the
+        # column counts and the training-rating summary (the explicit mode's mean);
+        # the evaluation and the writer get theirs too.
         _, pipeline = _staged_pipeline(job)
         side = {}
         for t in pipeline.components.transforms.values():
@@ -252,9 +253,9 @@ def test_template_job_description(emulator, tmp_path, monkeypatch, capsys):
                 if payload.side_inputs:
                     side[t.unique_name] = len(payload.side_inputs)
         solves = {k: v for k, v in side.items() if k.endswith('/Solve')}
-        assert len(solves) == 2 * n and set(solves.values()) == {2}
-        assert any(k.endswith('Evaluate/BlockErrors') and v == 3 for k, v in side.items())
-        assert any(k.endswith('WriteModel/Write') and v == 7 for k, v in side.items())
+        assert len(solves) == 2 * n and set(solves.values()) == {3}
+        assert any(k.endswith('Evaluate/BlockErrors') and v == 4 for k, v in side.items())
+        assert any(k.endswith('WriteModel/Write') and v == 10 for k, v in side.items())
 
     assert 'upload_graph' not in one['environment']['experiments']
     assert 'stepsLocation' not in one
