@@ -45,6 +45,7 @@ class TrainedModel(NamedTuple):
     cold_start: beam.PCollection   # int: --test_input pairs with an unknown user or item
     bad_lines: beam.PCollection    # JSON text per bad line, several
     timings: beam.PCollection      # (name, wall clock) events, several
+    row_blocks: beam.PCollection   # BlockRef per row block, several (seen items)
 
 
 class TrainWals(beam.PTransform):
@@ -98,7 +99,7 @@ class TrainWals(beam.PTransform):
         evaluation = row_blocks | 'Evaluate' >> Evaluate(u, v, col_counts, ratings, eval_cfg)
         timings = _timings(reads, col_blocks, history)
         return TrainedModel(users, items, u, v, evaluation, reads, test_reads, ratings,
-                            cold_start, bad_lines, timings)
+                            cold_start, bad_lines, timings, row_blocks)
 
 
 class _ReadChecked(beam.PTransform):

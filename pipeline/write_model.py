@@ -64,6 +64,38 @@ def phase_seconds(events: list[tuple[str, float]], now: float) -> dict:
             for k, v in out.items()}
 
 
+SEEN_FOLDER = 'model/seen'   # part-NNNNN.npz per row block: the items each user rated
+
+
+def seen_items(block, include_test: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """(indptr int64, item indices int32 sorted per user) of the pairs the block's
+    users rated in --input: training pairs and, with include_test, the hashed test
+    pairs (a --test_input file is not part of what the model has seen)."""
+    t = block.train
+    rows, cols = t.row_of_entry(), t.indices.astype(np.int64)
+    if include_test:
+        rows = np.concatenate([rows, block.test_rows.astype(np.int64)])
+        cols = np.concatenate([cols, block.test_cols.astype(np.int64)])
+    order = np.lexsort((cols, rows))
+    indptr = np.zeros(block.num_rows + 1, np.int64)
+    np.cumsum(np.bincount(rows, minlength=block.num_rows), out=indptr[1:])
+    return indptr, cols[order].astype(np.int32)
+
+
+def _write_seen(ref, dest: str, include_test: bool) -> str:
+    """Saves one row block's seen items as SEEN_FOLDER/part-<block id>.npz (start,
+    indptr, indices: 4 bytes per rating and 8 per user, uncompressed)."""
+    block = ref.load()
+    indptr, indices = seen_items(block, include_test)
+    buf = io.BytesIO()
+    np.savez(buf, start=np.int64(block.start), total_rows=np.int64(block.total_rows),
+             indptr=indptr, indices=indices)
+    path = f'{dest}/{SEEN_FOLDER}/part-{block.block_id:05d}.npz'
+    with FileSystems.create(path) as f:
+        f.write(buf.getvalue())
+    return path
+
+
 class _WriteOutputs(beam.DoFn):
     def __init__(self, config: TrainConfig, dest: str):
         self._config = config
@@ -111,7 +143,8 @@ class _WriteOutputs(beam.DoFn):
 class WriteModel(beam.PTransform):
     """TrainedModel -> singleton metrics dict. Writes the model under `dest`:
     model/{user,item,row,col}.npy (explicit also row_bias, col_bias, global_mean),
-    metrics.json and errors/bad_lines-*.jsonl.
+    model/seen/part-*.npz (the items each user rated), metrics.json and
+    errors/bad_lines-*.jsonl.
     Apply it to TrainWals' output: `model | WriteModel(config, dest)`."""
 
     def __init__(self, config: TrainConfig, dest: str):
@@ -122,6 +155,8 @@ class WriteModel(beam.PTransform):
     def expand(self, model: TrainedModel) -> beam.PCollection:
         _ = model.bad_lines | 'WriteBadLines' >> beam.io.WriteToText(
             f'{self._dest}/errors/bad_lines', file_name_suffix='.jsonl')
+        _ = model.row_blocks | 'WriteSeen' >> beam.Map(
+            _write_seen, self._dest, not self._config.test_input)
         return (model.users.pipeline | 'Once' >> beam.Create([None])
                 | 'Write' >> beam.ParDo(
                     _WriteOutputs(self._config, self._dest), AsSingleton(model.users),

@@ -85,8 +85,10 @@ def test_mode_runs_are_byte_identical_across_direct_runner_modes(small_ratings, 
     args = ['--model', mode, '--num_iters', '3', '--block_size', '16', '--latent_factors', '4']
     a = run_pipeline(small_ratings, tmp_path / 'a', *args)
     c = run_pipeline(small_ratings, tmp_path / 'c', *args, beam_args=MULTI)
-    files = sorted(p.name for p in (tmp_path / 'a' / 'model').iterdir())
-    assert len(files) == (7 if mode == 'explicit' else 4)
+    model = tmp_path / 'a' / 'model'
+    files = sorted(str(p.relative_to(model)) for p in model.rglob('*') if p.is_file())
+    assert len([f for f in files if f.endswith('.npy')]) == (7 if mode == 'explicit' else 4)
+    assert len([f for f in files if f.startswith('seen/')]) == 8     # 120 users / 16
     for name in files:
         assert (tmp_path / 'a' / 'model' / name).read_bytes() == \
             (tmp_path / 'c' / 'model' / name).read_bytes(), name
@@ -162,3 +164,19 @@ def test_manifest_records_the_mode_and_every_parameter(small_ratings, tmp_path):
     assert (params['model'], params['alpha'], params['confidence'], params['latent_factors']) \
         == ('implicit', 4.0, 'linear', 3)
     assert params == load_metrics(tmp_path / 'out')['parameters']
+
+
+def test_seen_items_are_every_rated_pair_of_the_input(small_ratings, tmp_path):
+    run_pipeline(small_ratings, tmp_path / 'out', '--num_iters', '0', '--block_size', '50')
+    model = load_model(tmp_path / 'out')
+    data = np.loadtxt(small_ratings, dtype=np.int64)
+    seen = set()
+    for part in sorted((tmp_path / 'out' / 'model' / 'seen').glob('part-*.npz')):
+        with np.load(part) as z:
+            assert z['indices'].dtype == np.int32
+            for row in range(len(z['indptr']) - 1):
+                items = z['indices'][z['indptr'][row]:z['indptr'][row + 1]]
+                assert np.all(np.diff(items) > 0)
+                seen |= {(int(model['user'][int(z['start']) + row]), int(model['item'][i]))
+                         for i in items}
+    assert seen == {(int(u), int(i)) for u, i in data[:, :2]}
