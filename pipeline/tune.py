@@ -208,6 +208,8 @@ def run_batch(trials: list[dict], data_path: str, settings: TrialSettings, folde
 
 
 def _distributions(space: dict[str, Range]):
+    # optuna (the `tune` extra) is imported only in the launcher's functions: workers
+    # import this module for the trial steps and do not have it.
     import optuna
     return {name: (optuna.distributions.IntDistribution(int(r.low), int(r.high), log=True)
                    if r.integer else
