@@ -16,10 +16,9 @@ import numpy as np
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.pvalue import AsSingleton
 
-# The trainer's read check (same bad-line rule and message).
-from pipeline.model import _SummarizeReads, check_reads
 from pipeline.parse import ParsedChunk
 from pipeline.read import ReadConfig, ReadRatings
+from pipeline.read_summary import SummarizeReads, check_reads   # the trainer's check
 from wals_core.hashing import id_hashes, is_test, mix64
 from wals_core.sparse import merge_duplicates
 from wals_core.vocab import finalize_ids, lookup
@@ -223,7 +222,7 @@ class PrepareTuning(beam.PTransform):
         cfg = self._config
         chunks = pbegin | 'Read' >> ReadRatings(ReadConfig(cfg.input, cfg.delimiter,
                                                            cfg.headers, cfg.data_type))
-        reads = (chunks | 'SummarizeReads' >> beam.CombineGlobally(_SummarizeReads())
+        reads = (chunks | 'SummarizeReads' >> beam.CombineGlobally(SummarizeReads())
                  | 'CheckReads' >> beam.Map(check_reads, cfg.input, cfg.max_bad_fraction))
         if cfg.sample_users:
             distinct = chunks | 'Users' >> beam.CombineGlobally(_DistinctUsers())
