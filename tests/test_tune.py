@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import pathlib
 import shlex
 
@@ -11,7 +12,7 @@ import apache_beam as beam
 import numpy as np
 import pandas as pd
 import pytest
-from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions
 
 from pipeline import tune
 from pipeline.synth import main as synth_main
@@ -41,8 +42,9 @@ def read_file(path) -> pd.DataFrame:
                        dtype={'user': str, 'item': str})
 
 
-def run_tune(input_path, output, *args: str) -> dict:
-    code = tune.main(['--input', str(input_path), '--output', str(output), *args, *IN_MEMORY])
+def run_tune(input_path, output, *args: str, beam_args=IN_MEMORY) -> dict:
+    code = tune.main(['--input', str(input_path), '--output', str(output), *args,
+                      *beam_args])
     assert code == 0
     return json.loads((pathlib.Path(output) / 'best.json').read_text())
 
@@ -109,6 +111,20 @@ def test_same_seed_same_trials_other_seed_other_trials(synth, tmp_path):
                                             'unobs_weight', 'feature_wt_factor']
     pd.testing.assert_frame_equal(tables[0], tables[1])
     assert not tables[0].iloc[1:].equals(tables[2].iloc[1:])
+
+
+def test_default_runner_runs_trials_in_threads_with_the_same_results(explicit_run, synth,
+                                                                    tmp_path):
+    direct = tune.beam_options([], 4).view_as(DirectOptions)
+    assert (direct.direct_running_mode, direct.direct_num_workers) == \
+        ('multi_threading', min(4, os.cpu_count()))
+    assert tune.beam_options([], 1).view_as(DirectOptions).direct_running_mode == 'in_memory'
+    assert tune.beam_options(IN_MEMORY, 4).view_as(DirectOptions).direct_num_workers == 1
+    out, _ = explicit_run
+    run_tune(synth, tmp_path / 'threads', '--model', 'explicit', '--metric', 'rmse',
+             '--trials', '4', '--parallel', '2', '--search_seed', '1', beam_args=())
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / 'threads' / 'trials.csv').drop(columns='seconds'),
+                                  pd.read_csv(out / 'trials.csv').drop(columns='seconds'))
 
 
 def prepare(input_path, folder: pathlib.Path, **kw):
