@@ -302,8 +302,9 @@ def run(config: TuneConfig, beam_args: list[str]) -> dict:
         summary = {
             'model': s.model, 'metric': name, 'value': best['value'],
             'trial': best['number'], 'params': best['params'],
-            'fixed': {'num_iters': s.num_iters, 'seed': s.seed, 'wt_type': s.wt_type,
-                      'confidence': s.confidence},
+            'fixed': {'num_iters': s.num_iters, 'seed': s.seed,
+                      **({'wt_type': s.wt_type} if s.model == 'wals' else {}),
+                      **({'confidence': s.confidence} if s.model == 'implicit' else {})},
             'command': train_command(config, best['params']),
             'trials': config.trials, 'search_seed': config.search_seed,
             'data': counts,
