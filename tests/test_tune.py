@@ -2,11 +2,14 @@
 scoring against independent computations."""
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
 import pathlib
 import shlex
+import subprocess
+import sys
 
 import apache_beam as beam
 import numpy as np
@@ -268,3 +271,36 @@ def test_validation_ndcg_matches_a_naive_loop(prepared, model):
                           data.val_values.tolist()), threshold)
     assert got == pytest.approx(want, rel=1e-12)
     assert 0 < got < 1
+
+
+def test_reads_and_writes_gcs(explicit_run, synth, tmp_path):
+    """Input and outputs on gs:// (a local Cloud Storage server): the same trials as
+    the local run, and no work files left in the bucket."""
+    from tests.conftest import ROOT
+    from tests.gcs_support import gcs_emulator
+    bucket = 'wals-tune-test'
+    (tmp_path / 'gcs').mkdir()
+    with gcs_emulator(tmp_path / 'gcs', bucket) as emu:
+        env = dict(os.environ, PYTHONPATH=str(ROOT), **emu.env())
+        put = (f'from apache_beam.io.filesystems import FileSystems as F\n'
+               f'with F.create("gs://{bucket}/in/ratings.tsv") as f:\n'
+               f'    f.write(open({str(synth)!r}, "rb").read())\n')
+        subprocess.run([sys.executable, '-c', put], env=env, check=True, cwd=ROOT)
+        out = f'gs://{bucket}/tuning'
+        proc = subprocess.run(
+            [sys.executable, '-m', 'pipeline.tune', '--input', f'gs://{bucket}/in/*.tsv',
+             '--output', out, '--model', 'explicit', '--metric', 'rmse', '--trials', '4',
+             '--parallel', '2', '--search_seed', '1', *IN_MEMORY],
+            env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert 'trial 4/4' in proc.stderr
+        assert sorted(emu.list_objects(bucket, 'tuning/')) == ['tuning/best.json',
+                                                              'tuning/trials.csv']
+        get = (f'from apache_beam.io.filesystems import FileSystems as F\n'
+               f'import sys\n'
+               f'sys.stdout.write(F.open("{out}/trials.csv").read().decode())\n')
+        table = subprocess.run([sys.executable, '-c', get], env=env, cwd=ROOT, check=True,
+                               capture_output=True, text=True).stdout
+    local, _ = explicit_run
+    pd.testing.assert_frame_equal(pd.read_csv(io.StringIO(table)).drop(columns='seconds'),
+                                  pd.read_csv(local / 'trials.csv').drop(columns='seconds'))
