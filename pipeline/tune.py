@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import io
 import json
 import logging
 import os
@@ -52,10 +51,12 @@ releases the GIL; in_memory when --parallel is 1)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog='python -m pipeline.tune', description=__doc__.split('\n\n')[1],
-                                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog='python -m pipeline.tune',
+                                description=__doc__.split('\n\n')[1], epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     data = p.add_argument_group('data (as python -m pipeline.train)')
-    data.add_argument('--input', required=True, help='Ratings file(s): a path or glob, local or gs://.')
+    data.add_argument('--input', required=True,
+                      help='Ratings file(s): a path or glob, local or gs://.')
     data.add_argument('--output', required=True,
                       help='Folder (local or gs://) for trials.csv and best.json.')
     data.add_argument('--data_type', '--data-type', dest='data_type', default='ratings',
@@ -68,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument('--max_bad_fraction', '--max-bad-fraction', dest='max_bad_fraction',
                       type=float, default=0.001)
     data.add_argument('--test_fraction', '--test-fraction', dest='test_fraction', type=float,
-                      default=0.1, help='The trainer\'s test split (never used here). Default: 0.1.')
+                      default=0.1,
+                      help='The trainer\'s test split (never used here). Default: 0.1.')
     data.add_argument('--split_seed', '--split-seed', dest='split_seed', type=int, default=0)
     data.add_argument('--seed', type=int, default=0, help='Seed of the initial factors.')
     data.add_argument('--validation_fraction', type=float, default=0.1,

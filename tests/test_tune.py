@@ -82,6 +82,16 @@ def test_four_trials_table_and_best(explicit_run):
     assert not (out / tune.WORK).exists()
 
 
+def test_an_earlier_search_is_kept_without_overwrite(explicit_run, synth, capsys):
+    out, _ = explicit_run
+    before = (out / 'trials.csv').read_bytes()
+    with pytest.raises(SystemExit) as exc:
+        tune.main(['--input', str(synth), '--output', str(out), '--model', 'explicit',
+                   '--trials', '1', *IN_MEMORY])
+    assert exc.value.code == 2 and '--overwrite' in capsys.readouterr().err
+    assert (out / 'trials.csv').read_bytes() == before
+
+
 def test_best_command_parses_with_the_trainer_parser(explicit_run, synth):
     _, best = explicit_run
     argv = shlex.split(best['command'])
@@ -126,13 +136,14 @@ def test_default_runner_runs_trials_in_threads_with_the_same_results(explicit_ru
     out, _ = explicit_run
     run_tune(synth, tmp_path / 'threads', '--model', 'explicit', '--metric', 'rmse',
              '--trials', '4', '--parallel', '2', '--search_seed', '1', beam_args=())
-    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / 'threads' / 'trials.csv').drop(columns='seconds'),
+    threads = pd.read_csv(tmp_path / 'threads' / 'trials.csv')
+    pd.testing.assert_frame_equal(threads.drop(columns='seconds'),
                                   pd.read_csv(out / 'trials.csv').drop(columns='seconds'))
 
 
 def prepare(input_path, folder: pathlib.Path, **kw):
-    config = DataConfig(str(input_path), '\t', False, 'ratings', 0.001, kw.pop('test_fraction', 0.1),
-                        kw.pop('split_seed', 0), **kw)
+    config = DataConfig(str(input_path), '\t', False, 'ratings', 0.001,
+                        kw.pop('test_fraction', 0.1), kw.pop('split_seed', 0), **kw)
     path = str(folder / 'data.npz')
     with beam.Pipeline(options=PipelineOptions(IN_MEMORY)) as p:
         _ = p | PrepareTuning(config, path)
@@ -159,7 +170,8 @@ def test_validation_is_carved_from_training_pairs_never_test(synth, tmp_path):
     assert data.test_pairs == len(test_pairs)
     # The values are the file's.
     by_pair = dict(zip(zip(ratings['user'], ratings['item']), ratings['rating']))
-    users, items = data.user_ids[data.val_rows].astype(str), data.item_ids[data.val_cols].astype(str)
+    users = data.user_ids[data.val_rows].astype(str)
+    items = data.item_ids[data.val_cols].astype(str)
     assert [by_pair[(u, i)] for u, i in zip(users, items)] == data.val_values.tolist()
 
 
