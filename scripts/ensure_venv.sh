@@ -12,7 +12,7 @@ if [[ ! -x "$_venv/bin/python" ]] || [[ "$(cat "$_stamp" 2>/dev/null)" != "$_wan
   "${PYTHON:-python3}" -m venv "$_venv"
   # pip's chatter goes to a log; it is shown only if the install fails.
   if ! { "$_venv/bin/python" -m pip install --upgrade pip &&
-         "$_venv/bin/python" -m pip install -e "$_root[local,test]"; } > "$_venv/pip.log" 2>&1; then
+         "$_venv/bin/python" -m pip install -e "$_root[local,test,tune]"; } > "$_venv/pip.log" 2>&1; then
     grep -v 'is ignored: it is neither' "$_venv/pip.log" | tail -40 >&2
     echo "pip install failed; full log: $_venv/pip.log" >&2
     exit 1
