@@ -46,6 +46,7 @@ class TrainedModel(NamedTuple):
     bad_lines: beam.PCollection    # JSON text per bad line, several
     timings: beam.PCollection      # (name, wall clock) events, several
     row_blocks: beam.PCollection   # BlockRef per row block, several (seen items)
+    col_counts: beam.PCollection   # int64 array: training ratings per item
 
 
 class TrainWals(beam.PTransform):
@@ -99,7 +100,7 @@ class TrainWals(beam.PTransform):
         evaluation = row_blocks | 'Evaluate' >> Evaluate(u, v, col_counts, ratings, eval_cfg)
         timings = _timings(reads, col_blocks, history)
         return TrainedModel(users, items, u, v, evaluation, reads, test_reads, ratings,
-                            cold_start, bad_lines, timings, row_blocks)
+                            cold_start, bad_lines, timings, row_blocks, col_counts)
 
 
 class _ReadChecked(beam.PTransform):

@@ -102,7 +102,7 @@ class _WriteOutputs(beam.DoFn):
         self._dest = dest.rstrip('/')
 
     def process(self, _, users, items, u, v, evaluation, reads, test_reads, ratings,
-                cold_start, events):
+                cold_start, col_counts, events):
         p = self._config.params
         metrics = evaluation.summary()
         for name in ('train_rmse', 'test_rmse'):
@@ -116,6 +116,8 @@ class _WriteOutputs(beam.DoFn):
         save_npy(f'{out}/model/item.npy', items.ids)
         save_npy(f'{out}/model/row.npy', row)
         save_npy(f'{out}/model/col.npy', col)
+        # Training ratings per item: the wals weights C_j a fold-in needs.
+        save_npy(f'{out}/model/col_counts.npy', np.asarray(col_counts, np.int64))
         if row_bias is not None:
             # explicit: prediction = global_mean + row_bias[i] + col_bias[j] + row[i]·col[j]
             save_npy(f'{out}/model/row_bias.npy', row_bias)
@@ -142,7 +144,8 @@ class _WriteOutputs(beam.DoFn):
 
 class WriteModel(beam.PTransform):
     """TrainedModel -> singleton metrics dict. Writes the model under `dest`:
-    model/{user,item,row,col}.npy (explicit also row_bias, col_bias, global_mean),
+    model/{user,item,row,col,col_counts}.npy (explicit also row_bias, col_bias,
+    global_mean),
     model/seen/part-*.npz (the items each user rated), metrics.json and
     errors/bad_lines-*.jsonl.
     Apply it to TrainWals' output: `model | WriteModel(config, dest)`."""
@@ -164,4 +167,4 @@ class WriteModel(beam.PTransform):
                     AsSingleton(model.col_factors), AsSingleton(model.evaluation),
                     AsSingleton(model.reads), AsSingleton(model.test_reads),
                     AsSingleton(model.ratings), AsSingleton(model.cold_start),
-                    AsList(model.timings)))
+                    AsSingleton(model.col_counts), AsList(model.timings)))

@@ -87,7 +87,7 @@ def test_mode_runs_are_byte_identical_across_direct_runner_modes(small_ratings, 
     c = run_pipeline(small_ratings, tmp_path / 'c', *args, beam_args=MULTI)
     model = tmp_path / 'a' / 'model'
     files = sorted(str(p.relative_to(model)) for p in model.rglob('*') if p.is_file())
-    assert len([f for f in files if f.endswith('.npy')]) == (7 if mode == 'explicit' else 4)
+    assert len([f for f in files if f.endswith('.npy')]) == (8 if mode == 'explicit' else 5)
     assert len([f for f in files if f.startswith('seen/')]) == 8     # 120 users / 16
     for name in files:
         assert (tmp_path / 'a' / 'model' / name).read_bytes() == \

@@ -1,0 +1,100 @@
+"""Reading a published model folder back, verified against its _SUCCESS manifest.
+
+Used by everything that consumes a model (recommendations, export, warm starts):
+a folder without `_SUCCESS`, or with a file that does not match its checksum, is
+refused with UntrustedModel. Works on any Beam filesystem (local, gs://); arrays
+are loaded with allow_pickle=False, so nothing read can execute code.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+
+import numpy as np
+from apache_beam.io.filesystems import FileSystems
+
+from pipeline.publish import SUCCESS, UntrustedModel, read_manifest
+from wals_core.params import WalsParams
+
+SEEN_PREFIX = 'model/seen/'
+
+
+@dataclasses.dataclass
+class ModelFiles:
+    """A verified model: IDs, factors (k columns), biases (explicit), parameters."""
+    path: str
+    manifest: dict
+    params: WalsParams
+    users: np.ndarray            # user ID of row i
+    items: np.ndarray            # item ID of column j
+    row: np.ndarray              # users × k float32
+    col: np.ndarray              # items × k float32
+    col_counts: np.ndarray = None  # training ratings per item (int64)
+    row_bias: np.ndarray | None = None    # explicit only
+    col_bias: np.ndarray | None = None
+    global_mean: float = 0.0
+
+    @property
+    def seen_parts(self) -> list[str]:
+        """Paths of the model/seen/part-*.npz files (block order)."""
+        return [f'{self.path}/{f}' for f in sorted(self.manifest['files'])
+                if f.startswith(SEEN_PREFIX)]
+
+    def load_seen(self) -> tuple[np.ndarray, np.ndarray]:
+        """(indptr over all users, item indices int32) of the items each user rated,
+        verified against the manifest."""
+        n = len(self.users)
+        counts = np.zeros(n, np.int64)
+        pieces = []
+        for path in self.seen_parts:
+            with np.load(io.BytesIO(read_verified(self.path, self.manifest,
+                                                  path[len(self.path) + 1:])),
+                         allow_pickle=False) as z:
+                start, indptr, indices = int(z['start']), z['indptr'], z['indices']
+            counts[start:start + len(indptr) - 1] = np.diff(indptr)
+            pieces.append((start, indices))
+        indptr = np.zeros(n + 1, np.int64)
+        np.cumsum(counts, out=indptr[1:])
+        indices = np.concatenate([p[1] for p in sorted(pieces, key=lambda p: p[0])]) \
+            if pieces else np.zeros(0, np.int32)
+        return indptr, indices.astype(np.int32, copy=False)
+
+
+def read_verified(root: str, manifest: dict, rel: str) -> bytes:
+    """The bytes of root/rel after checking them against the manifest."""
+    want = manifest.get('files', {}).get(rel)
+    if want is None:
+        raise UntrustedModel(f'{root}/{rel} is not listed in its {SUCCESS} manifest')
+    with FileSystems.open(f'{root}/{rel}') as f:
+        data = f.read()
+    if len(data) != want['bytes'] or hashlib.sha256(data).hexdigest() != want['sha256']:
+        raise UntrustedModel(f'{root}/{rel} does not match its {SUCCESS} checksum: the '
+                             'model folder changed after it was published')
+    return data
+
+
+def _npy(root: str, manifest: dict, name: str) -> np.ndarray:
+    return np.load(io.BytesIO(read_verified(root, manifest, f'model/{name}.npy')),
+                   allow_pickle=False)
+
+
+def params_from_manifest(manifest: dict) -> WalsParams:
+    """The WalsParams a model was trained with (its manifest's parameters)."""
+    fields = {f.name for f in dataclasses.fields(WalsParams)}
+    return WalsParams(**{k: v for k, v in manifest['parameters'].items() if k in fields})
+
+
+def load_model_files(path: str) -> ModelFiles:
+    """The model published at `path` (local or gs://), every file verified."""
+    root = path.rstrip('/')
+    manifest = read_manifest(root)
+    params = params_from_manifest(manifest)
+    out = ModelFiles(root, manifest, params, _npy(root, manifest, 'user'),
+                     _npy(root, manifest, 'item'), _npy(root, manifest, 'row'),
+                     _npy(root, manifest, 'col'), _npy(root, manifest, 'col_counts'))
+    if params.model == 'explicit':
+        out.row_bias = _npy(root, manifest, 'row_bias')
+        out.col_bias = _npy(root, manifest, 'col_bias')
+        out.global_mean = float(_npy(root, manifest, 'global_mean'))
+    return out
