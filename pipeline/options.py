@@ -152,6 +152,44 @@ class WalsOptions(PipelineOptions):
                                      'pair) for --model implicit and web_views, else the '
                                      'mean training rating (on 1-5 stars: 4 and 5 are '
                                      'relevant).')
+        rerun = parser.add_argument_group(
+            're-runs on new dumps (see README "Re-running on new dumps")')
+        rerun.add_argument('--model_root', '--model-root', dest='model_root', default=None,
+                           help='Versioned model root (local or gs://): the run publishes '
+                                'to ROOT/versions/<version>/ and, when the gate passes, '
+                                'points ROOT/LATEST at it. Instead of --output.')
+        rerun.add_argument('--previous_model', '--previous-model', dest='previous_model',
+                           default=None,
+                           help='A model folder, or a model root (its LATEST), to warm '
+                                'start from by ID and to compare with on the same test '
+                                'pairs. Default with --model_root: ROOT/LATEST, if any.')
+        rerun.add_argument('--no_warm_start', '--no-warm-start', dest='no_warm_start',
+                           action='store_true',
+                           help='With --model_root: do not warm start from LATEST (still '
+                                'compare with it for the gate).')
+        rerun.add_argument('--max_regression', '--max-regression', dest='max_regression',
+                           type=float, default=None,
+                           help='Promotion gate: when the new model is worse than the '
+                                'previous one by more than this (relative, e.g. 0.02 = 2%%) '
+                                'on the same test pairs, publish the version but leave '
+                                'LATEST, and exit with code 3. Default: no gate.')
+        rerun.add_argument('--gate_metric', '--gate-metric', dest='gate_metric',
+                           default=None, choices=('rmse', 'ndcg'),
+                           help='The gate\'s metric: test RMSE, or NDCG@rank_k. Default: '
+                                'rmse, ndcg for --model implicit.')
+        rerun.add_argument('--keep_versions', '--keep-versions', dest='keep_versions',
+                           type=int, default=None,
+                           help='After a promotion, delete the oldest versions beyond the '
+                                'newest N (never the one LATEST names). Default: keep all.')
+        rerun.add_argument('--tolerance', type=float, default=0.0,
+                           help='Stop early once the relative change of the training '
+                                'objective between iterations falls below this; the rest '
+                                'of the (unrolled) iterations pass the factors through. '
+                                'Default: 0 (run every iteration).')
+        rerun.add_argument('--eval_every', '--eval-every', dest='eval_every', type=int,
+                           default=0,
+                           help='Also record the test metrics every N iterations in the '
+                                'convergence history. Default: 0 (only at the end).')
         model.add_argument('--seed', type=int, default=0,
                            help='Seed of the initial factors (each ID gets the same '
                                 'vector on any runner). Default: 0.')
@@ -178,6 +216,14 @@ class TrainConfig:
     test_input: str | None = None
     rank_k: int = 10
     relevance_threshold: float | None = None   # None: by the data (EvalConfig.threshold)
+    model_root: str | None = None
+    previous_model: str | None = None   # a model folder or a root, as given
+    no_warm_start: bool = False
+    max_regression: float | None = None
+    gate_metric: str = 'rmse'
+    keep_versions: int | None = None
+    tolerance: float = 0.0
+    eval_every: int = 0
 
     def describe(self) -> dict:
         out = dataclasses.asdict(self)
@@ -251,11 +297,27 @@ def config_from_options(options: PipelineOptions) -> TrainConfig:
         (params.alpha >= 0, '--alpha must be 0 or more'),
         (params.epsilon > 0, '--epsilon must be more than 0'),
         (args.rank_k >= 0, '--rank_k must be 0 or more'),
+        (args.tolerance >= 0, '--tolerance must be 0 or more'),
+        (args.eval_every >= 0, '--eval_every must be 0 or more'),
+        (args.keep_versions is None or args.keep_versions >= 1,
+         '--keep_versions must be at least 1'),
+        (args.max_regression is None or args.max_regression >= 0,
+         '--max_regression must be 0 or more'),
+        (not (args.model_root and args.output), '--model_root and --output exclude each '
+         'other: a root publishes to ROOT/versions/<version>/'),
     ]
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
-    output = args.output or default_output()
+    gate_metric = args.gate_metric or ('ndcg' if args.model == 'implicit' else 'rmse')
+    if gate_metric == 'rmse' and args.model == 'implicit' and args.max_regression is not None:
+        raise ConfigError('--gate_metric rmse does not apply to --model implicit (no RMSE): '
+                          'use --gate_metric ndcg')
+    if gate_metric == 'ndcg' and args.rank_k < 1:
+        raise ConfigError('--gate_metric ndcg needs --rank_k 1 or more')
+    # With a model root, the version folder is chosen at run time (model_root.py);
+    # until then output names the root itself.
+    output = args.model_root or args.output or default_output()
     if output.rstrip('/') == args.input.rstrip('/'):
         raise ConfigError('--output must not be the input path')
     if args.test_input and output.rstrip('/') == args.test_input.rstrip('/'):
@@ -267,4 +329,8 @@ def config_from_options(options: PipelineOptions) -> TrainConfig:
                        seed=args.seed, block_size=args.block_size,
                        max_bad_fraction=args.max_bad_fraction,
                        test_input=args.test_input or None, rank_k=args.rank_k,
-                       relevance_threshold=args.relevance_threshold)
+                       relevance_threshold=args.relevance_threshold,
+                       model_root=args.model_root, previous_model=args.previous_model,
+                       no_warm_start=args.no_warm_start, max_regression=args.max_regression,
+                       gate_metric=gate_metric, keep_versions=args.keep_versions,
+                       tolerance=args.tolerance, eval_every=args.eval_every)
