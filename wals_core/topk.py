@@ -17,7 +17,9 @@ Contract (`top_k`)
   exclusions and the offsets; not on the other rows of the call, their order, or
   `num_threads`. Every matmul has the same shape (the last batch of rows is padded
   with zero rows to _BATCH_ROWS) and runs with BLAS on one thread, and every later
-  step is exact (comparisons, maxima, selections). Bit-identical across machines
+  step is exact (comparisons, maxima, selections). The padding matters: OpenBLAS's
+  sgemm (AVX-512 build) rounds the last, partial column tile differently for
+  different numbers of rows (tests/test_topk.py shows it). Bit-identical across machines
   only as far as their BLAS builds compute the same float32 dot products.
 
 How it is fast (the cost is the selection over n_queries × n_items scores, not the
