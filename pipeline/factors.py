@@ -57,7 +57,13 @@ class _SolveBlock(beam.DoFn):
         self._iteration = iteration
 
     def process(self, ref: BlockRef, other: Factors, col_counts: np.ndarray,
-                ratings: RatingStats):
+                ratings: RatingStats, own: Factors | None = None, state=None):
+        if state is not None and state.converged:
+            # --tolerance reached: pass this block's factors through, unsolved.
+            x = own.matrix[ref.start:ref.start + ref.num_rows]
+            yield FactorBlock(ref.block_id, ref.start, ref.total_rows, x, gramian(x),
+                              time.time(), 0.0)
+            return
         block = ref.load()
         started = time.perf_counter()
         factors, offsets = objectives.solve_inputs(other.matrix, self._params)
@@ -112,40 +118,55 @@ class HalfStep(beam.PTransform):
     """PCollection[BlockRef] of one side -> singleton PCollection[Factors] of it,
     solved against `other` (singleton Factors) with `col_counts` (singleton array of
     training ratings per item) and `ratings` (singleton RatingStats: the explicit
-    mode's global mean)."""
+    mode's global mean). With `state` (singleton IterationState) and `own` (this
+    side's current Factors), a converged state passes `own` through unsolved."""
 
     def __init__(self, side: str, params: WalsParams, other, col_counts, ratings,
-                 iteration: int):
+                 iteration: int, own=None, state=None):
         super().__init__()
         self._side, self._params, self._iteration = side, params, iteration
         self._other, self._counts, self._ratings = other, col_counts, ratings
+        self._own, self._state = own, state
 
     def expand(self, blocks):
+        extra = []
+        if self._state is not None:     # --tolerance: may pass `own` through unsolved
+            extra = [AsSingleton(self._own), AsSingleton(self._state)]
         return (blocks
                 | 'Solve' >> beam.ParDo(_SolveBlock(self._side, self._params, self._iteration),
                                         AsSingleton(self._other), AsSingleton(self._counts),
-                                        AsSingleton(self._ratings))
+                                        AsSingleton(self._ratings), *extra)
                 | 'Assemble' >> beam.CombineGlobally(_AssembleFactors(
                     f'iteration {self._iteration}, {self._side}s')).without_defaults())
 
 
 class Alternate(beam.PTransform):
-    """(row blocks, col blocks) -> list of (U, V) singleton Factors per iteration,
-    starting from `col_init` (singleton Factors); num_iters × (rows, then columns),
-    unrolled into one graph. `col_counts` and `ratings` as for HalfStep."""
+    """(row blocks, col blocks) -> (list of (U, V) singleton Factors per iteration,
+    list of singleton IterationStates: the start, then one per iteration), starting
+    from `row_init` and `col_init` (singleton Factors); num_iters × (rows, then
+    columns), unrolled into one graph. `col_counts` and `ratings` as for HalfStep.
+    With tolerance > 0, a half-step after convergence passes its factors through."""
 
-    def __init__(self, params: WalsParams, col_init, col_counts, ratings):
+    def __init__(self, params: WalsParams, row_init, col_init, col_counts, ratings,
+                 tolerance: float = 0.0):
         super().__init__()
-        self._params, self._col_init = params, col_init
-        self._counts, self._ratings = col_counts, ratings
+        self._params, self._row_init, self._col_init = params, row_init, col_init
+        self._counts, self._ratings, self._tolerance = col_counts, ratings, tolerance
 
     def expand(self, blocks):
+        from pipeline.convergence import IterationState, TrainingObjective
         row_blocks, col_blocks = blocks
-        p, counts, ratings = self._params, self._counts, self._ratings
-        v = self._col_init
+        p, counts, ratings, tol = self._params, self._counts, self._ratings, self._tolerance
+        u, v = self._row_init, self._col_init
+        states = [row_blocks.pipeline | 'StartState' >> beam.Create([IterationState.start()])]
         history = []
         for it in range(1, p.num_iters + 1):
-            u = row_blocks | f'Iter{it:03d}Rows' >> HalfStep('row', p, v, counts, ratings, it)
-            v = col_blocks | f'Iter{it:03d}Cols' >> HalfStep('col', p, u, counts, ratings, it)
+            gate = states[-1] if tol > 0 else None
+            u = row_blocks | f'Iter{it:03d}Rows' >> HalfStep('row', p, v, counts, ratings, it,
+                                                              own=u, state=gate)
+            v = col_blocks | f'Iter{it:03d}Cols' >> HalfStep('col', p, u, counts, ratings, it,
+                                                              own=v, state=gate)
             history.append((u, v))
-        return history
+            states.append(row_blocks | f'Iter{it:03d}Objective' >> TrainingObjective(
+                p, tol, it, u, v, states[-1], counts, ratings))
+        return history, states

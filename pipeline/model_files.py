@@ -98,3 +98,59 @@ def load_model_files(path: str) -> ModelFiles:
         out.col_bias = _npy(root, manifest, 'col_bias')
         out.global_mean = float(_npy(root, manifest, 'global_mean'))
     return out
+
+
+LATEST = 'LATEST'
+
+
+@dataclasses.dataclass(frozen=True)
+class PreviousModel:
+    """--previous_model, resolved: the model folder, its parameters, and whether its
+    factors seed this run (same --model and latent_factors, and not --no_warm_start)."""
+    path: str
+    params: WalsParams
+    warm_start: bool
+
+
+def resolve_model_path(path: str) -> str:
+    """The model folder `path` names: a model root's LATEST target, or path itself."""
+    root = path.rstrip('/')
+    latest = f'{root}/{LATEST}'
+    if FileSystems.exists(latest):
+        import json
+        with FileSystems.open(latest) as f:
+            return json.loads(f.read())['path'].rstrip('/')
+    return root
+
+
+_CACHE: dict = {}
+
+
+def cached_model_files(path: str) -> ModelFiles:
+    """load_model_files, once per process and path (workers reuse it across stages)."""
+    model = _CACHE.get(path)
+    if model is None:
+        model = _CACHE[path] = load_model_files(path)
+    return model
+
+
+def index_map(old_ids: np.ndarray, new_ids: np.ndarray) -> np.ndarray:
+    """For each new ID, its row in old_ids, or -1 (IDs compared as text, so an int
+    vocabulary and a str one still match)."""
+    old = np.asarray(old_ids).astype(str)
+    new = np.asarray(new_ids).astype(str)
+    order = np.argsort(old, kind='stable')
+    pos = np.searchsorted(old[order], new)
+    pos = np.minimum(pos, max(len(old) - 1, 0))
+    found = (old[order][pos] == new) if len(old) else np.zeros(len(new), bool)
+    return np.where(found, order[pos], -1).astype(np.int64)
+
+
+def stored_matrix(model: ModelFiles, side: str) -> np.ndarray:
+    """The model's factors of one side as the trainer stores them between
+    half-steps (explicit: bias as the last column)."""
+    factors = model.row if side == 'row' else model.col
+    bias = model.row_bias if side == 'row' else model.col_bias
+    if bias is None:
+        return np.asarray(factors, np.float32)
+    return np.concatenate([factors, bias[:, None]], axis=1).astype(np.float32)

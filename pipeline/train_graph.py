@@ -16,7 +16,9 @@ from apache_beam.pvalue import AsSingleton
 from pipeline.block_store import BlockRef
 from pipeline.blocks import BlockConfig, BuildBlocks
 from pipeline.combine import InBlockOrder
+from pipeline.compare import CompareWithPrevious
 from pipeline.evaluate import EvalConfig, Evaluate
+from pipeline.model_files import PreviousModel, cached_model_files, index_map, stored_matrix
 from pipeline.factors import Alternate, Factors, factors_from_matrix
 from pipeline.options import TrainConfig
 from pipeline.read import ReadConfig, ReadRatings
@@ -47,6 +49,10 @@ class TrainedModel(NamedTuple):
     timings: beam.PCollection      # (name, wall clock) events, several
     row_blocks: beam.PCollection   # BlockRef per row block, several (seen items)
     col_counts: beam.PCollection   # int64 array: training ratings per item
+    states: beam.PCollection       # IterationState per iteration (and the start)
+    checkpoints: beam.PCollection  # (iteration, test metrics) with --eval_every
+    comparison: beam.PCollection   # singleton: both models on the same pairs, or None
+    changes: beam.PCollection      # singleton: IDs added/removed vs previous, or None
 
 
 class TrainWals(beam.PTransform):
@@ -54,9 +60,11 @@ class TrainWals(beam.PTransform):
     vocabularies and blocks, runs num_iters alternating solves of the --model
     objective and evaluates train/test RMSE and the ranking metrics."""
 
-    def __init__(self, config: TrainConfig, work_dir: str | None = None):
+    def __init__(self, config: TrainConfig, work_dir: str | None = None,
+                 previous: PreviousModel | None = None):
         super().__init__()
         self._config = config
+        self._previous = previous   # --previous_model, resolved by the launcher
         # Rating blocks are saved here once (see block_store.py); the launcher
         # passes a folder inside the run's staging folder and deletes it.
         self._work_dir = (work_dir or f'{config.output.rstrip("/")}.work').rstrip('/')
@@ -87,20 +95,69 @@ class TrainWals(beam.PTransform):
         col_counts = col_blocks | 'ColCounts' >> beam.CombineGlobally(_AssembleCounts())
         ratings = row_blocks | 'TrainingRatings' >> beam.CombineGlobally(SummarizeTraining())
 
-        def init(vocab: Vocabulary, side: str) -> Factors:
-            return factors_from_matrix(objectives.initial_matrix(
-                initial_factors(vocab.hashes, p.latent_factors, cfg.seed, side), p))
-        v = items | 'InitCols' >> beam.Map(init, 'col')
-        u = users | 'InitRows' >> beam.Map(init, 'row')
-        history = (row_blocks, col_blocks) | 'Alternate' >> Alternate(p, v, col_counts, ratings)
+        previous = self._previous
+        warm_from = previous.path if previous is not None and previous.warm_start else None
+        v = items | 'InitCols' >> beam.Map(_initial_factors, 'col', p, cfg.seed, warm_from)
+        u = users | 'InitRows' >> beam.Map(_initial_factors, 'row', p, cfg.seed, None)
+        history, states = (row_blocks, col_blocks) | 'Alternate' >> Alternate(
+            p, u, v, col_counts, ratings, cfg.tolerance)
         if history:
             u, v = history[-1]
         eval_cfg = EvalConfig(p, cfg.rank_k, cfg.relevance_threshold,
                               implicit_data=cfg.data_type == 'web_views')
         evaluation = row_blocks | 'Evaluate' >> Evaluate(u, v, col_counts, ratings, eval_cfg)
+        # --eval_every N: the test metrics of every N-th iteration, for the history.
+        checkpoints = [pbegin | 'NoCheckpoints' >> beam.Create([])]
+        every = range(cfg.eval_every, len(history), cfg.eval_every) if cfg.eval_every else ()
+        for it in every:
+            u_it, v_it = history[it - 1]
+            checkpoints.append(
+                row_blocks | f'Iter{it:03d}Evaluate' >> Evaluate(u_it, v_it, col_counts,
+                                                                 ratings, eval_cfg)
+                | f'Iter{it:03d}Keyed' >> beam.Map(lambda e, it: (it, e.summary()), it))
+        checkpoints = tuple(checkpoints) | 'Checkpoints' >> beam.Flatten()
+        comparison = changes = pbegin | 'NoPrevious' >> beam.Create([None])
+        if previous is not None:
+            comparison = row_blocks | 'CompareWithPrevious' >> CompareWithPrevious(
+                previous.path, previous.params, eval_cfg, users, items, u, v, col_counts,
+                ratings)
+            changes = users | 'IdChanges' >> beam.Map(_id_changes, AsSingleton(items),
+                                                      previous.path, warm_from is not None)
+        states = tuple(states) | 'States' >> beam.Flatten()
         timings = _timings(reads, col_blocks, history)
         return TrainedModel(users, items, u, v, evaluation, reads, test_reads, ratings,
-                            cold_start, bad_lines, timings, row_blocks, col_counts)
+                            cold_start, bad_lines, timings, row_blocks, col_counts, states,
+                            checkpoints, comparison, changes)
+
+
+def _initial_factors(vocab: Vocabulary, side: str, p, seed: int,
+                     warm_from: str | None) -> Factors:
+    """Per-ID seeded factors (objectives.initial_matrix); with warm_from, the item
+    factors of the IDs the previous model knows are taken from it (see README
+    "Warm start": the first half-step then solves the users)."""
+    matrix = objectives.initial_matrix(initial_factors(vocab.hashes, p.latent_factors,
+                                                       seed, side), p)
+    if warm_from is not None:
+        prev = cached_model_files(warm_from)
+        index = index_map(prev.items if side == 'col' else prev.users, vocab.ids)
+        known = index >= 0
+        matrix[known] = stored_matrix(prev, side)[index[known]]
+    return factors_from_matrix(matrix)
+
+
+def _id_changes(users: Vocabulary, items: Vocabulary, previous_path: str,
+                warm: bool) -> dict:
+    """IDs added and removed against the previous model (a full dump is the truth:
+    an ID absent from it leaves the model)."""
+    prev = cached_model_files(previous_path)
+    out = {}
+    for name, vocab, old in (('users', users, prev.users), ('items', items, prev.items)):
+        known = index_map(old, vocab.ids) >= 0
+        out[f'{name}_added'] = int((~known).sum())
+        out[f'{name}_kept'] = int(known.sum())
+        out[f'{name}_removed'] = int(len(old) - known.sum())
+    out['warm_started_items'] = out['items_kept'] if warm else 0
+    return out
 
 
 class _ReadChecked(beam.PTransform):
@@ -122,11 +179,12 @@ class _ReadChecked(beam.PTransform):
         return chunks, reads, bad_lines
 
 
-def build_pipeline(pipeline: beam.Pipeline, config: TrainConfig, staging: str) -> str:
+def build_pipeline(pipeline: beam.Pipeline, config: TrainConfig, staging: str,
+                   previous: PreviousModel | None = None) -> str:
     """Adds the whole training job to `pipeline`, writing under `staging`; returns
     the work folder the job uses for its rating blocks (inside staging)."""
     work_dir = f'{staging.rstrip("/")}/{WORK_DIR}'
-    model = pipeline | 'TrainWals' >> TrainWals(config, work_dir)
+    model = pipeline | 'TrainWals' >> TrainWals(config, work_dir, previous)
     _ = model | 'WriteModel' >> WriteModel(config, staging)
     return work_dir
 

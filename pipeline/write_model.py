@@ -13,6 +13,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.pvalue import AsList, AsSingleton
 
 from pipeline.errors import NumericalError
+from pipeline.convergence import history
 from pipeline.options import TrainConfig
 from wals_core import objectives
 
@@ -102,7 +103,7 @@ class _WriteOutputs(beam.DoFn):
         self._dest = dest.rstrip('/')
 
     def process(self, _, users, items, u, v, evaluation, reads, test_reads, ratings,
-                cold_start, col_counts, events):
+                cold_start, col_counts, states, checkpoints, comparison, changes, events):
         p = self._config.params
         metrics = evaluation.summary()
         for name in ('train_rmse', 'test_rmse'):
@@ -131,6 +132,18 @@ class _WriteOutputs(beam.DoFn):
             'parameters': self._config.describe(),
             'phase_seconds': phase_seconds(events, time.time()),
         })
+        phases = metrics['phase_seconds']
+        metrics['history'] = history(states, phases, dict(checkpoints))
+        if p.model == 'implicit':
+            for entry in metrics['history']:
+                entry['train_rmse'] = None    # preferences, not ratings
+        metrics['iterations_run'] = sum(1 for e in metrics['history'] if e['solved'])
+        metrics['final_objective'] = metrics['history'][-1]['objective'] \
+            if metrics['history'] else None
+        if comparison is not None:
+            metrics['comparison'] = comparison
+        if changes is not None:
+            metrics['changes'] = changes
         if p.model == 'explicit':
             metrics['global_mean'] = ratings.mean
             metrics['rmse_clipped_to'] = list(ratings.range) if ratings.range else None
@@ -167,4 +180,6 @@ class WriteModel(beam.PTransform):
                     AsSingleton(model.col_factors), AsSingleton(model.evaluation),
                     AsSingleton(model.reads), AsSingleton(model.test_reads),
                     AsSingleton(model.ratings), AsSingleton(model.cold_start),
-                    AsSingleton(model.col_counts), AsList(model.timings)))
+                    AsSingleton(model.col_counts), AsList(model.states),
+                    AsList(model.checkpoints), AsSingleton(model.comparison),
+                    AsSingleton(model.changes), AsList(model.timings)))

@@ -216,3 +216,31 @@ def test_params_validate_the_mode():
     with pytest.raises(ValueError, match='confidence'):
         WalsParams(model='implicit', confidence='sqrt')
     assert dataclasses.replace(WalsParams(), model='explicit').model == 'explicit'
+
+
+@pytest.mark.parametrize('model', ['wals', 'implicit', 'explicit'])
+def test_block_objectives_sum_to_the_objective(model):
+    """The pipeline's per-block objective (history, --tolerance) equals the in-memory
+    objective, for any cut of the rows into blocks."""
+    p = WalsParams(model=model, latent_factors=3, regularization=0.3, alpha=2.0)
+    r, c, values, rows, cols = random_ratings(seed=8, counts=model == 'implicit')
+    problem = Problem.build(r, c, values, rows, cols, p)
+    rng = np.random.default_rng(0)
+    width = objectives.stored_width(p)
+    u = rng.normal(size=(rows, width)).astype(np.float32)
+    v = rng.normal(size=(cols, width)).astype(np.float32)
+    mu = problem.global_mean
+    want = objectives.objective(problem.by_row, problem.col_counts, u, v, p, mu)
+    total = sse = 0.0
+    for start in range(0, rows, 7):
+        stop = min(rows, start + 7)
+        mask = (r >= start) & (r < stop)
+        block = csr_from_triples(r[mask] - start, c[mask], values[mask], stop - start)
+        part, err = objectives.block_objective(block, start, u, v, p, problem.col_counts, mu)
+        total += part
+        sse += err
+    total += objectives.global_objective(gramian(u), v, gramian(v), p, problem.col_counts)
+    assert total == pytest.approx(want, rel=1e-10)
+    pred = objectives.predict(r, c, u, v, p, mu)
+    target = objectives.preference(values) if model == 'implicit' else values
+    assert sse == pytest.approx(float(np.sum((target - pred) ** 2)), rel=1e-10)

@@ -168,3 +168,57 @@ def objective(by_row: Csr, col_counts: np.ndarray, row_matrix: np.ndarray,
     w0 = p.unobs_weight
     observed = np.sum((w0 + rw[rows] * cw[cols]) * (a - dot) ** 2)
     return float(observed + w0 * (gram - np.sum(dot ** 2)) + reg)
+
+
+def block_objective(train: Csr, start: int, row_matrix: np.ndarray, col_matrix: np.ndarray,
+                    params: WalsParams, col_counts: np.ndarray,
+                    global_mean: float = 0.0) -> tuple[float, float]:
+    """One row block's share of the objective, and its training squared error.
+
+    train: the block's training ratings (rows start at `start`); row_matrix and
+    col_matrix: the whole stored matrices. Summed over blocks and added to
+    global_objective this is `objective` (the terms over all pairs come from the
+    Gramians, so no block ever forms a dense matrix). The squared error is against
+    the mode's prediction (explicit unclipped; implicit against preferences)."""
+    p = params
+    k = p.latent_factors
+    n = train.num_rows
+    u = np.asarray(row_matrix[start:start + n], np.float64)
+    v = col_matrix
+    rows = train.row_of_entry()
+    cols = np.asarray(train.indices, np.int64)
+    a = np.asarray(train.values, np.float64)
+    dot = np.einsum('ij,ij->i', u[rows, :k], np.asarray(v[cols, :k], np.float64))
+    if p.model == 'explicit':
+        vb = np.asarray(v[cols, k], np.float64)
+        err = a - (global_mean + u[rows, k] + vb + dot)
+        n_row = np.diff(train.indptr).astype(np.float64)
+        sse = float(err @ err)
+        return sse + p.regularization * float(n_row @ np.sum(u * u, axis=1)), sse
+    reg = p.regularization * float(np.sum(u * u))
+    if p.model == 'implicit':
+        pref, conf = preference(a), confidence(a, p)
+        err = pref - dot
+        return float(np.sum((1.0 + conf) * err * err) - dot @ dot) + reg, float(err @ err)
+    cw = column_weights(col_counts, p)
+    rw = row_weights(n, p)
+    w0 = p.unobs_weight
+    err = a - dot
+    observed = float(np.sum((w0 + rw[rows] * cw[cols]) * err * err))
+    return observed - w0 * float(dot @ dot) + reg, float(err @ err)
+
+
+def global_objective(row_gramian: np.ndarray, col_matrix: np.ndarray,
+                     col_gramian: np.ndarray, params: WalsParams,
+                     col_counts: np.ndarray) -> float:
+    """The objective's terms that are not per row block: the unobserved pairs
+    (w0 Σ_all (u_i·v_j)² = w0 sum(UᵀU ∘ VᵀV)) and the column regularization."""
+    p = params
+    k = p.latent_factors
+    v = np.asarray(col_matrix, np.float64)
+    if p.model == 'explicit':
+        n_col = np.asarray(col_counts, np.float64)
+        return p.regularization * float(n_col @ np.sum(v * v, axis=1))
+    w0 = 1.0 if p.model == 'implicit' else p.unobs_weight
+    all_pairs = float(np.sum(np.asarray(row_gramian)[:k, :k] * np.asarray(col_gramian)[:k, :k]))
+    return w0 * all_pairs + p.regularization * float(np.trace(np.asarray(col_gramian)))
