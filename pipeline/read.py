@@ -52,16 +52,16 @@ class _PlanRanges(beam.DoFn):
         fmt = LineFormat(cfg.delimiter, has_header=cfg.headers)
         if cfg.data_type == 'web_views':
             with FileSystems.open(path, compression_type=compression) as f:
-                first = f.readline().decode('utf-8', 'replace')
-            if first.strip():
+                header = f.readline().decode('utf-8', 'replace')
+            if header.strip():
                 try:
-                    columns, width = header_columns(first, cfg.delimiter)
+                    columns, width = header_columns(header, cfg.delimiter)
                 except ValueError as e:
                     raise InputError(f'{path}: {e}') from None
                 fmt = LineFormat(cfg.delimiter, columns, width, nonnegative=True,
-                                 has_header=True)
-            else:
-                fmt = LineFormat(cfg.delimiter, exact_fields=-1, has_header=False)  # empty file
+                                 has_header=True, quoted=True)
+            else:   # an empty file
+                fmt = LineFormat(cfg.delimiter, exact_fields=-1, quoted=True)
         if compressed or meta.size_in_bytes <= cfg.split_bytes:
             yield FileRange(path, 0, None, compressed, fmt)
             return
