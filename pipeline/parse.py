@@ -3,7 +3,7 @@
 Every line is accounted for: kept, a header, blank, or bad with a reason, so
 that lines_read = kept + header + blank + bad.
 ratings data: user, item, rating[, more columns ignored].
-web_views data: CSV whose header (the first line) names clientId,
+web_views data: CSV whose header (the first non-blank line) names clientId,
 contentId and timeOnPage; a line must have as many fields as the header. Fields may
 be quoted ("c,2", "30", "a ""b"" c") as the csv module reads them; a record is one
 line (a quoted field cannot hold a line break).
@@ -36,7 +36,7 @@ class LineFormat:
     columns: tuple[int, int, int] = (0, 1, 2)   # user, item, value field positions
     exact_fields: int | None = None             # web_views: the header's field count
     nonnegative: bool = False                   # web_views: time on page >= 0
-    has_header: bool = False                    # first line of each file is a header
+    has_header: bool = False                    # first non-blank line of a file is a header
     quoted: bool = False                        # web_views: CSV quoting ("a,b" is one field)
 
 
@@ -122,10 +122,11 @@ def parse_lines(data: bytes, path: str, base_offset: int, fmt: LineFormat) -> Pa
     first_of_file = base_offset == 0 and bool(lines)
     if first_of_file and lines[0].startswith(b'\xef\xbb\xbf'):
         lines[0] = lines[0][3:]           # a UTF-8 byte order mark is not data
+    # The header is the file's first non-blank line (blank lines before it are blank).
     header = None
     if fmt.has_header and first_of_file:
-        counts['header'] += 1
-        header = 0
+        header = next((n for n, l in enumerate(lines) if l.strip()), None)
+        counts['header'] += header is not None
 
     def reject(n: int, reason: str, text: str) -> None:
         counts[f'bad:{reason}'] += 1
@@ -212,6 +213,8 @@ def _parse_columnar(data: bytes, path: str, base_offset: int,
         body = body[3:]
     if fmt.has_header and base_offset == 0:
         cut = body.find(b'\n')
+        if not body[:cut if cut >= 0 else len(body)].strip():
+            return None                  # blank lines before the header
         body = b'' if cut < 0 else body[cut + 1:]
         counts['header'] = 1
     if not body or body.count(b'\r') != body.count(b'\r\n'):

@@ -177,3 +177,24 @@ def test_ratings_format_keeps_quotes_as_text(line, user, value):
             assert [b.reason for b in chunk.bad] == ['not_a_number']
         else:
             assert chunk.users.tolist() == [user] and chunk.values.tolist() == [value]
+
+
+# --- The header is the first non-blank line -----------------------------------------
+
+@pytest.mark.parametrize('fmt', [web_views_format(','), LineFormat(',', has_header=True)])
+def test_header_is_the_first_nonblank_line(fmt):
+    data = b'\n \r\nvisitId,clientId,contentId,timeOnPage\n1,c1,100,30\n\n2,c2,101,4\n'
+    for chunk in (parse_lines(data, 'f', 0, fmt), parse_range(data, 'f', 0, fmt)):
+        assert chunk.counts == {'lines_read': 6, 'blank': 3, 'header': 1, 'kept': 2}
+        assert chunk.bad == []
+
+
+def test_web_views_file_starting_with_blank_lines(tmp_path):
+    lines = ['', '', 'visitId,clientId,contentId,timeOnPage']
+    lines += [f'{n},c{n % 9},{n % 7},{n % 40 + 1}' for n in range(200)]
+    path = tmp_path / 'views.csv'
+    path.write_bytes(b'\xef\xbb\xbf' + '\r\n'.join(lines).encode() + b'\r\n')
+    metrics = run_pipeline(path, tmp_path / 'out', '--data_type', 'web_views',
+                           '--num_iters', '1', '--max_bad_fraction', '0')
+    assert metrics['lines'] == {'lines_read': 203, 'kept': 200, 'skipped_header': 1,
+                                'skipped_blank': 2, 'bad': 0, 'bad_by_reason': {}}
