@@ -57,7 +57,7 @@ class WalsOptions(PipelineOptions):
                           help='Field delimiter, one character; "\\t" or "tab" for a tab. '
                                'Default: tab for ratings, comma for web_views.')
         data.add_argument('--headers', action='store_true',
-                          help='Skip the first line of every input file (a header).')
+                          help='Skip the first non-blank line of every input file (a header).')
         data.add_argument('--max_bad_fraction', '--max-bad-fraction', dest='max_bad_fraction',
                           type=float, default=0.001,
                           help='Fail (and publish nothing) when more than this share of '

@@ -3,11 +3,14 @@
 Every line is accounted for: kept, a header, blank, or bad with a reason, so
 that lines_read = kept + header + blank + bad.
 ratings data: user, item, rating[, more columns ignored].
-web_views data: CSV whose header names clientId, contentId and timeOnPage; a line
-must have as many fields as the header.
+web_views data: CSV whose header (the first non-blank line) names clientId,
+contentId and timeOnPage; a line must have as many fields as the header. Fields may
+be quoted ("c,2", "30", "a ""b"" c") as the csv module reads them; a record is one
+line (a quoted field cannot hold a line break).
 """
 from __future__ import annotations
 
+import csv
 import dataclasses
 import math
 from collections import Counter
@@ -33,7 +36,8 @@ class LineFormat:
     columns: tuple[int, int, int] = (0, 1, 2)   # user, item, value field positions
     exact_fields: int | None = None             # web_views: the header's field count
     nonnegative: bool = False                   # web_views: time on page >= 0
-    has_header: bool = False                    # first line of each file is a header
+    has_header: bool = False                    # first non-blank line of a file is a header
+    quoted: bool = False                        # web_views: CSV quoting ("a,b" is one field)
 
 
 @dataclasses.dataclass
@@ -63,10 +67,28 @@ class ParsedChunk:
         return self.item_ids[self.item_codes]
 
 
+def split_csv(line: str, delimiter: str) -> list[str] | None:
+    """The fields of one CSV line as the csv module reads them (quotes, delimiters
+    inside quotes, doubled quotes); None when its quoting is broken."""
+    try:
+        return next(csv.reader([line], delimiter=delimiter, quotechar='"', doublequote=True,
+                               strict=True), [''])
+    except csv.Error:
+        return None
+
+
+def split_fields(line: str, fmt: LineFormat) -> list[str] | None:
+    """A line's fields: CSV for web_views (the csv module only for lines with a quote,
+    where it can differ from a split), a plain split for ratings."""
+    if fmt.quoted and '"' in line:
+        return split_csv(line, fmt.delimiter)
+    return line.split(fmt.delimiter)
+
+
 def header_columns(header_line: str, delimiter: str) -> tuple[tuple[int, int, int], int]:
-    """(positions of clientId, contentId, timeOnPage; number of fields) of a header."""
-    names = [n.strip().strip('"') for n in
-             header_line.lstrip('\ufeff').rstrip('\r\n').split(delimiter)]
+    """(positions of clientId, contentId, timeOnPage; number of fields) of a CSV header."""
+    fields = split_csv(header_line.lstrip('\ufeff').rstrip('\r\n'), delimiter) or []
+    names = [n.strip() for n in fields]
     missing = [c for c in WEB_VIEW_COLUMNS if c not in names]
     if missing:
         raise ValueError(f'web_views header must name {", ".join(WEB_VIEW_COLUMNS)}; '
@@ -100,20 +122,22 @@ def parse_lines(data: bytes, path: str, base_offset: int, fmt: LineFormat) -> Pa
     first_of_file = base_offset == 0 and bool(lines)
     if first_of_file and lines[0].startswith(b'\xef\xbb\xbf'):
         lines[0] = lines[0][3:]           # a UTF-8 byte order mark is not data
-    start = 0
+    # The header is the file's first non-blank line (blank lines before it are blank).
+    header = None
     if fmt.has_header and first_of_file:
-        counts['header'] += 1
-        start = 1
+        header = next((n for n, l in enumerate(lines) if l.strip()), None)
+        counts['header'] += header is not None
 
     def reject(n: int, reason: str, text: str) -> None:
         counts[f'bad:{reason}'] += 1
         bad.append(BadLine(path, int(offsets[n]), n, reason, text[:500]))
 
-    delim = fmt.delimiter
     need = max(fmt.columns) + 1
     u_col, i_col, v_col = fmt.columns
     users, items, values, where = [], [], [], []
-    for n in range(start, len(lines)):
+    for n in range(len(lines)):
+        if n == header:
+            continue
         raw = lines[n]
         if raw.endswith(b'\r'):
             raw = raw[:-1]
@@ -125,7 +149,10 @@ def parse_lines(data: bytes, path: str, base_offset: int, fmt: LineFormat) -> Pa
         except UnicodeDecodeError:
             reject(n, 'not_utf8', raw.decode('utf-8', 'replace'))
             continue
-        fields = line.split(delim)
+        fields = split_fields(line, fmt)
+        if fields is None:
+            reject(n, 'bad_quotes', line)
+            continue
         if fmt.exact_fields is not None and len(fields) != fmt.exact_fields:
             reject(n, 'wrong_field_count', line)
             continue
@@ -155,7 +182,8 @@ def parse_lines(data: bytes, path: str, base_offset: int, fmt: LineFormat) -> Pa
         reject(where[j], reason, lines[where[j]].rstrip(b'\r').decode('utf-8'))
     bad.sort(key=lambda b: b.index)
     counts['kept'] = int(ok.sum())
-    first_data = next((n for n in range(start, len(lines)) if lines[n].strip()), None)
+    first_data = next((n for n in range(len(lines)) if n != header and lines[n].strip()),
+                      None)
     suspect = (first_of_file and not fmt.has_header and bool(bad)
                and first_data is not None and bad[0].index == first_data)
     user_codes, user_ids = factorize(_str_array(users)[ok])
@@ -177,14 +205,16 @@ def _parse_columnar(data: bytes, path: str, base_offset: int,
                     fmt: LineFormat) -> ParsedChunk | None:
     """All lines of a clean range at once, or None when the range needs the
     line-by-line parser. Gives exactly what parse_lines gives whenever it answers."""
-    if fmt.exact_fields is not None:
-        return None                      # web_views: every line's width is checked
+    if fmt.quoted and b'"' in data:
+        return None                      # quoted CSV fields: the csv module reads them
     counts: Counter = Counter()
     body = data
     if base_offset == 0 and body.startswith(_BOM):
         body = body[3:]
     if fmt.has_header and base_offset == 0:
         cut = body.find(b'\n')
+        if not body[:cut if cut >= 0 else len(body)].strip():
+            return None                  # blank lines before the header
         body = b'' if cut < 0 else body[cut + 1:]
         counts['header'] = 1
     if not body or body.count(b'\r') != body.count(b'\r\n'):
@@ -196,7 +226,7 @@ def _parse_columnar(data: bytes, path: str, base_offset: int,
     lines = body.count(b'\n') + (0 if body.endswith(b'\n') else 1)
     first = body[:body.find(b'\n')] if b'\n' in body else body
     width = first.count(fmt.delimiter.encode('utf-8')) + 1
-    if width < max(fmt.columns) + 1:
+    if width < max(fmt.columns) + 1 or fmt.exact_fields not in (None, width):
         return None
     table = _read_table(body, fmt.delimiter, width, fmt.columns)
     if table is None or table.num_rows != lines:

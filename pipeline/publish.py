@@ -10,6 +10,7 @@ and the checksums match (read_model). Works on any Beam filesystem (local, gs://
 from __future__ import annotations
 
 import datetime
+import errno
 import hashlib
 import io
 import json
@@ -65,14 +66,23 @@ def describe_inputs(pattern: str) -> list[dict]:
             for m in sorted(metas, key=lambda m: m.path)]
 
 
-def publish(staging: str, output: str, manifest: dict) -> dict:
-    """Moves staged files into output (replacing an earlier model) and writes
-    _SUCCESS last. Returns the manifest written."""
+def publish(staging: str, output: str, manifest: dict, overwrite: bool = True) -> dict:
+    """Moves staged files into output and writes _SUCCESS last. Returns the manifest
+    written. With overwrite, an earlier model is replaced; without, OutputExists
+    if output has gained files since the run started (another run published):
+    checked atomically on a local filesystem (one rename of the whole folder, which
+    fails on a non-empty folder), just before the move elsewhere (object stores
+    have no atomic no-clobber move of a folder)."""
     staging, output = staging.rstrip('/'), output.rstrip('/')
     files = list_files(staging)
     manifest = dict(manifest, format=MANIFEST_FORMAT, code_version=CODE_VERSION,
                     published=datetime.datetime.now(datetime.timezone.utc).isoformat(),
                     files={f: _checksum(f'{staging}/{f}') for f in files})
+    if not overwrite:
+        local = _local_path(output)
+        if local is not None and _local_path(staging) is not None:
+            return _publish_local_new(staging, local, manifest)
+        check_output(output, overwrite=False)
     # Untrust the old model first: from here until _SUCCESS is written again, a
     # reader sees no _SUCCESS and keeps away.
     if FileSystems.exists(f'{output}/{SUCCESS}'):
@@ -87,6 +97,29 @@ def publish(staging: str, output: str, manifest: dict) -> dict:
     with FileSystems.create(f'{output}/{SUCCESS}') as f:
         f.write(json.dumps(manifest, indent=2, sort_keys=True).encode('utf-8'))
     remove_tree(staging)
+    return manifest
+
+
+def _local_path(path: str) -> str | None:
+    """The OS path of a local file system path, None for other file systems."""
+    if path.startswith('file://'):
+        return path[len('file://'):]
+    return None if '://' in path else path
+
+
+def _publish_local_new(staging: str, output: str, manifest: dict) -> dict:
+    """Writes _SUCCESS into the staging folder, then renames the folder to output in
+    one step: the rename fails, publishing nothing, if output holds any file."""
+    with FileSystems.create(f'{staging}/{SUCCESS}') as f:
+        f.write(json.dumps(manifest, indent=2, sort_keys=True).encode('utf-8'))
+    parent = os.path.dirname(os.path.abspath(output))
+    os.makedirs(parent, exist_ok=True)
+    try:
+        os.rename(_local_path(staging), output)   # onto nothing, or an empty folder
+    except OSError as e:
+        if e.errno in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR):
+            check_output(output, overwrite=False)  # says what is there
+        raise
     return manifest
 
 

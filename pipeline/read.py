@@ -51,23 +51,31 @@ class _PlanRanges(beam.DoFn):
         compressed = compression != CompressionTypes.UNCOMPRESSED
         fmt = LineFormat(cfg.delimiter, has_header=cfg.headers)
         if cfg.data_type == 'web_views':
-            with FileSystems.open(path, compression_type=compression) as f:
-                first = f.readline().decode('utf-8', 'replace')
-            if first.strip():
+            header = _first_nonblank_line(path, compression)
+            if header:
                 try:
-                    columns, width = header_columns(first, cfg.delimiter)
+                    columns, width = header_columns(header, cfg.delimiter)
                 except ValueError as e:
                     raise InputError(f'{path}: {e}') from None
                 fmt = LineFormat(cfg.delimiter, columns, width, nonnegative=True,
-                                 has_header=True)
-            else:
-                fmt = LineFormat(cfg.delimiter, exact_fields=-1, has_header=False)  # empty file
+                                 has_header=True, quoted=True)
+            else:   # an empty (or all blank) file
+                fmt = LineFormat(cfg.delimiter, exact_fields=-1, quoted=True)
         if compressed or meta.size_in_bytes <= cfg.split_bytes:
             yield FileRange(path, 0, None, compressed, fmt)
             return
         for start in range(0, meta.size_in_bytes, cfg.split_bytes):
             stop = min(start + cfg.split_bytes, meta.size_in_bytes)
             yield FileRange(path, start, stop, False, fmt)
+
+
+def _first_nonblank_line(path: str, compression: str) -> str:
+    """The file's first line that is not blank ('' if none): its header."""
+    with FileSystems.open(path, compression_type=compression) as f:
+        line = f.readline().removeprefix(b'\xef\xbb\xbf')
+        while line and not line.strip():
+            line = f.readline()
+    return line.decode('utf-8', 'replace')
 
 
 def read_range_bytes(rng: FileRange) -> tuple[int, bytes]:

@@ -119,9 +119,13 @@ def run(config: TrainConfig, options: PipelineOptions, overwrite: bool = False) 
     save_json(path, metrics)
     remove_tree(work_dir)      # the saved rating blocks: not part of a model
     counts = {k: metrics[k] for k in COUNT_KEYS}
-    publish(staging, config.output, {'run_id': run_id, 'inputs': inputs,
-                                     'parameters': config.describe(), 'counts': counts,
-                                     'lines': metrics['lines']})
+    try:   # checked again here: another run may have published since the start
+        publish(staging, config.output, {'run_id': run_id, 'inputs': inputs,
+                                         'parameters': config.describe(), 'counts': counts,
+                                         'lines': metrics['lines']}, overwrite=overwrite)
+    except OutputExists:
+        discard(staging)
+        raise
     log.info('Published the model to %s', config.output)
     return metrics
 

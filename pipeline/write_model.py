@@ -48,7 +48,8 @@ def phase_seconds(events: list[tuple[str, float]], now: float) -> dict:
             last[name] = min(last.get(name, t), t)
         else:
             last[name] = max(last.get(name, t), t)
-    iters = sorted(k for k in last if k.startswith('iteration_'))
+    # By iteration number: as text, iteration_1000 would sort before iteration_999.
+    iters = sorted((k for k in last if k.startswith('iteration_')), key=_iteration_number)
     out = {'read_and_group': last['blocks_built'] - last['read_start']}
     prev = last['blocks_built']
     per_iter = []
@@ -59,10 +60,14 @@ def phase_seconds(events: list[tuple[str, float]], now: float) -> dict:
     out['per_iteration'] = per_iter
     # Time inside the numpy solves (summed over blocks and workers): the rest of
     # per_iteration is the runner's overhead (side inputs, shuffles, scheduling).
-    out['solve_per_iteration'] = [solve[k] for k in sorted(solve)]
+    out['solve_per_iteration'] = [solve[k] for k in sorted(solve, key=_iteration_number)]
     out['evaluate_and_write'] = now - prev
     return {k: (round(v, 3) if isinstance(v, float) else [round(x, 3) for x in v])
             for k, v in out.items()}
+
+
+def _iteration_number(name: str) -> int:
+    return int(name.rsplit('_', 1)[1])
 
 
 SEEN_FOLDER = 'model/seen'   # part-NNNNN.npz per row block: the items each user rated

@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pipeline.parse import LineFormat, _parse_columnar, parse_lines, parse_range
-from pipeline.publish import SUCCESS, UntrustedModel, read_model
+from pipeline.publish import SUCCESS, OutputExists, UntrustedModel, read_model
 from tests.conftest import ROOT
 from tests.pipeline_support import load_metrics, run_pipeline
 from wals_core.hashing import id_hashes, is_test
@@ -321,3 +321,49 @@ def test_metrics_line_counts_add_up(ml100k, tmp_path):
     assert lines == {'lines_read': 5001, 'kept': 4999, 'bad': 1, 'skipped_blank': 1,
                      'skipped_header': 0, 'bad_by_reason': {'too_few_fields': 1}}
     assert load_metrics(tmp_path / 'out')['lines'] == lines
+
+
+def test_a_model_published_during_the_run_is_not_replaced(small_ratings, tmp_path,
+                                                          monkeypatch):
+    """--overwrite is checked again at publish time: here another run's model lands
+    in --output after this run has started (between its pipeline and its publish)."""
+    import shutil
+    from pipeline import train
+    out = tmp_path / 'out'
+    run_pipeline(small_ratings, tmp_path / 'other', '--num_iters', '1')
+    real_remove_tree = train.remove_tree
+
+    def remove_work_dir_while_another_run_publishes(path):
+        real_remove_tree(path)
+        shutil.copytree(tmp_path / 'other', out)
+
+    monkeypatch.setattr(train, 'remove_tree', remove_work_dir_while_another_run_publishes)
+    with pytest.raises(OutputExists, match='already holds a published model'):
+        run_pipeline(small_ratings, out, '--num_iters', '2')
+    assert json.loads((out / SUCCESS).read_text())['parameters']['num_iters'] == 1
+    assert model_bytes(out) == model_bytes(tmp_path / 'other')
+    read_model(str(out))                       # the other run's model, intact
+    assert not list(tmp_path.glob('out.tmp-*')), 'staging left behind'
+
+
+@pytest.mark.parametrize('existing', ['nothing', 'empty folder', 'a file'])
+def test_publish_without_overwrite_claims_the_folder_in_one_rename(tmp_path, existing):
+    from pipeline.publish import publish
+    out = tmp_path / 'out'
+    if existing == 'empty folder':
+        out.mkdir()
+    elif existing == 'a file':
+        out.mkdir()
+        (out / 'notes.txt').write_text('someone else')
+    staging = tmp_path / 'out.tmp-1'
+    (staging / 'model').mkdir(parents=True)
+    (staging / 'model' / 'row.npy').write_bytes(b'x')
+    if existing == 'a file':
+        with pytest.raises(OutputExists, match='already holds files'):
+            publish(str(staging), str(out), {}, overwrite=False)
+        assert sorted(p.name for p in out.iterdir()) == ['notes.txt']
+        return
+    manifest = publish(str(staging), str(out), {}, overwrite=False)
+    assert list(manifest['files']) == ['model/row.npy']
+    assert (out / SUCCESS).exists() and (out / 'model' / 'row.npy').read_bytes() == b'x'
+    assert not staging.exists()

@@ -137,17 +137,38 @@ def test_training_from_and_to_gcs_matches_a_local_run(emulator, tmp_path):
     assert leftovers == []
 
 
-def test_credentials_come_from_the_environment_without_a_lookup_delay(emulator):
-    """The documented ADC file is found at once (no 20-30 s retry loop) and no
-    metadata server is consulted."""
-    code = ('import time; '
-            'from apache_beam.internal.gcp import auth; '
-            'from apache_beam.options.pipeline_options import PipelineOptions; '
-            't = time.time(); '
-            'c = auth.get_service_credentials(PipelineOptions([])); '
-            'print(type(c.get_google_auth_credentials()).__name__, round(time.time() - t, 2))')
+CREDENTIALS_PROBE = """
+import json
+import google.auth
+from google.auth import _default
+from google.auth.compute_engine import _metadata
+from apache_beam.internal.gcp import auth
+from apache_beam.options.pipeline_options import PipelineOptions
+
+calls = {'default': 0, 'gce': 0, 'metadata': 0}
+def counted(name, fn):
+    def wrapper(*args, **kwargs):
+        calls[name] += 1
+        return fn(*args, **kwargs)
+    return wrapper
+google.auth.default = counted('default', google.auth.default)
+_default._get_gce_credentials = counted('gce', _default._get_gce_credentials)
+_metadata.ping = counted('metadata', _metadata.ping)
+_metadata.is_on_gce = counted('metadata', _metadata.is_on_gce)
+c = auth.get_service_credentials(PipelineOptions([])).get_google_auth_credentials()
+print(json.dumps(dict(calls, type=type(c).__module__ + '.' + type(c).__name__,
+                      client_id=c.client_id, token=c.token)))
+"""
+
+
+def test_credentials_come_from_the_environment_without_a_lookup(emulator):
+    """The documented ADC file is found on the first try: Beam's retry loop (20-30 s
+    of backoff) does not run and no metadata server is consulted."""
     env = dict(os.environ, PYTHONPATH=str(ROOT), **emulator.env())
-    out = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True,
-                         text=True, timeout=120, check=True).stdout.split()
-    assert out[0] == 'Credentials'
-    assert float(out[1]) < 5        # the retry loop alone would take 20-30 s
+    out = subprocess.run([sys.executable, '-c', CREDENTIALS_PROBE], env=env,
+                         capture_output=True, text=True, timeout=120, check=True).stdout
+    probe = json.loads(out.strip().splitlines()[-1])
+    assert probe['type'] == 'google.oauth2.credentials.Credentials'
+    assert (probe['client_id'], probe['token']) == ('offline-test', 'offline-test-token')
+    assert probe['default'] == 1             # one lookup: no retry
+    assert probe['gce'] == 0 and probe['metadata'] == 0

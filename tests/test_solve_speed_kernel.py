@@ -268,17 +268,52 @@ def test_blas_runs_single_threaded_inside_a_solve_and_is_restored_after():
     from threadpoolctl import threadpool_info, threadpool_limits
     if not [p for p in threadpool_info() if p['user_api'] == 'blas']:
         pytest.skip('no BLAS thread control found')
-    seen = []
-    with threadpool_limits(limits=2, user_api='blas'):
-        before = [p['num_threads'] for p in threadpool_info() if p['user_api'] == 'blas']
-        with solve_mod._single_threaded_blas():
-            seen = [p['num_threads'] for p in threadpool_info() if p['user_api'] == 'blas']
-        after = [p['num_threads'] for p in threadpool_info() if p['user_api'] == 'blas']
-    assert set(seen) == {1}
-    assert after == before
     rng = np.random.default_rng(19)
     block, factors = make_block(rng, 4, n_rows=30)
-    run(block, np.ones(30), factors, np.ones(len(factors)), 0.01, 0.1)
+    other = np.ones(len(factors))
+    blas_threads = lambda: [p['num_threads'] for p in threadpool_info()
+                            if p['user_api'] == 'blas']
+    with threadpool_limits(limits=2, user_api='blas'):
+        before = blas_threads()
+        with solve_mod._single_threaded_blas():
+            seen = blas_threads()
+        after = blas_threads()
+        x = run(block, np.ones(30), factors, other, 0.01, 0.1)   # a whole solve, too
+        after_solve = blas_threads()
+    assert set(seen) == {1}
+    assert after == before and after_solve == before
+    assert_close(x, reference(block, np.ones(30), factors, other, 0.01, 0.1))
+
+
+@pytest.mark.parametrize('k, w0, lam, gufunc', [
+    (4, 0.01, 0.1, 'solve1'),       # well conditioned: the batched LU path
+    (6, 0.0, 0.0, 'cholesky_lo'),   # singular rows: Cholesky, then the pseudo-inverse
+    (12, 0.01, 1e-9, 'solve1'),     # nearly singular
+])
+def test_solver_without_numpys_private_gufuncs_matches_the_normal_path(
+        monkeypatch, k, w0, lam, gufunc):
+    """wals_core.solve uses numpy's private _umath_linalg gufuncs when it finds them
+    and the public np.linalg otherwise: both must give the same factors."""
+    rng = np.random.default_rng(20 + k)
+    block, factors = make_block(rng, k)
+    own, other = rng.uniform(0, 2, block.num_rows), rng.uniform(0, 3, len(factors))
+    found = []
+    real_gufunc = solve_mod._gufunc
+
+    def recording(name):
+        found.append(name)
+        return real_gufunc(name)
+
+    monkeypatch.setattr(solve_mod, '_gufunc', recording)
+    normal = run(block, own, factors, other, w0, lam)
+    assert found and all(real_gufunc(n) is not None for n in found), \
+        'this numpy has no private gufuncs: the normal path is the fallback'
+    assert gufunc in found
+    monkeypatch.setattr(solve_mod, '_gufunc', lambda name: None)
+    public = run(block, own, factors, other, w0, lam)
+    assert_close(public, normal, rtol=1e-7)
+    assert_close(public, reference(block, own, factors, other, w0, lam, singular_ok=True),
+                 rtol=1e-5 if lam > 0 else 1e-4)
 
 
 # ----------------------------------------------------------------------------------
