@@ -2,8 +2,8 @@
 
 `install_requires` lists only what Beam workers need at run time (Dataflow's SDK
 container already has apache-beam); the `local` extra adds the pinned Beam used on
-the DirectRunner and `test` adds the test tools. run_local.sh / run_tests.sh
-install `.[local,test]` into .venv.
+the DirectRunner, `test` adds the test tools and `dask` the DaskRunner's engine.
+run_local.sh / run_tests.sh install `.[local,test,dask]` into .venv.
 """
 import setuptools
 
@@ -27,5 +27,7 @@ setuptools.setup(
         # tests; wheel: lets the packaging test build the staged sdist offline.
         'test': ['pytest>=8', 'hypothesis>=6', 'gcp-storage-emulator==2026.7.19',
                  'wheel>=0.40'],
+        # Beam's DaskRunner (pipeline/dask_runner.py): what apache-beam[dask] 2.77 needs.
+        'dask': ['dask[distributed]>=2024.4.2', 'distributed>=2024.4.2'],
     },
 )

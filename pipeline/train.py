@@ -23,6 +23,7 @@ from pipeline.model import build_pipeline, save_json
 from pipeline.options import ConfigError, TrainConfig, WalsOptions, config_from_args
 from pipeline.publish import (OutputExists, check_output, describe_inputs, discard,
                               new_run_id, publish, remove_tree, staging_path)
+from pipeline.shared_storage import SharedStorageOptions, check_shared_paths  # noqa: F401
 
 log = logging.getLogger('pipeline.train')
 
@@ -46,6 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _beam_option_flags() -> set[str]:
     """Every flag a Beam PipelineOptions subclass defines."""
+    try:   # DaskOptions (--dask_client_address ...) is defined with its runner
+        import apache_beam.runners.dask.dask_runner  # noqa: F401
+    except ImportError:   # the `dask` extra is not installed
+        pass
     parser = argparse.ArgumentParser(add_help=False)
     seen, todo = set(), list(PipelineOptions.__subclasses__())
     while todo:
@@ -86,10 +91,19 @@ def check_inputs(pattern: str) -> list[dict]:
     return inputs
 
 
+def _runner(name):
+    """Beam's DaskRunner is replaced by ours (pipeline/dask_runner.py says why)."""
+    if isinstance(name, str) and name.split('.')[-1] == 'DaskRunner':
+        from pipeline.dask_runner import DaskRunner
+        return DaskRunner()
+    return None
+
+
 def run(config: TrainConfig, options: PipelineOptions, overwrite: bool = False) -> dict:
     """Builds and runs the pipeline into a staging folder, then publishes the model
     to config.output with its _SUCCESS manifest. Returns the metrics."""
     started = time.time()
+    config = check_shared_paths(config, options)
     inputs = check_inputs(config.input)
     check_output(config.output, overwrite)
     run_id = new_run_id()
@@ -98,7 +112,7 @@ def run(config: TrainConfig, options: PipelineOptions, overwrite: bool = False) 
     standard.runner = standard.runner or 'DirectRunner'
     # The graph declares no type hints; checking them costs seconds per build.
     options.view_as(TypeOptions).pipeline_type_check = False
-    pipeline = beam.Pipeline(options=options)
+    pipeline = beam.Pipeline(runner=_runner(standard.runner), options=options)
     work_dir = build_pipeline(pipeline, config, staging)
     built = time.time()
     log.info('Training %d iterations of WALS on %s (%d file(s)); staging in %s',
