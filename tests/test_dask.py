@@ -95,13 +95,15 @@ def test_cluster_run_is_byte_identical_to_the_direct_runner(dask_cluster, blocky
 
 
 @pytest.mark.parametrize('flag', ['--dask_client_address', '--dask_scheduler_file'])
-def test_remote_runner_refuses_a_local_work_folder(blocky_ratings, tmp_path, flag):
+def test_remote_runner_refuses_a_local_work_folder(blocky_ratings, tmp_path, flag, capsys):
+    from pipeline import train
     out = tmp_path / 'out'
-    proc = train_cli('--input', str(blocky_ratings), '--output', str(out), *ARGS,
-                     '--runner', DASK, flag, '127.0.0.1:9' if 'address' in flag else 'x.json',
-                     check=False)
-    assert proc.returncode == 2
-    assert 'is a local path' in proc.stderr and '--shared_work_dir' in proc.stderr
+    with pytest.raises(SystemExit) as exit_:
+        train.main(['--input', str(blocky_ratings), '--output', str(out), *ARGS,
+                    '--runner', DASK, flag, '127.0.0.1:9' if 'address' in flag else 'x.json'])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert 'is a local path' in err and '--shared_work_dir' in err
     assert not list(tmp_path.glob('out*'))     # refused before any work
 
 
