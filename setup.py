@@ -2,8 +2,9 @@
 
 `install_requires` lists only what Beam workers need at run time (Dataflow's SDK
 container already has apache-beam); the `local` extra adds the pinned Beam used on
-the DirectRunner, `test` adds the test tools and `tune` the tuner's search
-library. run_local.sh / run_tests.sh install `.[local,test,tune]` into .venv.
+the DirectRunner, `test` adds the test tools, `tune` the tuner's search library
+and `dask` the DaskRunner's engine. run_local.sh / run_tests.sh install
+`.[local,test,tune,dask]` into .venv.
 """
 import setuptools
 
@@ -29,5 +30,7 @@ setuptools.setup(
                  'wheel>=0.40'],
         # python -m pipeline.tune (ask-and-tell batches, seeded TPE)
         'tune': ['optuna>=3.6'],
+        # Beam's DaskRunner (pipeline/dask_runner.py): what apache-beam[dask] 2.77 needs.
+        'dask': ['dask[distributed]>=2024.4.2', 'distributed>=2024.4.2'],
     },
 )

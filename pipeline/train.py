@@ -23,11 +23,14 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 
 from pipeline.errors import QuietMarkedErrors, user_message
 from pipeline.memory_tuning import tune_malloc
+from pipeline.model_files import (LATEST, PreviousModel, load_model_files,
+                                  resolve_model_path)
 from pipeline.train_graph import build_pipeline
 from pipeline.write_model import save_json
 from pipeline.options import ConfigError, TrainConfig, WalsOptions, config_from_options
-from pipeline.publish import (OutputExists, check_output, describe_inputs, discard,
-                              new_run_id, publish, remove_tree, staging_path)
+from pipeline.publish import (OutputExists, UntrustedModel, check_output, describe_inputs,
+                              discard, new_run_id, publish, remove_tree, staging_path)
+from pipeline.shared_storage import SharedStorageOptions, check_shared_paths  # noqa: F401
 
 log = logging.getLogger('pipeline.train')
 
@@ -55,6 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
 def unknown_options(argv: list[str]) -> list[str]:
     """The --flags in argv that no PipelineOptions class (Beam's or WalsOptions)
     defines: Beam keeps those only when asked to retain unknown options."""
+    try:   # DaskOptions (--dask_client_address ...) is defined with its runner
+        import apache_beam.runners.dask.dask_runner  # noqa: F401
+    except ImportError:   # the `dask` extra is not installed
+        pass
     known = PipelineOptions([]).get_all_options()
     retained = PipelineOptions(argv).get_all_options(retain_unknown_options=True)
     unknown = set(retained) - set(known)
@@ -86,10 +93,48 @@ def check_inputs(pattern: str) -> list[dict]:
     return inputs
 
 
+def _runner(name):
+    """Beam's DaskRunner is replaced by ours (pipeline/dask_runner.py says why)."""
+    if isinstance(name, str) and name.split('.')[-1] == 'DaskRunner':
+        from pipeline.dask_runner import DaskRunner
+        return DaskRunner()
+    return None
+
+
+def resolve_previous(config: TrainConfig) -> PreviousModel | None:
+    """--previous_model (a model folder, or a root's LATEST), or with --model_root its
+    own LATEST; verified before any work. Its item factors seed this run when the
+    mode and latent_factors match (else a ConfigError, unless --no_warm_start)."""
+    path = config.previous_model
+    if path is None and config.model_root:
+        if not FileSystems.exists(f'{config.model_root.rstrip("/")}/{LATEST}'):
+            return None       # the root's first version: nothing to start from
+        path = config.model_root
+    if path is None:
+        return None
+    try:
+        folder = resolve_model_path(path)
+        model = load_model_files(folder)
+    except (UntrustedModel, OSError, KeyError, ValueError) as e:
+        raise ConfigError(f'--previous_model {path}: {e}') from None
+    p, q = config.params, model.params
+    warm = not config.no_warm_start
+    if warm and (q.model, q.latent_factors) != (p.model, p.latent_factors):
+        raise ConfigError(
+            f'cannot warm start from {folder}: it is --model {q.model} with '
+            f'--latent_factors {q.latent_factors}, this run is --model {p.model} with '
+            f'{p.latent_factors}; pass --no_warm_start to train from scratch and still '
+            'compare with it')
+    log.info('Previous model: %s (%s)', folder,
+             'warm start of the item factors' if warm else 'compared only')
+    return PreviousModel(folder, q, warm)
+
+
 def run(config: TrainConfig, options: PipelineOptions, overwrite: bool = False) -> dict:
     """Builds and runs the pipeline into a staging folder, then publishes the model
     to config.output with its _SUCCESS manifest. Returns the metrics."""
     started = time.time()
+    config = check_shared_paths(config, options)
     inputs = check_inputs(config.input)
     check_output(config.output, overwrite)
     run_id = new_run_id()
@@ -98,8 +143,9 @@ def run(config: TrainConfig, options: PipelineOptions, overwrite: bool = False) 
     standard.runner = standard.runner or 'DirectRunner'
     # The graph declares no type hints; checking them costs seconds per build.
     options.view_as(TypeOptions).pipeline_type_check = False
-    pipeline = beam.Pipeline(options=options)
-    work_dir = build_pipeline(pipeline, config, staging)
+    pipeline = beam.Pipeline(runner=_runner(standard.runner), options=options)
+    previous = resolve_previous(config)
+    work_dir = build_pipeline(pipeline, config, staging, previous)
     built = time.time()
     log.info('Training %d iterations of WALS on %s (%d file(s)); staging in %s',
              config.params.num_iters, config.input, len(inputs), staging)
