@@ -1,0 +1,94 @@
+"""Convergence history, --tolerance pass-through, --eval_every checkpoints and the
+comparison with a previous model, through the real pipeline."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tests.conftest import write_ratings
+from tests.pipeline_support import load_model, make_config, run_pipeline, train_in_memory
+from wals_core import objectives
+from wals_core.train import Problem
+
+
+def test_history_records_the_objective_of_every_iteration(small_ratings, tmp_path):
+    args = ['--num_iters', '4', '--block_size', '16', '--latent_factors', '3', '--eval_every', '2']
+    metrics = run_pipeline(small_ratings, tmp_path / 'out', *args)
+    history = metrics['history']
+    assert [h['iteration'] for h in history] == [1, 2, 3, 4]
+    assert all(h['solved'] for h in history) and metrics['iterations_run'] == 4
+    objective = [h['objective'] for h in history]
+    assert np.all(np.diff(objective) <= 1e-6 * np.abs(objective[:-1]))     # wals: ALS
+    # The last entry is the objective of the published factors, computed independently.
+    want = train_in_memory(small_ratings, make_config('--input', str(small_ratings), *args))
+    model = load_model(tmp_path / 'out')
+    p = make_config('--input', 'x', *args).params
+    data = np.loadtxt(small_ratings, dtype=np.int64)
+    users, items = list(model['user']), list(model['item'])
+    r = np.array([users.index(u) for u in data[:, 0]])
+    c = np.array([items.index(i) for i in data[:, 1]])
+    train_r, train_c = want['train_pairs']
+    keep = np.isin(r * 1000 + c, train_r * 1000 + train_c)
+    problem = Problem.build(r[keep], c[keep], data[keep, 2].astype(float), len(users),
+                            len(items), p)
+    value = objectives.objective(problem.by_row, problem.col_counts, model['row'], model['col'], p)
+    assert history[-1]['objective'] == pytest.approx(value, rel=1e-9)
+    assert history[-1]['train_rmse'] == pytest.approx(metrics['train_rmse'], rel=1e-9)
+    # --eval_every 2: iteration 2 carries its test metrics (4 is the final evaluation).
+    assert 'test' in history[1] and 'test' not in history[0] and 'test' not in history[3]
+    assert history[1]['test']['test_ratings'] == metrics['test_ratings']
+    assert history[1]['test']['test_rmse'] != metrics['test_rmse']
+
+
+def test_tolerance_passes_the_factors_through_once_converged(small_ratings, tmp_path):
+    base = ['--num_iters', '8', '--block_size', '16', '--latent_factors', '3']
+    full = run_pipeline(small_ratings, tmp_path / 'full', *base)
+    early = run_pipeline(small_ratings, tmp_path / 'early', *base, '--tolerance', '0.05')
+    ran = early['iterations_run']
+    assert 1 < ran < 8
+    history = early['history']
+    assert [h['solved'] for h in history] == [True] * ran + [False] * (8 - ran)
+    # after convergence the factors (and so the objective) stop changing
+    assert len({h['objective'] for h in history[ran - 1:]}) == 1
+    # and they are the factors the full run had after `ran` iterations
+    short = run_pipeline(small_ratings, tmp_path / 'short', *base[:1], str(ran), *base[2:])
+    for name in ('row', 'col'):
+        assert np.array_equal(load_model(tmp_path / 'early')[name],
+                              load_model(tmp_path / 'short')[name]), name
+    assert full['iterations_run'] == 8
+
+
+def test_previous_model_is_compared_on_the_same_pairs(tmp_path):
+    rng = np.random.default_rng(3)
+    pairs = rng.choice(90 * 60, size=2500, replace=False)
+    users, items, ratings = pairs // 60 + 1, pairs % 60 + 1, rng.integers(1, 6, 2500)
+    old = write_ratings(tmp_path / 'old.tsv', users[:2000], items[:2000], ratings[:2000])
+    new = write_ratings(tmp_path / 'new.tsv', users[200:], items[200:], ratings[200:])
+    args = ['--model', 'explicit', '--num_iters', '3', '--block_size', '32',
+            '--latent_factors', '3']
+    run_pipeline(old, tmp_path / 'v1', *args)
+    metrics = run_pipeline(new, tmp_path / 'v2', *args, '--previous_model', str(tmp_path / 'v1'))
+    cmp = metrics['comparison']
+    # independent: both published models predict the same pairs
+    v1, v2 = load_model(tmp_path / 'v1'), load_model(tmp_path / 'v2')
+    want = train_in_memory(new, make_config('--input', str(new), *args))
+    tr, tc, ta = want['test_pairs']
+    uid, iid = v2['user'][tr], v2['item'][tc]
+    u1, i1 = {u: n for n, u in enumerate(v1['user'])}, {i: n for n, i in enumerate(v1['item'])}
+    known = np.array([u in u1 and i in i1 for u, i in zip(uid, iid)])
+    assert cmp['pairs'] == int(known.sum()) > 0
+    lo, hi = metrics['rmse_clipped_to']
+
+    def rmse(model, rows, cols):
+        pred = (float(model['global_mean']) + model['row_bias'][rows] + model['col_bias'][cols]
+                + np.einsum('ij,ij->i', model['row'][rows].astype(float),
+                            model['col'][cols].astype(float)))
+        return float(np.sqrt(np.mean((np.clip(pred, lo, hi) - ta[known]) ** 2)))
+    rows1 = np.array([u1[u] for u in uid[known]])
+    cols1 = np.array([i1[i] for i in iid[known]])
+    assert cmp['previous']['test_rmse'] == pytest.approx(rmse(v1, rows1, cols1), rel=1e-5)
+    assert cmp['new']['test_rmse'] == pytest.approx(rmse(v2, tr[known], tc[known]), rel=1e-5)
+    changes = metrics['changes']
+    assert changes['users_added'] == len(set(users[200:]) - set(users[:2000]))
+    assert changes['users_removed'] == len(set(users[:2000]) - set(users[200:]))
+    assert changes['warm_started_items'] == changes['items_kept']
