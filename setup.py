@@ -2,9 +2,9 @@
 
 `install_requires` lists only what Beam workers need at run time (Dataflow's SDK
 container already has apache-beam); the `local` extra adds the pinned Beam used on
-the DirectRunner, `test` adds the test tools, `tune` the tuner's search library
-and `dask` the DaskRunner's engine. run_local.sh / run_tests.sh install
-`.[local,test,tune,dask]` into .venv.
+the DirectRunner, `test` adds the test tools, `tune` the tuner's search library,
+`dask` the DaskRunner's engine and `serve` TensorFlow for the SavedModel export.
+run_local.sh / run_tests.sh install `.[local,test,tune,dask,serve]` into .venv.
 """
 import setuptools
 
@@ -32,5 +32,10 @@ setuptools.setup(
         'tune': ['optuna>=3.6'],
         # Beam's DaskRunner (pipeline/dask_runner.py): what apache-beam[dask] 2.77 needs.
         'dask': ['dask[distributed]>=2024.4.2', 'distributed>=2024.4.2'],
+        # python -m pipeline.export (TensorFlow SavedModel for serving); never imported
+        # by training. 2.18 is the first TensorFlow built for numpy 2; the CPU-only
+        # wheel on Linux (it has no macOS build).
+        'serve': ['tensorflow-cpu>=2.18,<3; sys_platform == "linux"',
+                  'tensorflow>=2.18,<3; sys_platform != "linux"'],
     },
 )
