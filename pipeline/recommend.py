@@ -1,0 +1,372 @@
+"""python -m pipeline.recommend: recommendations from a trained model.
+
+Batch (a Beam pipeline, DirectRunner by default): the top --top_k items for every
+user (or the --users listed), or with --similar_items the most cosine-similar
+items of every item (or the --items listed), written as sharded files under
+--output, staged and published with a _SUCCESS manifest as the trainer does.
+One user (no Beam): --user ID, or --new_user_ratings FILE for a user who was not
+in training (folded in), printed to the terminal.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import sys
+import time
+
+import apache_beam as beam
+import numpy as np
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions, TypeOptions
+
+from pipeline import recommend_batch as rb
+from pipeline.errors import InputError, QuietMarkedErrors, user_message
+from pipeline.model_files import load_model_files
+from pipeline.options import ConfigError, WalsOptions
+from pipeline.publish import (OutputExists, UntrustedModel, check_output, discard,
+                              new_run_id, publish, remove_tree, staging_path)
+from pipeline.write_model import save_json, save_npy
+from wals_core.vocab import lookup_known
+
+log = logging.getLogger('pipeline.recommend')
+
+EPILOG = """Scores: wals and implicit models score an item by u·v (the dot product of the
+user's and the item's factors); explicit models report the predicted rating
+mu + b_u + c_j + u·v and rank by u·v + c_j (mu and b_u are the same for every item of
+a user, so the order is the same). Similar items: the cosine of the item factors
+(explicit: without the bias). Ties go to the smaller item row number.
+Seen items: model/seen/ records every (user, item) pair of the training --input
+(train and hashed test pairs; 4 bytes per rating + 8 per user); they are left out
+unless --include_seen. A user with fewer unseen items than --top_k gets fewer.
+Outputs (batch): OUTPUT/recommendations-NNNNN-of-MMMMM.jsonl (one shard per row
+block of the model; similar_items-... with --similar_items, slices of 8192 items),
+each line {"user": ID, "items": [{"item": ID, "score": s}, ...]} in rank order
+({"item": ID, "similar": [...]} for similar items); --format csv: rows
+user,rank,item,score with a header per shard; --format parquet: the same long
+table (user, rank int32 from 1, item, score float32). IDs keep the model's type
+(int or string). Scores are float32, printed with '%.9g' (exact). Unknown
+--users/--items IDs are counted in metrics.json and listed in
+OUTPUT/errors/unknown_{users,items}-00000-of-00001.txt. The run works in
+OUTPUT.tmp-<run id> and publishes OUTPUT/_SUCCESS last.
+Any other option is a Beam pipeline option, e.g. --direct_running_mode
+multi_processing --direct_num_workers 2; on Dataflow: ./run_dataflow.sh recommend ...
+Examples:
+  python -m pipeline.recommend --model output/run-1 --output output/recs
+  python -m pipeline.recommend --model output/run-1 --output output/sim --similar_items
+  python -m pipeline.recommend --model output/run-1 --user 196
+  python -m pipeline.recommend --model output/run-1 --new_user_ratings me.tsv --json"""
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'expected an integer, got {text!r}') from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f'must be 1 or more, got {value}')
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog='python -m pipeline.recommend', description=__doc__.split('\n\n')[1],
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False)
+    add_arguments(parser)
+    return parser
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument('--model', required=True,
+                        help='A published model folder (local or gs://), as written by '
+                             'python -m pipeline.train; refused unless its _SUCCESS '
+                             'manifest matches every file.')
+    parser.add_argument('--top_k', '--top-k', dest='top_k', type=positive_int, default=10,
+                        help='Items per user (or per item). Default: 10.')
+    parser.add_argument('--include_seen', '--include-seen', dest='include_seen',
+                        action='store_true',
+                        help='Also recommend items the user rated in the training input.')
+    batch = parser.add_argument_group('batch (a Beam pipeline)')
+    batch.add_argument('--output', help='Folder (local or gs://) for the shards, '
+                                        'metrics.json, errors/ and _SUCCESS.')
+    batch.add_argument('--format', dest='fmt', choices=rb.FORMATS, default='jsonl',
+                       help='jsonl (default), csv or parquet.')
+    batch.add_argument('--users', dest='users_file',
+                       help='Only the users in this file (one ID per line).')
+    batch.add_argument('--similar_items', '--similar-items', dest='similar_items',
+                       action='store_true',
+                       help='The top-K most cosine-similar items of every item instead.')
+    batch.add_argument('--items', dest='items_file',
+                       help='With --similar_items: only the items in this file.')
+    batch.add_argument('--overwrite', action='store_true',
+                       help='Replace what is already at --output.')
+    batch.add_argument('--kernel_threads', type=positive_int, default=None,
+                       help='Threads of the top-K kernel per work unit (default: the '
+                            "process's CPUs; results do not depend on it).")
+    one = parser.add_argument_group('one user (no Beam)')
+    one.add_argument('--user', help='Print the recommendations of this user ID.')
+    one.add_argument('--new_user_ratings', '--new-user-ratings', dest='new_user_ratings',
+                     help='Fold in a new user from this file (lines: item<TAB or '
+                          'comma>rating) and print their recommendations.')
+    one.add_argument('--json', action='store_true',
+                     help='Print JSON instead of "item<TAB>score" lines.')
+
+
+def beam_args(rest: list[str]) -> list[str]:
+    """The leftover arguments, which must all be Beam options (a trainer option such
+    as --num_iters is a mistake here, not something to pass on)."""
+    from pipeline.train import unknown_options
+    trainer = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    WalsOptions._add_argparse_args(trainer)
+    flags = {s for a in trainer._actions for s in a.option_strings}
+    bad = [a for a in rest if a.startswith('--') and a.split('=', 1)[0] in flags]
+    bad += [a for a in unknown_options(rest) if a not in bad]
+    if bad:
+        raise ConfigError(f'unknown option(s): {" ".join(bad)} (see --help)')
+    if rest and not rest[0].startswith('-'):
+        raise ConfigError(f'unexpected argument {rest[0]!r} (see --help)')
+    return rest
+
+
+# ---- ID lists --------------------------------------------------------------------
+
+def read_id_file(path: str) -> list[str]:
+    """The IDs of a file, one per line (surrounding spaces trimmed, blank lines
+    skipped), in file order."""
+    try:
+        with FileSystems.open(path) as f:
+            text = f.read().decode('utf-8-sig')
+    except Exception as e:   # noqa: BLE001 - the filesystem's own error says why
+        raise ConfigError(f'cannot read {path}: {e}') from None
+    return [s for s in (line.strip() for line in text.splitlines()) if s]
+
+
+def select(vocab: np.ndarray, ids: list[str]) -> tuple[np.ndarray, list[str], int]:
+    """(sorted unique row numbers, unknown IDs in file order, duplicates) of an ID list."""
+    index = lookup_known(vocab, np.array(ids, dtype=str)) if ids else np.zeros(0, np.int64)
+    unknown = [s for s, i in zip(ids, index.tolist()) if i < 0]
+    known = index[index >= 0]
+    rows = np.unique(known)
+    return rows.astype(np.int64), unknown, int(len(known) - len(rows))
+
+
+# ---- batch -----------------------------------------------------------------------
+
+def _overlaps(a: str, b: str) -> bool:
+    a, b = a.rstrip('/') + '/', b.rstrip('/') + '/'
+    return a.startswith(b) or b.startswith(a)
+
+
+def prepare(args, *, verify: bool = True):
+    """Checks a batch command line and the model. Returns (spec without staging,
+    ModelFiles or None, manifest sha)."""
+    if not args.output:
+        raise ConfigError('--output is required for batch recommendations '
+                          '(or give --user / --new_user_ratings)')
+    if args.items_file and not args.similar_items:
+        raise ConfigError('--items goes with --similar_items (use --users for users)')
+    if args.users_file and args.similar_items:
+        raise ConfigError('--users does not go with --similar_items (use --items)')
+    if _overlaps(args.output, args.model):
+        raise ConfigError(f'--output {args.output} and --model {args.model} overlap: '
+                          'publishing would delete the model')
+    files = sha = None
+    if verify:
+        sha, data = rb.manifest_sha256(args.model)
+        files = load_model_files(args.model)
+        if json.loads(data) != files.manifest:
+            raise UntrustedModel(f'{args.model}/_SUCCESS changed while it was read')
+    return files, sha
+
+
+def run_batch(args, options: PipelineOptions) -> dict:
+    """Verifies the model, runs the pipeline into a staging folder and publishes the
+    shards to args.output. Returns the metrics."""
+    started = time.time()
+    files, sha = prepare(args)
+    check_output(args.output, args.overwrite)
+    selection = unknown = None
+    duplicates = 0
+    side = 'items' if args.similar_items else 'users'
+    id_file = args.items_file if args.similar_items else args.users_file
+    if id_file:
+        requested = read_id_file(id_file)
+        selection, unknown, duplicates = select(getattr(files, side), requested)
+    run_id = new_run_id()
+    output = args.output.rstrip('/')
+    staging = staging_path(output, run_id)
+    spec = rb.BatchSpec(model=files.path, manifest_sha256=sha, staging=staging,
+                        similar=args.similar_items, top_k=args.top_k,
+                        include_seen=args.include_seen, fmt=args.fmt,
+                        selected=selection is not None, kernel_threads=args.kernel_threads)
+    rb.remember_model(files, sha)
+    standard = options.view_as(StandardOptions)
+    standard.runner = standard.runner or 'DirectRunner'
+    options.view_as(TypeOptions).pipeline_type_check = False
+    try:
+        if selection is not None:
+            save_npy(f'{staging}/{rb.SELECTION}', selection)
+            with FileSystems.create(
+                    f'{staging}/errors/unknown_{side}-00000-of-00001.txt') as f:
+                f.write(''.join(f'{s}\n' for s in unknown).encode('utf-8'))
+        pipeline = beam.Pipeline(options=options)
+        rb.build_pipeline(pipeline, spec)
+        built = time.time()
+        log.info('%s: top %d from %s (%d users x %d items, %s model); staging in %s',
+                 spec.kind, args.top_k, files.path, len(files.users), len(files.items),
+                 files.params.model, staging)
+        pipeline.run().wait_until_finish()
+        finished = time.time()
+        with FileSystems.open(f'{staging}/{rb.STATS}') as f:
+            stats = json.loads(f.read())
+        remove_tree(f'{staging}/{rb.WORK_DIR}')
+        counts = {'shards': stats['shards'], side: stats['rows'],
+                  'short_lists': stats['short_lists']}
+        if selection is not None:
+            counts.update({f'requested_{side}': len(selection) + len(unknown) + duplicates,
+                           f'unknown_{side}': len(unknown), f'duplicate_{side}': duplicates})
+        metrics = {
+            'kind': spec.kind, 'model': files.path, 'model_run_id':
+                files.manifest.get('run_id'), 'model_type': files.params.model,
+            'top_k': args.top_k, 'include_seen': args.include_seen, 'format': args.fmt,
+            'counts': counts,
+            'phase_seconds': {'load_model': round(built - started, 3),
+                              'pipeline': round(finished - built, 3),
+                              'shard_work': stats['seconds'],
+                              'total': round(time.time() - started, 3)},
+        }
+        save_json(f'{staging}/metrics.json', metrics)
+        publish(staging, output, {
+            'kind': spec.kind, 'run_id': run_id,
+            'inputs': [{'model': files.path, 'manifest_sha256': sha,
+                        'model_run_id': files.manifest.get('run_id')}]
+            + ([{'path': id_file}] if id_file else []),
+            'parameters': {'top_k': args.top_k, 'include_seen': args.include_seen,
+                           'format': args.fmt, 'similar_items': args.similar_items},
+            'counts': counts})
+    except BaseException:
+        discard(staging)
+        raise
+    log.info('Published %s to %s', spec.kind, output)
+    return metrics
+
+
+# ---- one user --------------------------------------------------------------------
+
+def read_new_user_ratings(path: str) -> list[tuple[str, float]]:
+    """(item ID, rating) per line: item<TAB or comma>rating (blank lines skipped)."""
+    out = []
+    try:
+        with FileSystems.open(path) as f:
+            text = f.read().decode('utf-8-sig')
+    except Exception as e:   # noqa: BLE001
+        raise ConfigError(f'cannot read {path}: {e}') from None
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        fields = [s.strip() for s in (line.split('\t') if '\t' in line else line.split(','))]
+        try:
+            if len(fields) < 2 or not fields[0]:
+                raise ValueError
+            out.append((fields[0], float(fields[1])))
+        except ValueError:
+            raise ConfigError(f'{path} line {n}: expected item<TAB or comma>rating, got '
+                              f'{line!r}') from None
+    if not out:
+        raise ConfigError(f'{path} holds no ratings')
+    return out
+
+
+def run_one_user(args) -> list[tuple]:
+    """Recommendations for --user or --new_user_ratings through the Python API."""
+    from pipeline.recommender import Recommender
+    t0 = time.perf_counter()
+    rec = Recommender.load(args.model)
+    log.info('Loaded %s (%d users x %d items, %s model) in %.2f s', args.model,
+             len(rec.users), len(rec.items), rec.params.model, time.perf_counter() - t0)
+    t1 = time.perf_counter()
+    if args.new_user_ratings:
+        ratings = read_new_user_ratings(args.new_user_ratings)
+        known = []
+        for item, rating in ratings:
+            try:
+                rec.item_index(item)
+                known.append((item, rating))
+            except KeyError:
+                log.warning('new user ratings: item %s is not in the model (skipped)', item)
+        if not known:
+            raise ConfigError(f'no item of {args.new_user_ratings} is in the model')
+        result = rec.recommend_new_user(known, k=args.top_k,
+                                        exclude_rated=not args.include_seen)
+    else:
+        try:
+            rec.user_index(args.user)
+        except KeyError:
+            raise ConfigError(f'user {args.user} is not in the model (a new user: give '
+                              'their ratings with --new_user_ratings)') from None
+        result = rec.recommend(args.user, k=args.top_k, exclude_seen=not args.include_seen)
+    log.info('Recommended in %.3f s', time.perf_counter() - t1)
+    return result
+
+
+def print_one_user(args, result) -> None:
+    if args.json:
+        who = {'user': args.user} if args.user is not None else {'new_user': True}
+        print(json.dumps({**who, 'items': [{'item': i, 'score': float(np.float32(s))}
+                                           for i, s in result]}))
+    else:
+        for item, score in result:
+            print(f'{item}\t{score:.9g}')
+
+
+# ---- main ------------------------------------------------------------------------
+
+def _logging() -> None:
+    logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(message)s')
+    logging.getLogger('apache_beam').setLevel(logging.WARNING)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(QuietMarkedErrors())
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    _logging()
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    one_user = args.user is not None or args.new_user_ratings is not None
+    try:
+        if args.user is not None and args.new_user_ratings:
+            raise ConfigError('--user and --new_user_ratings go separately')
+        extra = beam_args(rest)
+        if one_user and (extra or args.output or args.similar_items or args.users_file):
+            raise ConfigError('--user / --new_user_ratings print one user\'s list: no '
+                              '--output, --users, --similar_items or Beam options')
+    except ConfigError as e:
+        parser.error(str(e))
+    try:
+        if one_user:
+            print_one_user(args, run_one_user(args))
+            return 0
+        metrics = run_batch(args, PipelineOptions(extra))
+    except (ConfigError, OutputExists) as e:
+        parser.error(str(e))
+    except (UntrustedModel, InputError) as e:
+        print(f'error: {getattr(e, "plain", e)}\nNothing was written to '
+              f'{args.output or "the terminal"}.', file=sys.stderr)
+        return 1
+    except Exception as e:   # noqa: BLE001 - runner-wrapped errors become a message
+        message = user_message(e)
+        if message is None:
+            raise
+        print(f'error: {message}\nNothing was published to {args.output}.', file=sys.stderr)
+        return 1
+    print(json.dumps(metrics['counts'], indent=2))
+    print(f'{metrics["kind"]} written to {args.output.rstrip("/")}/ '
+          f'({metrics["phase_seconds"]["total"]:.1f} s)')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
