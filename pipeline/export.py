@@ -125,10 +125,10 @@ class ServingModule(tf.Module):
         self.top_k_max = int(top_k_max)
         self.n_items = n_items
 
-        spec = (tf.TensorSpec([None], tf.string), tf.TensorSpec([], tf.int32, name='k'))
+        k_spec = tf.TensorSpec([], tf.int32, name='k')
 
         @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name='user_ids'),
-                                      spec[1]])
+                                      k_spec])
         def recommend(user_ids, k):
             rows = self.user_table.lookup(user_ids)
             known = rows >= 0
@@ -144,7 +144,7 @@ class ServingModule(tf.Module):
             return self._top(scores, k, known, tf.gather(self.user_shift, safe))
 
         @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name='item_ids'),
-                                      spec[1]])
+                                      k_spec])
         def similar_items(item_ids, k):
             rows = self.item_table.lookup(item_ids)
             known = rows >= 0
