@@ -32,6 +32,34 @@ def parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f'expected true or false, got {text!r}')
 
 
+def add_input_options(group) -> None:
+    """The options that say how to read and split the ratings, shared by the trainer
+    and the tuner (python -m pipeline.tune): --data_type, --delimiter, --headers,
+    --max_bad_fraction, --test_fraction, --split_seed."""
+    group.add_argument('--data_type', '--data-type', dest='data_type', default='ratings',
+                       choices=DATA_TYPES,
+                       help='ratings: lines of user, item, rating[, ignored columns]. '
+                           'web_views: CSV with a header naming clientId, contentId, '
+                           'timeOnPage; time on page is summed per (user, item). '
+                           'Default: ratings.')
+    group.add_argument('--delimiter', default=None,
+                       help='Field delimiter, one character; "\\t" or "tab" for a tab. '
+                           'Default: tab for ratings, comma for web_views.')
+    group.add_argument('--headers', action='store_true',
+                       help='Skip the first non-blank line of every input file (a header).')
+    group.add_argument('--max_bad_fraction', '--max-bad-fraction', dest='max_bad_fraction',
+                       type=float, default=0.001,
+                       help='Fail (and publish nothing) when more than this share of '
+                           'the non-blank lines are bad; bad lines are listed in '
+                           'OUTPUT/errors/. Default: 0.001.')
+    group.add_argument('--test_fraction', '--test-fraction', dest='test_fraction',
+                       type=float, default=0.1,
+                       help='Share of ratings held out for test RMSE, chosen by a stable '
+                           'hash of (user, item, --split_seed). Default: 0.1.')
+    group.add_argument('--split_seed', '--split-seed', dest='split_seed', type=int,
+                       default=0, help='Seed of the train/test split. Default: 0.')
+
+
 class WalsOptions(PipelineOptions):
     """The WALS model and data options (any other Beam option passes through).
     Read them as Beam's examples do: PipelineOptions(argv).view_as(WalsOptions),
@@ -47,32 +75,10 @@ class WalsOptions(PipelineOptions):
                           help='Folder (local or gs://) for model/, metrics.json, errors/ '
                                'and _SUCCESS. Default: a new ./output/run-<timestamp> '
                                'folder.')
-        data.add_argument('--data_type', '--data-type', dest='data_type', default='ratings',
-                          choices=DATA_TYPES,
-                          help='ratings: lines of user, item, rating[, ignored columns]. '
-                               'web_views: CSV with a header naming clientId, contentId, '
-                               'timeOnPage; time on page is summed per (user, item). '
-                               'Default: ratings.')
-        data.add_argument('--delimiter', default=None,
-                          help='Field delimiter, one character; "\\t" or "tab" for a tab. '
-                               'Default: tab for ratings, comma for web_views.')
-        data.add_argument('--headers', action='store_true',
-                          help='Skip the first non-blank line of every input file (a header).')
-        data.add_argument('--max_bad_fraction', '--max-bad-fraction', dest='max_bad_fraction',
-                          type=float, default=0.001,
-                          help='Fail (and publish nothing) when more than this share of '
-                               'the non-blank lines are bad; bad lines are listed in '
-                               'OUTPUT/errors/. Default: 0.001.')
+        add_input_options(data)
         data.add_argument('--overwrite', action='store_true',
                           help='Replace a model already published at --output (otherwise '
                                'the run refuses to start).')
-        data.add_argument('--test_fraction', '--test-fraction', dest='test_fraction',
-                          type=float, default=0.1,
-                          help='Share of ratings held out for test RMSE, chosen by a stable '
-                               'hash of (user, item, --split_seed). Default: 0.1.')
-        data.add_argument('--split_seed', '--split-seed', dest='split_seed', type=int,
-                          default=0, help='Seed of the train/test split. Default: 0.')
-
         model = parser.add_argument_group('model (names and defaults of the original trainer)')
         model.add_argument('--latent_factors', '--latent-factors', dest='latent_factors',
                            type=int, default=None,

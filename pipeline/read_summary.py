@@ -7,9 +7,11 @@ import json
 from collections import Counter
 
 import apache_beam as beam
+from apache_beam.pvalue import AsSingleton
 
 from pipeline.errors import InputError
 from pipeline.parse import BadLine, ParsedChunk
+from pipeline.read import ReadConfig, ReadRatings
 
 
 @dataclasses.dataclass
@@ -111,3 +113,21 @@ def number_bad_lines(chunk: ParsedChunk, summary: ReadSummary):
         yield json.dumps({'file': b.path, 'line': summary.line_number(b.path, chunk.offset, b.index),
                           'offset': b.offset, 'reason': b.reason, 'text': b.text},
                          ensure_ascii=False)
+
+
+class ReadAndCheck(beam.PTransform):
+    """PBegin -> (ParsedChunks, singleton checked ReadSummary, bad-line JSON texts) of
+    one input: too many bad lines (over max_bad_fraction), or none kept, fail the run
+    with an InputError before anything downstream of the summary runs."""
+
+    def __init__(self, config: ReadConfig, max_bad_fraction: float):
+        super().__init__()
+        self._config, self._max_bad = config, max_bad_fraction
+
+    def expand(self, pbegin):
+        chunks = pbegin | 'Read' >> ReadRatings(self._config)
+        reads = (chunks | 'SummarizeReads' >> beam.CombineGlobally(SummarizeReads())
+                 | 'CheckReads' >> beam.Map(check_reads, self._config.pattern, self._max_bad))
+        bad_lines = chunks | 'NumberBadLines' >> beam.FlatMap(number_bad_lines,
+                                                               AsSingleton(reads))
+        return chunks, reads, bad_lines

@@ -18,12 +18,12 @@ from pipeline.blocks import BlockConfig, BuildBlocks
 from pipeline.combine import InBlockOrder
 from pipeline.compare import CompareWithPrevious
 from pipeline.evaluate import EvalConfig, Evaluate
-from pipeline.model_files import PreviousModel, cached_model_files, index_map, stored_matrix
 from pipeline.factors import Alternate, Factors, factors_from_matrix
+from pipeline.model_files import PreviousModel, cached_model_files, index_map, stored_matrix
 from pipeline.options import TrainConfig
-from pipeline.read import ReadConfig, ReadRatings
 from pipeline.rating_stats import SummarizeTraining
-from pipeline.read_summary import ReadSummary, SummarizeReads, check_reads, number_bad_lines
+from pipeline.read import ReadConfig
+from pipeline.read_summary import ReadAndCheck, ReadSummary
 from pipeline.vocabulary import UniqueIds
 from pipeline.write_model import WriteModel
 from wals_core import objectives
@@ -72,15 +72,16 @@ class TrainWals(beam.PTransform):
     def expand(self, pbegin) -> TrainedModel:
         cfg = self._config
         p = cfg.params
-        chunks, reads, bad_lines = pbegin | 'Read' >> _ReadChecked(cfg, cfg.input)
+        chunks, reads, bad_lines = pbegin | 'Read' >> ReadAndCheck(_read_config(cfg, cfg.input),
+                                                               cfg.max_bad_fraction)
         users = (chunks | 'UserIds' >> beam.CombineGlobally(UniqueIds('user_ids'))
                  | 'CountUsers' >> beam.Map(_count_vocab, 'users', AsSingleton(reads)))
         items = (chunks | 'ItemIds' >> beam.CombineGlobally(UniqueIds('item_ids'))
                  | 'CountItems' >> beam.Map(_count_vocab, 'items', AsSingleton(reads)))
         test_chunks = test_reads = None
         if cfg.test_input:
-            test_chunks, test_reads, test_bad = pbegin | 'ReadTest' >> _ReadChecked(
-                cfg, cfg.test_input)
+            test_chunks, test_reads, test_bad = pbegin | 'ReadTest' >> ReadAndCheck(
+                _read_config(cfg, cfg.test_input), cfg.max_bad_fraction)
             bad_lines = (bad_lines, test_bad) | 'AllBadLines' >> beam.Flatten()
         else:
             test_reads = pbegin | 'NoTestInput' >> beam.Create([None])
@@ -130,6 +131,10 @@ class TrainWals(beam.PTransform):
                             checkpoints, comparison, changes)
 
 
+def _read_config(cfg: TrainConfig, pattern: str) -> ReadConfig:
+    return ReadConfig(pattern, cfg.delimiter, cfg.headers, cfg.data_type)
+
+
 def _initial_factors(vocab: Vocabulary, side: str, p, seed: int,
                      warm_from: str | None) -> Factors:
     """Per-ID seeded factors (objectives.initial_matrix); with warm_from, the item
@@ -158,25 +163,6 @@ def _id_changes(users: Vocabulary, items: Vocabulary, previous_path: str,
         out[f'{name}_removed'] = int(len(old) - known.sum())
     out['warm_started_items'] = out['items_kept'] if warm else 0
     return out
-
-
-class _ReadChecked(beam.PTransform):
-    """PBegin -> (ParsedChunks, singleton checked ReadSummary, bad-line JSON texts) of
-    one input pattern: too many bad lines, or none kept, fail the run."""
-
-    def __init__(self, cfg: TrainConfig, pattern: str):
-        super().__init__()
-        self._cfg, self._pattern = cfg, pattern
-
-    def expand(self, pbegin):
-        cfg = self._cfg
-        chunks = pbegin | 'Read' >> ReadRatings(ReadConfig(self._pattern, cfg.delimiter,
-                                                           cfg.headers, cfg.data_type))
-        reads = (chunks | 'SummarizeReads' >> beam.CombineGlobally(SummarizeReads())
-                 | 'CheckReads' >> beam.Map(check_reads, self._pattern, cfg.max_bad_fraction))
-        bad_lines = chunks | 'NumberBadLines' >> beam.FlatMap(number_bad_lines,
-                                                               AsSingleton(reads))
-        return chunks, reads, bad_lines
 
 
 def build_pipeline(pipeline: beam.Pipeline, config: TrainConfig, staging: str,

@@ -27,13 +27,13 @@ from apache_beam.options.pipeline_options import (DirectOptions, PipelineOptions
 from apache_beam.pvalue import AsSingleton
 
 from pipeline.errors import QuietMarkedErrors, user_message
-from pipeline.options import ConfigError, parse_delimiter
+from pipeline.options import ConfigError, add_input_options, parse_delimiter
 from pipeline.publish import discard
 from pipeline.train import split_beam_args
 from pipeline.tune_data import DataConfig, PrepareTuning, load_data
 from pipeline.tune_trials import (MODE_DEFAULTS, Range, TrialSettings, default_trial,
                                   metric_name, search_space, train_and_score)
-from wals_core.params import DATA_TYPES, MODELS, default_wt_type, parse_wt_type
+from wals_core.params import MODELS, default_wt_type, parse_wt_type
 
 log = logging.getLogger('pipeline.tune')
 
@@ -59,19 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help='Ratings file(s): a path or glob, local or gs://.')
     data.add_argument('--output', required=True,
                       help='Folder (local or gs://) for trials.csv and best.json.')
-    data.add_argument('--data_type', '--data-type', dest='data_type', default='ratings',
-                      choices=DATA_TYPES)
-    data.add_argument('--delimiter', default=None,
-                      help='One character; "\\t" or "tab" for a tab. Default: tab for '
-                           'ratings, comma for web_views.')
-    data.add_argument('--headers', action='store_true',
-                      help='Skip the first line of every input file.')
-    data.add_argument('--max_bad_fraction', '--max-bad-fraction', dest='max_bad_fraction',
-                      type=float, default=0.001)
-    data.add_argument('--test_fraction', '--test-fraction', dest='test_fraction', type=float,
-                      default=0.1,
-                      help='The trainer\'s test split (never used here). Default: 0.1.')
-    data.add_argument('--split_seed', '--split-seed', dest='split_seed', type=int, default=0)
+    add_input_options(data)     # the trainer's: read and split the same way
     data.add_argument('--seed', type=int, default=0, help='Seed of the initial factors.')
     data.add_argument('--validation_fraction', type=float, default=0.1,
                       help='Share of the training pairs (by a stable hash) used to score '

@@ -17,8 +17,9 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.pvalue import AsSingleton
 
 from pipeline.parse import ParsedChunk
-from pipeline.read import ReadConfig, ReadRatings
-from pipeline.read_summary import SummarizeReads, check_reads   # the trainer's check
+from pipeline.read import ReadConfig
+from pipeline.read_summary import ReadAndCheck   # the trainer's reading and check
+from pipeline.vocabulary import DistinctIds
 from wals_core.hashing import id_hashes, is_test, mix64
 from wals_core.sparse import merge_duplicates
 from wals_core.vocab import finalize_ids, lookup
@@ -175,26 +176,6 @@ def assemble(pieces: list[Piece], config: DataConfig, input_users: int = 0) -> T
         input_users=input_users or len(users), duplicates_merged=merged)
 
 
-class _DistinctUsers(beam.CombineFn):
-    """ParsedChunks -> sorted str array of every user ID."""
-
-    def create_accumulator(self):
-        return set()
-
-    def add_input(self, acc, chunk: ParsedChunk):
-        acc.update(chunk.user_ids.tolist())
-        return acc
-
-    def merge_accumulators(self, accs):
-        out = set()
-        for a in accs:
-            out |= a
-        return out
-
-    def extract_output(self, acc):
-        return np.array(sorted(acc), dtype=str)
-
-
 def _assemble(pieces: list[Piece], config: DataConfig, input_users, checked_reads) -> TuneData:
     # checked_reads is unused: the side input makes assembly wait for check_reads.
     return assemble(pieces, config, int(input_users))
@@ -220,12 +201,11 @@ class PrepareTuning(beam.PTransform):
 
     def expand(self, pbegin):
         cfg = self._config
-        chunks = pbegin | 'Read' >> ReadRatings(ReadConfig(cfg.input, cfg.delimiter,
-                                                           cfg.headers, cfg.data_type))
-        reads = (chunks | 'SummarizeReads' >> beam.CombineGlobally(SummarizeReads())
-                 | 'CheckReads' >> beam.Map(check_reads, cfg.input, cfg.max_bad_fraction))
+        chunks, reads, _ = pbegin | 'Read' >> ReadAndCheck(
+            ReadConfig(cfg.input, cfg.delimiter, cfg.headers, cfg.data_type),
+            cfg.max_bad_fraction)
         if cfg.sample_users:
-            distinct = chunks | 'Users' >> beam.CombineGlobally(_DistinctUsers())
+            distinct = chunks | 'Users' >> beam.CombineGlobally(DistinctIds('user_ids'))
             kept = distinct | 'Sample' >> beam.Map(sample_users, cfg.sample_users,
                                                    cfg.split_seed)
             input_users = distinct | 'CountUsers' >> beam.Map(len)

@@ -8,8 +8,9 @@ from pipeline.parse import ParsedChunk
 from wals_core.vocab import Vocabulary, finalize_ids
 
 
-class UniqueIds(beam.CombineFn):
-    """ParsedChunks -> Vocabulary of one field (user_ids or item_ids)."""
+class DistinctIds(beam.CombineFn):
+    """ParsedChunks -> sorted str array of the distinct IDs of one field (user_ids or
+    item_ids)."""
 
     def __init__(self, field: str):
         self._field = field
@@ -28,4 +29,11 @@ class UniqueIds(beam.CombineFn):
         return out
 
     def extract_output(self, acc):
-        return Vocabulary(finalize_ids(np.array(sorted(acc), dtype=str)))
+        return np.array(sorted(acc), dtype=str)
+
+
+class UniqueIds(DistinctIds):
+    """ParsedChunks -> Vocabulary of one field (user_ids or item_ids)."""
+
+    def extract_output(self, acc):
+        return Vocabulary(finalize_ids(super().extract_output(acc)))

@@ -275,7 +275,7 @@ def test_blas_runs_single_threaded_inside_a_solve_and_is_restored_after():
                             if p['user_api'] == 'blas']
     with threadpool_limits(limits=2, user_api='blas'):
         before = blas_threads()
-        with solve_mod._single_threaded_blas():
+        with solve_mod.single_threaded_blas():
             seen = blas_threads()
         after = blas_threads()
         x = run(block, np.ones(30), factors, other, 0.01, 0.1)   # a whole solve, too

@@ -30,6 +30,8 @@ import dataclasses
 
 import numpy as np
 
+from wals_core.sparse import check_csr
+
 
 @dataclasses.dataclass(frozen=True)
 class RankingSums:
@@ -85,17 +87,10 @@ def ranking_sums(top_ids: np.ndarray, relevant_indptr: np.ndarray,
         top = top[:, :k]
     else:
         top = np.concatenate([top, np.full((n, k - top.shape[1]), -1, np.int64)], axis=1)
-    indptr = np.asarray(relevant_indptr, dtype=np.int64).reshape(-1)
-    indices = np.asarray(relevant_indices, dtype=np.int64).reshape(-1)
-    if indptr.shape[0] != n + 1:
-        raise ValueError(f'relevant_indptr has {indptr.shape[0]} entries for {n} rows')
-    if n and (indptr[0] < 0 or indptr[-1] > len(indices) or np.any(np.diff(indptr) < 0)):
-        raise ValueError('relevant_indptr must be non-decreasing within relevant_indices')
+    indptr, indices = check_csr(relevant_indptr, relevant_indices, n, 'relevant')
     if n == 0:
         return RankingSums(k=k)
     rel_items = indices[indptr[0]:indptr[-1]]
-    if len(rel_items) and rel_items.min() < 0:
-        raise ValueError('relevant_indices must be >= 0')
     rel_rows = np.repeat(np.arange(n, dtype=np.int64), np.diff(indptr))
 
     # (row, item) pairs as one int64 key: a set per row by np.unique, membership by

@@ -95,7 +95,7 @@ _SAFE_RTOL = 1e-9
 def gramian(factors: np.ndarray) -> np.ndarray:
     """VᵀV in float64."""
     f = np.asarray(factors, dtype=np.float64)
-    with _single_threaded_blas():
+    with single_threaded_blas():
         return f.T @ f
 
 
@@ -268,7 +268,7 @@ class RowSolver:
                     out[b.rows] = call.exact_batch(b)
 
         threads = min(self.threads, len(self.chunks))
-        with _single_threaded_blas():
+        with single_threaded_blas():
             if threads <= 1:
                 for i in range(len(self.chunks)):
                     work(i)
@@ -781,7 +781,7 @@ _blas_controller = None
 
 
 @contextlib.contextmanager
-def _single_threaded_blas():
+def single_threaded_blas():
     """numpy's BLAS on one thread while any solve runs (threadpoolctl; reference
     counted, so overlapping calls from several threads restore it once, at the end)."""
     global _blas_users, _blas_limiter, _blas_controller

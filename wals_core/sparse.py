@@ -96,3 +96,23 @@ def select_rows(indptr: np.ndarray, indices: np.ndarray, rows: np.ndarray
     np.cumsum(lengths, out=out_ptr[1:])
     pos = np.repeat(indptr[rows] - out_ptr[:-1], lengths) + np.arange(out_ptr[-1])
     return out_ptr, np.asarray(indices)[pos]
+
+
+def check_csr(indptr: np.ndarray, indices: np.ndarray, num_rows: int, name: str,
+              num_cols: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(indptr, indices) as int64 after checking they describe `num_rows` rows:
+    num_rows + 1 non-decreasing pointers within indices, and the indices the rows
+    use in [0, num_cols) (only >= 0 when num_cols is None). `name` prefixes the
+    argument names in the errors (e.g. 'exclude' for exclude_indptr)."""
+    indptr = np.asarray(indptr, dtype=np.int64).reshape(-1)
+    indices = np.asarray(indices, dtype=np.int64).reshape(-1)
+    if indptr.shape[0] != num_rows + 1:
+        raise ValueError(f'{name}_indptr has {indptr.shape[0]} entries for {num_rows} rows')
+    if num_rows and (indptr[0] < 0 or indptr[-1] > len(indices) or np.any(np.diff(indptr) < 0)):
+        raise ValueError(f'{name}_indptr must be non-decreasing within {name}_indices')
+    used = indices[indptr[0]:indptr[-1]] if num_rows else indices[:0]
+    if len(used) and used.min() < 0:
+        raise ValueError(f'{name}_indices must be >= 0')
+    if len(used) and num_cols is not None and used.max() >= num_cols:
+        raise ValueError(f'{name}_indices must be in [0, {num_cols})')
+    return indptr, indices

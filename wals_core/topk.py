@@ -53,7 +53,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from wals_core.solve import _single_threaded_blas
+from wals_core.solve import single_threaded_blas
+from wals_core.sparse import check_csr
 
 # Rows per matmul. Fixed (determinism: same sgemm shape for every row); 32 rows ×
 # 10.7k items of float32 = 1.4 MB, inside a 2 MiB L2.
@@ -199,7 +200,7 @@ def top_k(queries: np.ndarray, items: np.ndarray, k: int, *,
 
     starts = range(0, n_q, _TASK_BATCHES * _BATCH_ROWS)
     threads = max(1, min(num_threads or _cpus(), len(starts)))
-    with _single_threaded_blas():
+    with single_threaded_blas():
         if threads == 1:
             for t0 in starts:
                 run_task(t0)
@@ -245,15 +246,7 @@ def _exclusions(indptr, indices, n_q: int, n_items: int):
         return None, None
     if indptr is None or indices is None:
         raise ValueError('exclude_indptr and exclude_indices go together')
-    indptr = np.asarray(indptr, dtype=np.int64).reshape(-1)
-    indices = np.asarray(indices, dtype=np.int64).reshape(-1)
-    if indptr.shape[0] != n_q + 1:
-        raise ValueError(f'exclude_indptr has {indptr.shape[0]} entries for {n_q} queries')
-    if n_q and (indptr[0] < 0 or indptr[-1] > len(indices) or np.any(np.diff(indptr) < 0)):
-        raise ValueError('exclude_indptr must be non-decreasing within exclude_indices')
-    used = indices[indptr[0]:indptr[-1]] if n_q else indices[:0]
-    if len(used) and (used.min() < 0 or used.max() >= n_items):
-        raise ValueError(f'exclude_indices must be in [0, {n_items})')
+    indptr, indices = check_csr(indptr, indices, n_q, 'exclude', n_items)
     return indptr, indices
 
 
