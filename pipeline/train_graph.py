@@ -6,8 +6,6 @@ the output files in write_model.py; this file is the graph, top to bottom.
 """
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import apache_beam as beam
 import numpy as np
 from apache_beam.metrics import Metrics
@@ -18,41 +16,21 @@ from pipeline.blocks import BlockConfig, BuildBlocks
 from pipeline.combine import InBlockOrder
 from pipeline.compare import CompareWithPrevious
 from pipeline.evaluate import EvalConfig, Evaluate
-from pipeline.factors import Alternate, Factors, factors_from_matrix
+from pipeline.alternate import Alternate
+from pipeline.factors import Factors, factors_from_matrix
 from pipeline.model_files import PreviousModel, cached_model_files, index_map, stored_matrix
 from pipeline.options import TrainConfig
 from pipeline.rating_stats import SummarizeTraining
 from pipeline.read import ReadConfig
 from pipeline.read_summary import ReadAndCheck, ReadSummary
 from pipeline.vocabulary import UniqueIds
+from pipeline.trained_model import TrainedModel
 from pipeline.write_model import WriteModel
 from wals_core import objectives
 from wals_core.init import initial_factors
 from wals_core.vocab import Vocabulary
 
 WORK_DIR = '_work'   # inside the staging folder: saved rating blocks, never published
-
-
-class TrainedModel(NamedTuple):
-    """The PCollections a TrainWals run produces (singletons unless noted). A
-    NamedTuple, so that Beam records each as a named output of TrainWals."""
-    users: beam.PCollection        # Vocabulary
-    items: beam.PCollection        # Vocabulary
-    row_factors: beam.PCollection  # Factors (explicit: bias as the last column)
-    col_factors: beam.PCollection  # Factors (explicit: bias as the last column)
-    evaluation: beam.PCollection   # Evaluation (RMSE sums, ranking sums, counts)
-    reads: beam.PCollection        # ReadSummary (checked)
-    test_reads: beam.PCollection   # ReadSummary of --test_input (checked), or None
-    ratings: beam.PCollection      # RatingStats of the training ratings
-    cold_start: beam.PCollection   # int: --test_input pairs with an unknown user or item
-    bad_lines: beam.PCollection    # JSON text per bad line, several
-    timings: beam.PCollection      # (name, wall clock) events, several
-    row_blocks: beam.PCollection   # BlockRef per row block, several (seen items)
-    col_counts: beam.PCollection   # int64 array: training ratings per item
-    states: beam.PCollection       # IterationState per iteration (and the start)
-    checkpoints: beam.PCollection  # (iteration, test metrics) with --eval_every
-    comparison: beam.PCollection   # singleton: both models on the same pairs, or None
-    changes: beam.PCollection      # singleton: IDs added/removed vs previous, or None
 
 
 class TrainWals(beam.PTransform):

@@ -5,23 +5,18 @@ from __future__ import annotations
 import io
 import json
 import time
-from typing import TYPE_CHECKING
 
 import apache_beam as beam
 import numpy as np
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.pvalue import AsList, AsSingleton
 
-from pipeline.errors import NumericalError
 from pipeline.convergence import history
+from pipeline.errors import NumericalError
 from pipeline.options import TrainConfig
+from pipeline.trained_model import TrainedModel
 from wals_core import objectives
 
-if TYPE_CHECKING:
-    from pipeline.train_graph import TrainedModel
-
-MODEL_FILES = ('user.npy', 'item.npy', 'row.npy', 'col.npy')
-BIAS_FILES = ('row_bias.npy', 'col_bias.npy', 'global_mean.npy')   # explicit only
 
 
 def save_npy(path: str, array: np.ndarray) -> None:
