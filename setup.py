@@ -18,9 +18,9 @@ setuptools.setup(
     python_requires='>=3.10',
     install_requires=[
         'numpy>=1.26',
-        'scipy>=1.11',
         'pandas>=2.0',
         'threadpoolctl>=3.1',   # one BLAS thread inside the batched solves
+        'pyarrow>=14',          # the columnar fast path of the parser (pipeline/parse.py)
     ],
     extras_require={
         'local': [BEAM],
