@@ -155,7 +155,7 @@ def test_every_third_party_import_is_declared(sdist):
     undeclared = {m: sorted(p) for m, p in imports.items()
                   if not p & (runtime | set(NOT_REQUIRED)) and not _launcher_only(m, files[m])}
     assert not undeclared, f'imports whose distribution setup.py does not declare: {undeclared}'
-    assert set().union(*LAUNCHER_ONLY.values()) <= extras'
+    assert set().union(*LAUNCHER_ONLY.values()) <= extras
 
 
 # Imports of code that never runs on a training worker, provided by a setup.py extra.
