@@ -20,6 +20,9 @@ from wals_core.params import (DATA_TYPES, MODELS, OPTIMIZED, WalsParams,
 # iteration, 8192 -> 0.80 s, 65536 -> 0.68 s); lower it for more parallel tasks on
 # many workers.
 DEFAULT_BLOCK_SIZE = 16384
+# IDs are stored as fixed-width text arrays (4 bytes per character of the longest
+# ID): 256 covers UUIDs, URLs and paths of typical analytics exports.
+DEFAULT_MAX_ID_LENGTH = 256
 
 
 def parse_bool(text: str) -> bool:
@@ -52,6 +55,12 @@ def add_input_options(group) -> None:
                        help='Fail (and publish nothing) when more than this share of '
                            'the non-blank lines are bad; bad lines are listed in '
                            'OUTPUT/errors/. Default: 0.001.')
+    group.add_argument('--max_id_length', '--max-id-length', dest='max_id_length', type=int,
+                       default=DEFAULT_MAX_ID_LENGTH,
+                       help='A user or item ID longer than this many characters makes its '
+                            'line bad (reason id_too_long): one garbage ID would otherwise '
+                            'widen every ID array. Default: '
+                            f'{DEFAULT_MAX_ID_LENGTH}.')
     group.add_argument('--test_fraction', '--test-fraction', dest='test_fraction',
                        type=float, default=0.1,
                        help='Share of ratings held out for test RMSE, chosen by a stable '
@@ -219,6 +228,7 @@ class TrainConfig:
     seed: int
     block_size: int
     max_bad_fraction: float = 0.001
+    max_id_length: int = DEFAULT_MAX_ID_LENGTH
     test_input: str | None = None
     rank_k: int = 10
     relevance_threshold: float | None = None   # None: by the data (EvalConfig.threshold)
@@ -303,6 +313,7 @@ def config_from_options(options: PipelineOptions) -> TrainConfig:
         (params.alpha >= 0, '--alpha must be 0 or more'),
         (params.epsilon > 0, '--epsilon must be more than 0'),
         (args.rank_k >= 0, '--rank_k must be 0 or more'),
+        (args.max_id_length >= 1, '--max_id_length must be at least 1'),
         (args.tolerance >= 0, '--tolerance must be 0 or more'),
         (args.eval_every >= 0, '--eval_every must be 0 or more'),
         (args.keep_versions is None or args.keep_versions >= 1,
@@ -334,6 +345,7 @@ def config_from_options(options: PipelineOptions) -> TrainConfig:
                        test_fraction=args.test_fraction, split_seed=args.split_seed,
                        seed=args.seed, block_size=args.block_size,
                        max_bad_fraction=args.max_bad_fraction,
+                       max_id_length=args.max_id_length,
                        test_input=args.test_input or None, rank_k=args.rank_k,
                        relevance_threshold=args.relevance_threshold,
                        model_root=args.model_root, previous_model=args.previous_model,

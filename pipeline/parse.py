@@ -38,6 +38,7 @@ class LineFormat:
     nonnegative: bool = False                   # web_views: time on page >= 0
     has_header: bool = False                    # first non-blank line of a file is a header
     quoted: bool = False                        # web_views: CSV quoting ("a,b" is one field)
+    max_id_length: int | None = None            # longer user or item IDs: bad lines
 
 
 @dataclasses.dataclass
@@ -163,6 +164,9 @@ def parse_lines(data: bytes, path: str, base_offset: int, fmt: LineFormat) -> Pa
         if not user or not item:
             reject(n, 'empty_id', line)
             continue
+        if fmt.max_id_length is not None and max(len(user), len(item)) > fmt.max_id_length:
+            reject(n, 'id_too_long', line)
+            continue
         users.append(user)
         items.append(item)
         values.append(fields[v_col].strip())
@@ -236,6 +240,9 @@ def _parse_columnar(data: bytes, path: str, base_offset: int,
     value_codes, value_texts = _encode(table.column(2))
     if not (len(user_ids) and len(item_ids)) or user_ids[0] == '' or item_ids[0] == '':
         return None                      # an empty ID or a blank line
+    if fmt.max_id_length is not None and max(user_ids.dtype.itemsize, item_ids.dtype.itemsize) \
+            > 4 * fmt.max_id_length:
+        return None                      # an ID may be too long: judged line by line
     values = _to_floats(value_texts.tolist())
     if not np.all(np.isfinite(values)) or (fmt.nonnegative and np.any(values < 0)):
         return None

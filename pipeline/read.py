@@ -38,6 +38,7 @@ class ReadConfig:
     headers: bool
     data_type: str
     split_bytes: int = SPLIT_BYTES
+    max_id_length: int | None = None
 
 
 class _PlanRanges(beam.DoFn):
@@ -49,7 +50,7 @@ class _PlanRanges(beam.DoFn):
         path = meta.path
         compression = CompressionTypes.detect_compression_type(path)
         compressed = compression != CompressionTypes.UNCOMPRESSED
-        fmt = LineFormat(cfg.delimiter, has_header=cfg.headers)
+        fmt = LineFormat(cfg.delimiter, has_header=cfg.headers, max_id_length=cfg.max_id_length)
         if cfg.data_type == 'web_views':
             header = _first_nonblank_line(path, compression)
             if header:
@@ -58,7 +59,8 @@ class _PlanRanges(beam.DoFn):
                 except ValueError as e:
                     raise InputError(f'{path}: {e}') from None
                 fmt = LineFormat(cfg.delimiter, columns, width, nonnegative=True,
-                                 has_header=True, quoted=True)
+                                 has_header=True, quoted=True,
+                                 max_id_length=cfg.max_id_length)
             else:   # an empty (or all blank) file
                 fmt = LineFormat(cfg.delimiter, exact_fields=-1, quoted=True)
         if compressed or meta.size_in_bytes <= cfg.split_bytes:

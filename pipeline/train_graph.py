@@ -17,6 +17,7 @@ from pipeline.combine import InBlockOrder
 from pipeline.compare import CompareWithPrevious
 from pipeline.evaluate import EvalConfig, Evaluate
 from pipeline.alternate import Alternate
+from pipeline.errors import InputError
 from pipeline.factors import Factors, factors_from_matrix
 from pipeline.model_files import PreviousModel, cached_model_files, index_map, stored_matrix
 from pipeline.options import TrainConfig
@@ -110,7 +111,8 @@ class TrainWals(beam.PTransform):
 
 
 def _read_config(cfg: TrainConfig, pattern: str) -> ReadConfig:
-    return ReadConfig(pattern, cfg.delimiter, cfg.headers, cfg.data_type)
+    return ReadConfig(pattern, cfg.delimiter, cfg.headers, cfg.data_type,
+                      max_id_length=cfg.max_id_length)
 
 
 def _initial_factors(vocab: Vocabulary, side: str, p, seed: int,
@@ -153,9 +155,15 @@ def build_pipeline(pipeline: beam.Pipeline, config: TrainConfig, staging: str,
     return work_dir
 
 
+MAX_ROWS = 2**31 - 1   # indices travel as int32 and pair keys pack two of them in int64
+
+
 def _count_vocab(vocab: Vocabulary, name: str, checked_reads: ReadSummary) -> Vocabulary:
     # checked_reads is unused: taking it as a side input makes everything after
     # the vocabularies wait until check_reads has passed.
+    if len(vocab) > MAX_ROWS:
+        raise InputError(f'{len(vocab):,} distinct {name}: more than {MAX_ROWS:,}, the most '
+                         'one side can index (int32 indices); nothing was trained')
     Metrics.counter('wals', name).inc(len(vocab))
     return vocab
 

@@ -127,7 +127,7 @@ def config_from_args(args: argparse.Namespace) -> TuneConfig:
     data = DataConfig(args.input, parse_delimiter(args.delimiter, args.data_type),
                       args.headers, args.data_type, args.max_bad_fraction,
                       args.test_fraction, args.split_seed, args.validation_fraction,
-                      args.sample_users)
+                      args.sample_users, args.max_id_length)
     settings = TrialSettings(
         model=args.model, metric=metric,
         num_iters=args.num_iters or MODE_DEFAULTS[args.model]['num_iters'], seed=args.seed,

@@ -46,6 +46,7 @@ class DataConfig:
     split_seed: int
     validation_fraction: float = 0.1
     sample_users: int | None = None   # keep only this many users (hash-chosen)
+    max_id_length: int | None = None
 
 
 @dataclasses.dataclass
@@ -202,7 +203,8 @@ class PrepareTuning(beam.PTransform):
     def expand(self, pbegin):
         cfg = self._config
         chunks, reads, _ = pbegin | 'Read' >> ReadAndCheck(
-            ReadConfig(cfg.input, cfg.delimiter, cfg.headers, cfg.data_type),
+            ReadConfig(cfg.input, cfg.delimiter, cfg.headers, cfg.data_type,
+                       max_id_length=cfg.max_id_length),
             cfg.max_bad_fraction)
         if cfg.sample_users:
             distinct = chunks | 'Users' >> beam.CombineGlobally(DistinctIds('user_ids'))

@@ -384,3 +384,22 @@ def test_publish_without_overwrite_claims_the_folder_in_one_rename(tmp_path, exi
     assert list(manifest['files']) == ['model/row.npy']
     assert (out / SUCCESS).exists() and (out / 'model' / 'row.npy').read_bytes() == b'x'
     assert not staging.exists()
+
+
+def test_an_overlong_id_is_a_bad_line_of_its_own(tmp_path):
+    from tests.pipeline_support import load_model, run_pipeline
+    rng = np.random.default_rng(5)
+    lines = [f'u{rng.integers(0, 40)}\ti{rng.integers(0, 30)}\t{rng.integers(1, 6)}'
+             for _ in range(2000)]
+    lines[700] = 'x' * 10_000 + '\ti3\t4'          # a 10 kB garbage user ID
+    path = tmp_path / 'r.tsv'
+    path.write_text('\n'.join(lines) + '\n')
+    metrics = run_pipeline(path, tmp_path / 'out', '--num_iters', '1')
+    assert metrics['lines']['bad_by_reason'] == {'id_too_long': 1}
+    model = load_model(tmp_path / 'out')
+    assert model['user'].dtype.itemsize <= 4 * 3          # 'u39': not 10,000 wide
+    bad = (tmp_path / 'out' / 'errors').glob('bad_lines*')
+    assert any('"line": 701' in f.read_text() for f in bad)
+    # a larger limit keeps it
+    kept = run_pipeline(path, tmp_path / 'long', '--num_iters', '1', '--max_id_length', '20000')
+    assert kept['lines']['bad'] == 0 and kept['lines']['kept'] == 2000
