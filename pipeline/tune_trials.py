@@ -16,6 +16,7 @@ from wals_core.ranking import ranking_sums
 from wals_core.topk import top_k
 from wals_core.train import Problem, initial_state, train
 
+from pipeline.options import MODE_DEFAULTS as TRAINER_MODE_DEFAULTS, WALS_DEFAULTS
 from pipeline.tune_data import TuneData
 
 RANK_K = 10   # the ndcg metric is NDCG@10
@@ -38,19 +39,21 @@ SPACES: dict[str, dict[str, Range]] = {
              'feature_wt_factor': Range(1.0, 1000.0),   # linear weights
              'feature_wt_exp': Range(0.01, 10.0)},      # log weights
     'implicit': {'latent_factors': Range(4, 128, integer=True),
-                 'regularization': Range(1e-3, 100.0),
+                 'regularization': Range(1e-2, 1000.0),
                  'alpha': Range(0.01, 100.0), 'epsilon': Range(0.01, 100.0)},
     'explicit': {'latent_factors': _K_SMALL, 'regularization': Range(1e-3, 10.0)},
 }
 
 # The CLI defaults of each mode (INTERFACES.md): trial 0 and every unsearched value.
-MODE_DEFAULTS: dict[str, dict] = {
-    'wals': dict(latent_factors=5, num_iters=20, regularization=0.07, unobs_weight=0.01,
-                 feature_wt_factor=130.0, feature_wt_exp=0.08),
-    'implicit': dict(latent_factors=32, num_iters=15, regularization=1.0, alpha=1.0,
-                     epsilon=1.0),
-    'explicit': dict(latent_factors=10, num_iters=15, regularization=0.1),
+_MODE_KEYS = {
+    'wals': ('latent_factors', 'num_iters', 'regularization', 'unobs_weight',
+             'feature_wt_factor', 'feature_wt_exp'),
+    'implicit': ('latent_factors', 'num_iters', 'regularization', 'alpha', 'epsilon'),
+    'explicit': ('latent_factors', 'num_iters', 'regularization'),
 }
+MODE_DEFAULTS: dict[str, dict] = {
+    mode: {k: {**WALS_DEFAULTS, **TRAINER_MODE_DEFAULTS[mode]}[k] for k in keys}
+    for mode, keys in _MODE_KEYS.items()}
 
 
 def search_space(model: str, wt_type: str = 'linear', confidence: str = 'log'
