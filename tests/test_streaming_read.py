@@ -59,3 +59,16 @@ def test_streamed_gz_keeps_every_line_and_exact_line_numbers(tmp_path):
         assert_that(pieces, more_than(40), label='pieces')
         counts = summary | beam.Map(lambda s: (s.counts['header'], s.counts['lines_read']))
         assert_that(counts, equal_to([(1, 2000)]), label='counts')
+
+
+def test_a_gz_larger_than_beams_default_read_is_read_to_the_end(tmp_path):
+    """Beam's CompressedFile.read() with no size returns 16 MiB only: the old reader,
+    which read a compressed file in one read(), silently dropped the rest."""
+    line = b'1\t2\t3\n'
+    n = (17 << 20) // len(line) + 1          # a little over 16 MiB of text
+    path = tmp_path / 'big.tsv.gz'
+    path.write_bytes(gzip.compress(line * n, compresslevel=1))
+    with BeamTestPipeline() as p:
+        kept = (p | ReadRatings(ReadConfig(str(path), '\t', False, 'ratings'))
+                | beam.Map(lambda c: c.counts['kept']) | beam.CombineGlobally(sum))
+        assert_that(kept, equal_to([n]))
