@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from typing import Iterator
 
 import apache_beam as beam
 from apache_beam.io import fileio
@@ -80,11 +81,29 @@ def _first_nonblank_line(path: str, compression: str) -> str:
     return line.decode('utf-8', 'replace')
 
 
+def iter_range_bytes(rng: FileRange, block_bytes: int = SPLIT_BYTES
+                     ) -> Iterator[tuple[int, bytes]]:
+    """(offset of the first line, whole lines' bytes) pieces of a range. A compressed
+    file (one range: it cannot be split) is streamed in pieces of about block_bytes
+    of uncompressed text, so memory stays one piece, not the whole file."""
+    if not rng.compressed:
+        yield read_range_bytes(rng)
+        return
+    with FileSystems.open(rng.path) as f:   # AUTO compression by suffix
+        offset = 0
+        while True:
+            data = f.read(block_bytes)
+            if not data:
+                return
+            if not data.endswith(b'\n'):
+                data += f.readline()          # finish the line that crosses the cut
+            yield offset, data
+            offset += len(data)
+
+
 def read_range_bytes(rng: FileRange) -> tuple[int, bytes]:
-    """(offset of the first owned line, the owned lines' bytes)."""
-    if rng.compressed:
-        with FileSystems.open(rng.path) as f:   # AUTO compression by suffix
-            return 0, f.read()
+    """(offset of the first owned line, the owned lines' bytes) of an uncompressed
+    range."""
     with FileSystems.open(rng.path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
         pos = rng.start
         if pos > 0:
@@ -102,8 +121,12 @@ def read_range_bytes(rng: FileRange) -> tuple[int, bytes]:
 
 
 class _ParseRange(beam.DoFn):
-    def __init__(self):
+    """FileRange -> ParsedChunks: one per range, or one per streamed piece of a
+    compressed file."""
+
+    def __init__(self, block_bytes: int = SPLIT_BYTES):
         self._counters: dict = {}
+        self._block_bytes = block_bytes
 
     def _count(self, name: str, n: int) -> None:
         if name not in self._counters:
@@ -112,12 +135,13 @@ class _ParseRange(beam.DoFn):
 
     def process(self, rng: FileRange):
         started = time.time()
-        offset, data = read_range_bytes(rng)
-        chunk = parse_range(data, rng.path, offset, rng.fmt)
-        for name, n in chunk.counts.items():
-            self._count(name, n)
-        chunk.started_at = started
-        yield chunk
+        for offset, data in iter_range_bytes(rng, self._block_bytes):
+            chunk = parse_range(data, rng.path, offset, rng.fmt)
+            del data
+            for name, n in chunk.counts.items():
+                self._count(name, n)
+            chunk.started_at = started
+            yield chunk
 
 
 class ReadRatings(beam.PTransform):
@@ -133,4 +157,4 @@ class ReadRatings(beam.PTransform):
                 | 'Match' >> fileio.MatchFiles(self._config.pattern)
                 | 'PlanRanges' >> beam.ParDo(_PlanRanges(self._config))
                 | 'Spread' >> beam.Reshuffle()
-                | 'Parse' >> beam.ParDo(_ParseRange()))
+                | 'Parse' >> beam.ParDo(_ParseRange(self._config.split_bytes)))
