@@ -2,8 +2,9 @@
 
 `install_requires` lists only what Beam workers need at run time (Dataflow's SDK
 container already has apache-beam); the `local` extra adds the pinned Beam used on
-the DirectRunner, `test` adds the test tools and `tune` the tuner's search
-library. run_local.sh / run_tests.sh install `.[local,test,tune]` into .venv.
+the DirectRunner, `test` adds the test tools, `tune` the tuner's search library
+and `serve` TensorFlow for the SavedModel export. run_local.sh / run_tests.sh
+install `.[local,test,tune,serve]` into .venv.
 """
 import setuptools
 
@@ -29,5 +30,10 @@ setuptools.setup(
                  'wheel>=0.40'],
         # python -m pipeline.tune (ask-and-tell batches, seeded TPE)
         'tune': ['optuna>=3.6'],
+        # python -m pipeline.export (TensorFlow SavedModel for serving); never imported
+        # by training. 2.18 is the first TensorFlow built for numpy 2; the CPU-only
+        # wheel on Linux (it has no macOS build).
+        'serve': ['tensorflow-cpu>=2.18,<3; sys_platform == "linux"',
+                  'tensorflow>=2.18,<3; sys_platform != "linux"'],
     },
 )

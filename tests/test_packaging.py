@@ -28,7 +28,7 @@ from tests.conftest import ROOT, write_ratings
 PACKAGES = ('pipeline', 'wals_core')
 STAGED_NAME = 'workflow.tar.gz'     # what Dataflow workers pip install
 # Imports of launcher code that never runs on a worker, provided by a setup.py extra.
-LAUNCHER_ONLY = {'pipeline/tune.py': {'optuna'}}
+LAUNCHER_ONLY = {'pipeline/tune.py': {'optuna'}, 'pipeline/export.py': {'tensorflow'}}
 
 
 def source_files() -> set[str]:
