@@ -17,7 +17,9 @@ Contract (`top_k`)
   exclusions and the offsets; not on the other rows of the call, their order, or
   `num_threads`. Every matmul has the same shape (the last batch of rows is padded
   with zero rows to _BATCH_ROWS) and runs with BLAS on one thread, and every later
-  step is exact (comparisons, maxima, selections). Bit-identical across machines
+  step is exact (comparisons, maxima, selections). The padding matters: OpenBLAS's
+  sgemm (AVX-512 build) rounds the last, partial column tile differently for
+  different numbers of rows (tests/test_topk.py shows it). Bit-identical across machines
   only as far as their BLAS builds compute the same float32 dot products.
 
 How it is fast (the cost is the selection over n_queries × n_items scores, not the
@@ -27,7 +29,7 @@ Per batch of _BATCH_ROWS rows (its score matrix fits in L2 cache): scores by sge
 into a reused buffer, excluded items set to -inf, then
 
 1. items are cut into m groups of G (group g = items g, g + m, g + 2m, ...: a strided
-   reshape, so the per-group maxima are G elementwise np.fmax passes);
+   reshape, so the per-group maxima are one np.fmax.reduce over the middle axis);
 2. t = the k-th largest group maximum (np.partition over m values). k groups hold
    an item scoring >= t, so the k-th best score is >= t. If exactly k groups reach t
    (the usual case), every other group is < t: the answer, ties included, lies in
@@ -70,15 +72,18 @@ def _group_size(n_items: int, k: int) -> int:
     return int(min(128, max(8, 2 ** round(np.log2(g)))))
 
 
-def _keys(scores: np.ndarray, index: np.ndarray) -> np.ndarray:
-    """int64 keys ordered as (score desc, index asc) by ascending key value; NaN
-    becomes -inf, -0.0 becomes +0.0."""
-    s = np.fmax(scores, _NEG_INF)   # NaN -> -inf
+def _keys(scores: np.ndarray, low: np.ndarray) -> np.ndarray:
+    """int64 keys ordered as (score desc, index asc) by ascending key value, from
+    float32 scores and low = 2³²-1 - index; NaN becomes -inf, -0.0 becomes +0.0."""
+    s = np.fmax(scores, _NEG_INF)   # a copy; NaN -> -inf
     s += np.float32(0.0)            # -0.0 -> +0.0
     bits = s.view(np.int32)
     # Monotone map float32 -> int32: negative floats have their magnitude bits flipped.
-    mono = np.where(bits < 0, bits ^ np.int32(0x7FFFFFFF), bits)
-    return (mono.astype(np.int64) << 32) | (_LOW - index)
+    bits ^= (bits >> 31) & np.int32(0x7FFFFFFF)
+    keys = bits.astype(np.int64)
+    keys <<= 32
+    keys |= low
+    return keys
 
 
 def _decode(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -154,6 +159,8 @@ def top_k(queries: np.ndarray, items: np.ndarray, k: int, *,
         off_pad = np.zeros(n_pad, dtype=np.float32)
         off_pad[:n_items] = offsets
 
+    low_all = None if grouped else _LOW - np.arange(n_items, dtype=np.int64)
+
     def run_batch(r0: int, buf: np.ndarray, qbuf: np.ndarray) -> None:
         r1 = min(r0 + _BATCH_ROWS, n_q)
         nb = r1 - r0
@@ -177,7 +184,7 @@ def top_k(queries: np.ndarray, items: np.ndarray, k: int, *,
         if grouped:
             top = _grouped_select(s, n_items, g, m, kk)
         else:
-            top = _largest(_keys(s[:, :n_items], np.arange(n_items, dtype=np.int64)), kk)
+            top = _largest(_keys(s[:, :n_items], low_all), kk)
         ids, sc = _decode(top)
         out_ids[r0:r1, :kk] = ids
         out_scores[r0:r1, :kk] = sc
@@ -208,10 +215,8 @@ def _grouped_select(s: np.ndarray, n_items: int, g: int, m: int, k: int) -> np.n
     through the group-maximum bound (module docstring, steps 1-4)."""
     nb = s.shape[0]
     s3 = s.reshape(nb, g, m)
-    gmax = s3[:, 0, :].copy()
-    for r in range(1, g):
-        np.fmax(gmax, s3[:, r, :], out=gmax)   # fmax: NaN only if the whole group is
-    np.fmax(gmax, _NEG_INF, out=gmax)           # NaN -> -inf
+    gmax = np.fmax.reduce(s3, axis=1)    # fmax: NaN only if the whole group is NaN
+    np.fmax(gmax, _NEG_INF, out=gmax)    # NaN -> -inf
     t = np.partition(gmax, m - k, axis=1)[:, m - k]
     chosen = gmax >= t[:, None]
     # Exactly k groups reach t: every other group is < t <= the k-th best score, so
@@ -225,13 +230,13 @@ def _grouped_select(s: np.ndarray, n_items: int, g: int, m: int, k: int) -> np.n
     base = (np.arange(nb, dtype=np.int64) if rows is None else rows) * (m * g)
     cidx = (groups[:, :, None] + np.arange(0, m * g, m, dtype=np.int64)).reshape(-1, k * g)
     cand = s.reshape(-1)[(cidx + base[:, None]).reshape(-1)].reshape(-1, k * g)
-    top_regular = _largest(_keys(cand, cidx), k)
+    top_regular = _largest(_keys(cand, _LOW - cidx), k)
     if rows is None:
         return top_regular
     top = np.empty((nb, k), dtype=np.int64)
     top[rows] = top_regular
     redo = np.flatnonzero(~regular)
-    top[redo] = _largest(_keys(s[redo, :n_items], np.arange(n_items, dtype=np.int64)), k)
+    top[redo] = _largest(_keys(s[redo, :n_items], _LOW - np.arange(n_items, dtype=np.int64)), k)
     return top
 
 
