@@ -1,5 +1,9 @@
 """python -m pipeline.dataflow (run_dataflow.sh): the trainer on Google Cloud Dataflow.
 
+`run_dataflow.sh recommend ...` launches the batch recommendations
+(pipeline.recommend.launch_dataflow) with the same cloud defaults instead;
+`run_dataflow.sh train ...` is the trainer, as is a command line without a module.
+
 The same command line as pipeline.train / run_local.sh (it reuses that parser and
 its validation), plus --project, --region and --bucket gs://B, from which it fills
 in everything else a Dataflow job needs:
@@ -79,6 +83,7 @@ EPILOG = """Defaults (each can be overridden by giving the option):
 Any other option is a Beam/Dataflow option and is passed through, e.g.
   --flexrs_goal COST_OPTIMIZED --service_account_email SA --network N --subnetwork S
   --template_location FILE (stage the job and write its description, do not run)
+Batch recommendations from a model: ./run_dataflow.sh recommend --help
 Examples:
   ./run_dataflow.sh --project P --region us-central1 --bucket gs://B --dry_run
   ./run_dataflow.sh --project P --region us-central1 --bucket gs://B \\

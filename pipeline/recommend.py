@@ -314,7 +314,7 @@ def run_one_user(args) -> list[tuple]:
 def print_one_user(args, result) -> None:
     if args.json:
         who = {'user': args.user} if args.user is not None else {'new_user': True}
-        print(json.dumps({**who, 'items': [{'item': i, 'score': float(np.float32(s))}
+        print(json.dumps({**who, 'items': [{'item': i, 'score': float('%.9g' % np.float32(s))}
                                            for i, s in result]}))
     else:
         for item, score in result:

@@ -329,3 +329,91 @@ def test_single_user_mode_prints_the_batch_line(models, tmp_path, capsys):
     with pytest.raises(SystemExit):
         run('--model', models['explicit'], '--user', 'nobody')
     assert 'not in the model' in capsys.readouterr().err
+
+
+# ---- Dataflow: ./run_dataflow.sh recommend, built offline -------------------------
+
+def test_run_dataflow_sh_launches_recommend(tmp_path):
+    import subprocess
+    from tests.conftest import ROOT
+    from tests.test_dataflow_job import _loopback_only_env
+    proc = subprocess.run([str(ROOT / 'run_dataflow.sh'), 'recommend', '--help'], cwd=tmp_path,
+                          env=_loopback_only_env(tmp_path), capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.startswith('usage: ./run_dataflow.sh recommend')
+    for flag in ('--model', '--similar_items', '--project', '--bucket', '--dry_run'):
+        assert flag in proc.stdout
+
+
+def test_dataflow_dry_run_reads_nothing(tmp_path, monkeypatch, capsys):
+    """The dry run builds the job without reading the model (no server listens)."""
+    from pipeline import dataflow
+    from tests.conftest import ROOT
+    from tests.test_dataflow_job import BASE, BUCKET, _loopback_only_env
+    for key, value in _loopback_only_env(tmp_path).items():
+        monkeypatch.setenv(key, value)
+    assert dataflow.launch(['recommend', *BASE, '--dry_run', '--model',
+                            f'gs://{BUCKET}/models/m1', '--format', 'parquet',
+                            '--top_k', '20']) == 0
+    out = capsys.readouterr().out
+    summary = json.loads(out[out.index('\n{') + 1:])
+    job = summary['job_name']
+    assert job.startswith('wals-recommend-') and 'nothing was submitted' in out
+    assert summary['output'] == f'gs://{BUCKET}/recommendations/{job}'
+    assert (summary['format'], summary['top_k']) == ('parquet', 20)
+    for expected in (f'--temp_location=gs://{BUCKET}/tmp', '--runner=DataflowRunner',
+                     f'--staging_location=gs://{BUCKET}/staging',
+                     f'--setup_file={ROOT / "setup.py"}', f'--job_name={job}'):
+        assert expected in summary['beam_args']
+
+
+@pytest.mark.parametrize('argv, message', [
+    (['--model', 'local/model'], '--model must be a gs:// path'),
+    (['--model', 'gs://b/m', '--output', 'out'], '--output must be a gs:// path'),
+    (['--model', 'gs://b/m', '--runner', 'DirectRunner'], 'runs on Dataflow'),
+    (['--model', 'gs://b/m', '--num_iters', '3'], 'unknown option'),
+])
+def test_dataflow_launcher_refuses_bad_command_lines(argv, message, capsys):
+    from pipeline import dataflow
+    from tests.test_dataflow_job import BASE
+    with pytest.raises(SystemExit):
+        dataflow.launch(['recommend', *BASE, '--dry_run', *argv])
+    assert message in capsys.readouterr().err
+
+
+def test_dataflow_template_job_description(models, emulator, tmp_path, capsys):
+    from apache_beam.portability.api import beam_runner_api_pb2
+    from pipeline import dataflow
+    from tests.conftest import ROOT
+    from tests.gcs_support import PROJECT
+    from tests.test_dataflow_job import REGION, _read, _staged_pipeline
+    import tarfile
+    bucket = 'gs://wals-recommend-test'
+    path = tmp_path / 'job.json'
+    assert dataflow.launch(['recommend', '--project', PROJECT, '--region', REGION,
+                            '--bucket', bucket, '--model', f'{bucket}/models/m',
+                            '--job_name', 'wals-recommend-template',
+                            '--template_location', str(path)]) == 0
+    capsys.readouterr()
+    job = json.loads(path.read_text())
+    assert job['name'] == 'wals-recommend-template'
+    env = job['environment']
+    pool = env['workerPools'][0]
+    assert pool['machineType'] == dataflow.DEFAULT_MACHINE_TYPE
+    assert pool['autoscalingSettings']['maxNumWorkers'] == dataflow.MAX_WORKERS_UNKNOWN_INPUT
+    packages = {p['name']: p['location'] for p in pool['packages']}
+    staged = 'gs://' + packages['workflow.tar.gz'].split('storage.googleapis.com/', 1)[1]
+    with tarfile.open(fileobj=io.BytesIO(_read(staged))) as tar:
+        names = {m.name.split('/', 1)[1] for m in tar.getmembers() if '/' in m.name}
+    for module in ('pipeline/recommend.py', 'pipeline/recommend_batch.py',
+                   'pipeline/model_files.py', 'wals_core/topk.py'):
+        assert module in names
+    assert env['sdkPipelineOptions']['options']['setup_file'] == str(ROOT / 'setup.py')
+    _, pipeline = _staged_pipeline(job)
+    pardos = sorted(t.unique_name for t in pipeline.components.transforms.values()
+                    if t.spec.urn == 'beam:transform:pardo:v1')
+    assert 'Recommend/Write' in pardos and 'Recommend/Shards' in pardos
+    assert any(t.unique_name == 'Recommend/Spread'
+               for t in pipeline.components.transforms.values())
+    del beam_runner_api_pb2
