@@ -302,7 +302,7 @@ def run_one_user(args) -> list[tuple]:
                                         exclude_rated=not args.include_seen)
     else:
         try:
-            rec.user_index(args.user)
+            args.user = rec.user_id(rec.user_index(args.user))   # the model's ID type
         except KeyError:
             raise ConfigError(f'user {args.user} is not in the model (a new user: give '
                               'their ratings with --new_user_ratings)') from None
