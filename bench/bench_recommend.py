@@ -170,7 +170,7 @@ def main(argv=None) -> int:
                  f'implicit {implicit.__version__}, same ids as kernel: '
                  f'{agreement(iids, ids):.5f}'))
     print(f'  implicit  {w:7.2f} s wall {c:7.2f} s CPU (load {la:.1f})', flush=True)
-    del ui, iids
+
 
     pipe = {}
     for fmt in ('parquet', 'jsonl'):

@@ -10,7 +10,6 @@ in training (folded in), printed to the terminal.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import sys
@@ -160,8 +159,8 @@ def _overlaps(a: str, b: str) -> bool:
 
 
 def prepare(args, *, verify: bool = True):
-    """Checks a batch command line and the model. Returns (spec without staging,
-    ModelFiles or None, manifest sha)."""
+    """Checks a batch command line and (with verify) the model: returns (ModelFiles,
+    SHA-256 of its _SUCCESS), or (None, None) without verify."""
     if not args.output:
         raise ConfigError('--output is required for batch recommendations '
                           '(or give --user / --new_user_ratings)')

@@ -150,7 +150,6 @@ def test_byte_identical_across_runs_and_runners(models, tmp_path):
 
 
 def test_users_file_with_unknown_and_duplicate_ids(models, tmp_path):
-    files = load_model_files(str(models['wals']))
     users = tmp_path / 'users.txt'
     users.write_text('900\n5\n  7 \nnobody\n5\n\n99999\n1\n')
     out = tmp_path / 'recs'
@@ -168,7 +167,6 @@ def test_users_file_with_unknown_and_duplicate_ids(models, tmp_path):
     assert counts == {'shards': 2, 'users': 4, 'short_lists': 0, 'requested_users': 7,
                       'unknown_users': 2, 'duplicate_users': 1}
     assert json.loads((out / '_SUCCESS').read_text())['counts'] == counts
-    del files
 
 
 def test_csv_and_parquet_hold_the_jsonl_content(models, tmp_path):
@@ -383,7 +381,6 @@ def test_dataflow_launcher_refuses_bad_command_lines(argv, message, capsys):
 
 
 def test_dataflow_template_job_description(models, emulator, tmp_path, capsys):
-    from apache_beam.portability.api import beam_runner_api_pb2
     from pipeline import dataflow
     from tests.conftest import ROOT
     from tests.gcs_support import PROJECT
@@ -416,4 +413,30 @@ def test_dataflow_template_job_description(models, emulator, tmp_path, capsys):
     assert 'Recommend/Write' in pardos and 'Recommend/Shards' in pardos
     assert any(t.unique_name == 'Recommend/Spread'
                for t in pipeline.components.transforms.values())
-    del beam_runner_api_pb2
+
+
+def test_string_ids_survive_every_format(tmp_path):
+    """IDs that are not integers stay strings, quoted as JSON and CSV require."""
+    pd = pytest.importorskip('pandas')
+    from tests.conftest import write_ratings
+    rng = np.random.default_rng(3)
+    pairs = rng.choice(40 * 30, size=500, replace=False)
+    users = [f'u,{p // 30}' for p in pairs]              # a comma: quoted in CSV
+    items = [f'i"{p % 30}' if p % 2 else f'é{p % 30}' for p in pairs]
+    data = write_ratings(tmp_path / 'r.tsv', users, items, rng.integers(1, 6, 500))
+    model = tmp_path / 'model'
+    run_pipeline(data, model, '--num_iters', '1', '--latent_factors', '3')
+    files = load_model_files(str(model))
+    assert files.users.dtype.kind == 'U'
+    for fmt in ('jsonl', 'csv', 'parquet'):
+        assert run('--model', model, '--output', tmp_path / fmt, '--format', fmt,
+                   '--top_k', 4) == 0
+    lines = read_jsonl(tmp_path / 'jsonl')
+    assert [line['user'] for line in lines] == files.users.tolist()
+    assert {e['item'] for line in lines for e in line['items']} <= set(files.items.tolist())
+    long = [(line['user'], e['item']) for line in lines for e in line['items']]
+    for fmt, reader in (('csv', lambda p: pd.read_csv(p, dtype={'user': str, 'item': str},
+                                                      keep_default_na=False)),
+                        ('parquet', pd.read_parquet)):
+        frame = pd.concat([reader(p) for p in shards(tmp_path / fmt)])
+        assert list(zip(frame['user'], frame['item'])) == long
