@@ -1,5 +1,9 @@
 """python -m pipeline.dataflow (run_dataflow.sh): the trainer on Google Cloud Dataflow.
 
+`run_dataflow.sh recommend ...` launches the batch recommendations
+(pipeline.recommend.launch_dataflow) with the same cloud defaults instead;
+`run_dataflow.sh train ...` is the trainer, as is a command line without a module.
+
 The same command line as pipeline.train / run_local.sh (it reuses that parser and
 its validation), plus --project, --region and --bucket gs://B, from which it fills
 in everything else a Dataflow job needs:
@@ -79,6 +83,7 @@ EPILOG = """Defaults (each can be overridden by giving the option):
 Any other option is a Beam/Dataflow option and is passed through, e.g.
   --flexrs_goal COST_OPTIMIZED --service_account_email SA --network N --subnetwork S
   --template_location FILE (stage the job and write its description, do not run)
+Batch recommendations from a model: ./run_dataflow.sh recommend --help
 Examples:
   ./run_dataflow.sh --project P --region us-central1 --bucket gs://B --dry_run
   ./run_dataflow.sh --project P --region us-central1 --bucket gs://B \\
@@ -92,16 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.description = ('Train the WALS model on Google Cloud Dataflow, reading from '
                           'and writing to Cloud Storage.')
     parser.epilog = EPILOG
-    cloud = parser.add_argument_group('Google Cloud')
-    cloud.add_argument('--project', help='Google Cloud project ID (required).')
-    cloud.add_argument('--region', help='Dataflow region, e.g. us-central1 (required).')
-    cloud.add_argument('--bucket',
-                       help='gs://BUCKET[/prefix] for temp and staging files and the '
-                            'default input and output (required).')
-    cloud.add_argument('--dry_run', '--dry-run', dest='dry_run', type=parse_bool, nargs='?',
-                       const=True, default=False,
-                       help='Build the whole job (graph, worker package) and print what '
-                            'would run; submit nothing and touch no Cloud resource.')
+    add_cloud_arguments(parser)
     return parser
 
 
@@ -170,9 +166,9 @@ def check_graph(size: GraphSize, num_iters: int, experiments: list[str],
     return [UPLOAD_GRAPH]
 
 
-def default_job_name(now: datetime.datetime | None = None) -> str:
+def default_job_name(now: datetime.datetime | None = None, prefix: str = 'wals') -> str:
     now = now or datetime.datetime.now(datetime.timezone.utc)
-    return 'wals-' + now.strftime('%Y%m%d-%H%M%S')
+    return f'{prefix}-' + now.strftime('%Y%m%d-%H%M%S')
 
 
 def default_max_workers(input_bytes: int | None) -> int:
@@ -234,15 +230,29 @@ def _launcher_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def plan(argv: list[str], parser: argparse.ArgumentParser | None = None) -> Plan:
-    """Parses and validates a run_dataflow.sh command line into a Plan; ConfigError
-    says what is wrong. Lists the input (for worker sizing) unless --dry_run."""
-    parser = parser or build_parser()
-    args, rest = parser.parse_known_args(argv)
-    _, passed_on = _launcher_parser().parse_known_args(argv)
-    beam_args = list(train.split_beam_args(rest))
+@dataclasses.dataclass
+class CloudOptions:
+    """The Google Cloud part of a launch, shared by every module run_dataflow.sh starts:
+    the checked --project/--region/--bucket, the job name and the Beam options the
+    launcher fills in (runner, job name, temp and staging under the bucket, the
+    worker package)."""
+    given: PipelineOptions       # the Beam options as given
+    bucket: str
+    job_name: str
+    staging: str
+    extra: list[str]             # options added to the given ones
+
+    @property
+    def worker(self) -> WorkerOptions:
+        return self.given.view_as(WorkerOptions)
+
+
+def cloud_options(args: argparse.Namespace, beam_args: list[str],
+                  job_prefix: str = 'wals') -> CloudOptions:
+    """Checks the cloud flags of a parsed command line and fills in the defaults;
+    ConfigError says what is wrong."""
     given = PipelineOptions(beam_args)
-    cloud, worker = given.view_as(GoogleCloudOptions), given.view_as(WorkerOptions)
+    cloud = given.view_as(GoogleCloudOptions)
     runner = given.view_as(StandardOptions).runner
     if runner and runner.split('.')[-1] not in ('DataflowRunner', 'Dataflow'):
         raise ConfigError(f'run_dataflow.sh runs on Dataflow, not --runner {runner} '
@@ -254,19 +264,10 @@ def plan(argv: list[str], parser: argparse.ArgumentParser | None = None) -> Plan
         raise ConfigError(f'--bucket must be gs://BUCKET[/prefix] with a valid bucket '
                           f'name, got {args.bucket!r}')
     bucket = args.bucket.rstrip('/')
-    job_name = cloud.job_name or default_job_name()
+    job_name = cloud.job_name or default_job_name(prefix=job_prefix)
     if not _JOB_NAME.match(job_name):
         raise ConfigError(f'--job_name {job_name!r}: Dataflow job names are lowercase '
                           'letters, digits and dashes, starting with a letter')
-    wals = PipelineOptions(argv).view_as(WalsOptions)
-    wals.input = wals.input or f'{bucket}/ratings/*'
-    wals.output = wals.output or f'{bucket}/models/{job_name}'
-    for flag in ('input', 'output'):
-        if not getattr(wals, flag).startswith('gs://'):
-            raise ConfigError(f'--{flag} must be a gs:// path: Dataflow workers cannot see '
-                              f'local files (got {getattr(wals, flag)!r})')
-    config = config_from_options(wals)
-
     extra = [f'--project={args.project}', f'--region={args.region}']
     if not runner:
         extra.append('--runner=DataflowRunner')
@@ -282,6 +283,42 @@ def plan(argv: list[str], parser: argparse.ArgumentParser | None = None) -> Plan
             raise ConfigError(f'{SETUP_FILE} not found: run from a source checkout or '
                               'pass --setup_file')
         extra.append(f'--setup_file={SETUP_FILE}')
+    return CloudOptions(given=given, bucket=bucket, job_name=job_name, staging=staging,
+                        extra=extra)
+
+
+def add_cloud_arguments(parser: argparse.ArgumentParser) -> None:
+    """--project, --region, --bucket and --dry_run (every launched module has them)."""
+    cloud = parser.add_argument_group('Google Cloud')
+    cloud.add_argument('--project', help='Google Cloud project ID (required).')
+    cloud.add_argument('--region', help='Dataflow region, e.g. us-central1 (required).')
+    cloud.add_argument('--bucket',
+                       help='gs://BUCKET[/prefix] for temp and staging files and the '
+                            'default input and output (required).')
+    cloud.add_argument('--dry_run', '--dry-run', dest='dry_run', type=parse_bool, nargs='?',
+                       const=True, default=False,
+                       help='Build the whole job (graph, worker package) and print what '
+                            'would run; submit nothing and touch no Cloud resource.')
+
+
+def plan(argv: list[str], parser: argparse.ArgumentParser | None = None) -> Plan:
+    """Parses and validates a run_dataflow.sh command line into a Plan; ConfigError
+    says what is wrong. Lists the input (for worker sizing) unless --dry_run."""
+    parser = parser or build_parser()
+    args, rest = parser.parse_known_args(argv)
+    _, passed_on = _launcher_parser().parse_known_args(argv)
+    beam_args = list(train.split_beam_args(rest))
+    cloud = cloud_options(args, beam_args)
+    job_name, bucket, extra = cloud.job_name, cloud.bucket, cloud.extra
+    wals = PipelineOptions(argv).view_as(WalsOptions)
+    wals.input = wals.input or f'{bucket}/ratings/*'
+    wals.output = wals.output or f'{bucket}/models/{job_name}'
+    for flag in ('input', 'output'):
+        if not getattr(wals, flag).startswith('gs://'):
+            raise ConfigError(f'--{flag} must be a gs:// path: Dataflow workers cannot see '
+                              f'local files (got {getattr(wals, flag)!r})')
+    config = config_from_options(wals)
+    given, worker, staging = cloud.given, cloud.worker, cloud.staging
 
     input_bytes = None
     if not args.dry_run:
@@ -302,7 +339,8 @@ def plan(argv: list[str], parser: argparse.ArgumentParser | None = None) -> Plan
                 train_argv=passed_on + ['--input', config.input, '--output', config.output]
                 + extra,
                 beam_args=beam_args + extra, dry_run=args.dry_run,
-                template_location=cloud.template_location, machine_type=machine_type,
+                template_location=cloud.given.view_as(GoogleCloudOptions).template_location,
+                machine_type=machine_type,
                 max_num_workers=max_workers, input_bytes=input_bytes, graph=size,
                 added_experiments=added)
 
@@ -342,9 +380,18 @@ def build_job(plan: Plan):
     return pipeline.run()
 
 
+MODULES = ('train', 'recommend')    # run_dataflow.sh [MODULE] ...; train by default
+
+
 def launch(argv: list[str]) -> int:
     """run_dataflow.sh without the logging setup: plan, then dry run, template or
-    submission (through pipeline.train, which waits and publishes)."""
+    submission (through pipeline.train, which waits and publishes). A first argument
+    `recommend` launches python -m pipeline.recommend instead (`train`: the trainer)."""
+    if argv[:1] == ['recommend']:
+        from pipeline.recommend import launch_dataflow
+        return launch_dataflow(argv[1:])
+    if argv[:1] == ['train']:
+        argv = argv[1:]
     parser = build_parser()
     try:
         the_plan = plan(argv, parser)

@@ -10,7 +10,6 @@ in training (folded in), printed to the terminal.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import sys
@@ -160,8 +159,8 @@ def _overlaps(a: str, b: str) -> bool:
 
 
 def prepare(args, *, verify: bool = True):
-    """Checks a batch command line and the model. Returns (spec without staging,
-    ModelFiles or None, manifest sha)."""
+    """Checks a batch command line and (with verify) the model: returns (ModelFiles,
+    SHA-256 of its _SUCCESS), or (None, None) without verify."""
     if not args.output:
         raise ConfigError('--output is required for batch recommendations '
                           '(or give --user / --new_user_ratings)')
@@ -302,7 +301,7 @@ def run_one_user(args) -> list[tuple]:
                                         exclude_rated=not args.include_seen)
     else:
         try:
-            rec.user_index(args.user)
+            args.user = rec.user_id(rec.user_index(args.user))   # the model's ID type
         except KeyError:
             raise ConfigError(f'user {args.user} is not in the model (a new user: give '
                               'their ratings with --new_user_ratings)') from None
@@ -314,11 +313,105 @@ def run_one_user(args) -> list[tuple]:
 def print_one_user(args, result) -> None:
     if args.json:
         who = {'user': args.user} if args.user is not None else {'new_user': True}
-        print(json.dumps({**who, 'items': [{'item': i, 'score': float(np.float32(s))}
+        print(json.dumps({**who, 'items': [{'item': i, 'score': float('%.9g' % np.float32(s))}
                                            for i, s in result]}))
     else:
         for item, score in result:
             print(f'{item}\t{score:.9g}')
+
+
+# ---- Dataflow (./run_dataflow.sh recommend ...) -----------------------------------
+
+DATAFLOW_EPILOG = """Defaults (each can be overridden by giving the option):
+  --job_name wals-recommend-<UTC timestamp>  --output gs://B/recommendations/<job name>
+  --temp_location gs://B/tmp  --staging_location gs://B/staging
+  --setup_file <this checkout>/setup.py  --machine_type n1-highmem-4
+  --max_num_workers 4
+Every worker process loads the model once (factors and IDs: about
+(users + items) x (latent_factors + 1) x 4 bytes plus the ID arrays).
+Examples:
+  ./run_dataflow.sh recommend --project P --region us-central1 --bucket gs://B \\
+      --model gs://B/models/wals-20260101-000000 --dry_run
+  ./run_dataflow.sh recommend --project P --region us-central1 --bucket gs://B \\
+      --model gs://B/models/M --output gs://B/recs/M --format parquet"""
+
+
+def launch_dataflow(argv: list[str]) -> int:
+    """./run_dataflow.sh recommend: the batch pipeline on Dataflow. Fills in the cloud
+    defaults as the trainer's launcher does; --dry_run builds the job without reading
+    the model or touching any Cloud resource; --template_location stages it; otherwise
+    this process runs the job, waits and publishes."""
+    from pipeline import dataflow
+    parser = build_parser()
+    parser.prog = './run_dataflow.sh recommend'
+    parser.description = 'Batch recommendations on Google Cloud Dataflow.'
+    parser.epilog = DATAFLOW_EPILOG
+    dataflow.add_cloud_arguments(parser)
+    args, rest = parser.parse_known_args(argv)
+    try:
+        extra = beam_args(rest)
+        if args.user is not None or args.new_user_ratings:
+            raise ConfigError('--user / --new_user_ratings run locally: '
+                              'python -m pipeline.recommend --model ... --user ID')
+        cloud = dataflow.cloud_options(args, extra, job_prefix='wals-recommend')
+        args.output = (args.output or
+                       f'{cloud.bucket}/recommendations/{cloud.job_name}').rstrip('/')
+        for flag in ('model', 'output'):
+            if not getattr(args, flag).startswith('gs://'):
+                raise ConfigError(f'--{flag} must be a gs:// path: Dataflow workers cannot '
+                                  f'see local files (got {getattr(args, flag)!r})')
+        added = list(cloud.extra)
+        if not cloud.worker.machine_type:
+            added.append(f'--machine_type={dataflow.DEFAULT_MACHINE_TYPE}')
+        if not cloud.worker.max_num_workers:
+            added.append(f'--max_num_workers={dataflow.MAX_WORKERS_UNKNOWN_INPUT}')
+        template = cloud.given.view_as(dataflow.GoogleCloudOptions).template_location
+        if args.dry_run or template:
+            prepare(args, verify=False)
+    except ConfigError as e:
+        parser.error(str(e))
+    options = extra + added
+    summary = {'job_name': cloud.job_name, 'project': args.project, 'region': args.region,
+               'model': args.model, 'output': args.output, 'format': args.fmt,
+               'similar_items': args.similar_items, 'top_k': args.top_k,
+               'success_marker': f'{args.output}/_SUCCESS', 'beam_args': options}
+    print(f'Dataflow job {cloud.job_name} (project {args.project}, region {args.region}): '
+          f'{"similar items" if args.similar_items else "recommendations"} from '
+          f'{args.model} to {args.output}', flush=True)
+    if not (args.dry_run or template):
+        print('Submitting. Keep this command running: it waits for the job, then '
+              'publishes the shards.', flush=True)
+        return main([*argv_without_cloud(argv), '--output', args.output, *added])
+    # Built, not run: the model is read by the workers when the job runs (a
+    # template's manifest is the one found then).
+    spec = rb.BatchSpec(model=args.model.rstrip('/'), manifest_sha256=None,
+                        staging=staging_path(args.output, new_run_id()),
+                        similar=args.similar_items, top_k=args.top_k,
+                        include_seen=args.include_seen, fmt=args.fmt,
+                        selected=False, kernel_threads=args.kernel_threads)
+    pipeline = beam.Pipeline(options=PipelineOptions(
+        options + (['--dry_run=True'] if args.dry_run else [])))
+    rb.build_pipeline(pipeline, spec)
+    result = pipeline.run()
+    if args.dry_run:
+        staged = len(result.job.proto_pipeline.SerializeToString())
+        print(f'Dry run: built job {cloud.job_name} ({staged:,} bytes of pipeline graph); '
+              'nothing was submitted.')
+        print(json.dumps(summary, indent=2))
+    else:
+        print(f'Wrote the job description to {template}; nothing was run.')
+    return 0
+
+
+def argv_without_cloud(argv: list[str]) -> list[str]:
+    """argv minus the launcher's own --bucket and --dry_run (and --output, which the
+    caller passes filled in); --project and --region go on as Beam options."""
+    drop = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    drop.add_argument('--bucket')
+    drop.add_argument('--output')
+    drop.add_argument('--dry_run', '--dry-run', nargs='?')
+    _, kept = drop.parse_known_args(argv)
+    return kept
 
 
 # ---- main ------------------------------------------------------------------------
