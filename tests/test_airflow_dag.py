@@ -68,10 +68,20 @@ def test_newest_dump_is_the_last_written_and_markers_are_skipped(check):
     assert check['plan']['input'].endswith('/dumps/2026-01-03/*')
     assert check['no_dump'] == 'AirflowSkipException'
     assert 'wals_dumps_prefix, wals_model_root, wals_project' in check['missing_settings']
+    assert check['default_temp'] == 'gs://mb/tmp'
+
+
+def test_first_version_has_no_previous_model(check):
+    # No ROOT/LATEST yet: the trainer would refuse --previous_model ROOT.
+    first, later = check['plan_first_version'], check['plan']
+    assert 'previous_model' not in first['pipeline_options']
+    assert later['pipeline_options']['previous_model'] == later['model_root']
+    assert first['pipeline_options']['model_root'].endswith('/empty_root')
 
 
 def test_the_command_line_the_operator_runs(check):
-    dump = check['plan']['input']
+    dump, root = check['plan']['input'], check['plan']['model_root']
+    assert not root.endswith('/')
     for code in ('0', '3', '1'):
         run = check['train'][code]
         # The train task's templated fields render from find_newest_dump's XCom.
@@ -88,8 +98,8 @@ def test_the_command_line_the_operator_runs(check):
             '--project=proj',
             '--region=europe-west1',
             f'--input={dump}',
-            '--model_root=gs://b/models/wals',
-            '--previous_model=gs://b/models/wals',
+            f'--model_root={root}',
+            f'--previous_model={root}',
             '--max_regression=0.02',
             '--temp_location=gs://b/tmp',
             '--staging_location=gs://b/tmp/staging',

@@ -119,6 +119,14 @@ def main() -> dict:
     sys.path.insert(0, HERE)
     import wals_retrain_dag as m
 
+    # A real (local) model root: v2 was refused, LATEST still names v1.
+    root = os.path.join(WORK, 'root')
+    write(f'{root}/LATEST', json.dumps({'version': 'v1', 'path': f'{root}/versions/v1'}))
+    for v, passed in (('v1', True), ('v2', False)):
+        write(f'{root}/versions/{v}/report.json', json.dumps({
+            'version': v, 'iterations_run': 5, 'metrics': {'test_rmse': 1.0},
+            'gate': {'passed': passed, 'reason': f'reason {v}'}, 'changes': None}))
+
     # find_newest_dump on real files: a dated folder written last wins over a newer
     # name written earlier; markers and hidden files are not dumps.
     dumps = os.path.join(WORK, 'dumps')
@@ -127,10 +135,13 @@ def main() -> dict:
     write(f'{dumps}/2026-01-03/part-1.tsv', 'u\ti\t1\n', mtime=3_000)
     write(f'{dumps}/2026-01-03/_SUCCESS', '', mtime=9_000)
     write(f'{dumps}/.partial/part-0.tsv', '', mtime=9_000)
-    params = {'dumps_prefix': dumps, 'model_root': 'gs://b/models/wals',
-              'project': 'proj', 'region': 'europe-west1', 'code_dir': '/dags/wals'}
+    params = {'dumps_prefix': dumps, 'model_root': root + '/', 'project': 'proj',
+              'region': 'europe-west1', 'temp_location': 'gs://b/tmp',
+              'code_dir': '/dags/wals'}
     plan = m.find_newest_dump(params=params)
     result['plan'] = plan
+    result['plan_first_version'] = m.find_newest_dump(
+        params=dict(params, model_root=os.path.join(WORK, 'empty_root')))
     try:
         m.find_newest_dump(params=dict(params, dumps_prefix=os.path.join(WORK, 'none')))
         result['no_dump'] = 'no exception'
@@ -141,17 +152,13 @@ def main() -> dict:
         result['missing_settings'] = 'no exception'
     except Exception as e:   # noqa: BLE001
         result['missing_settings'] = str(e)
+    result['default_temp'] = m.resolve_settings(
+        {'dumps_prefix': 'gs://d/x', 'model_root': 'gs://mb/models/wals', 'project': 'p'},
+        lambda key, default: default)['temp_location']
 
     train = dag.get_task('train')
     result['train'] = {str(code): run_train(train, plan, code) for code in (0, 3, 1)}
 
-    # report on a real (local) model root: v2 was refused, LATEST still names v1.
-    root = os.path.join(WORK, 'root')
-    write(f'{root}/LATEST', json.dumps({'version': 'v1', 'path': f'{root}/versions/v1'}))
-    for v, passed in (('v1', True), ('v2', False)):
-        write(f'{root}/versions/{v}/report.json', json.dumps({
-            'version': v, 'iterations_run': 5, 'metrics': {'test_rmse': 1.0},
-            'gate': {'passed': passed, 'reason': f'reason {v}'}, 'changes': None}))
     runs = {}
     for name, train_xcom in (('kept', {'exit_code': 3, 'version': 'v2'}),
                              ('promoted', {'exit_code': 0, 'version': 'v1'}),

@@ -116,16 +116,19 @@ def _as_list(value) -> list:
     return value if isinstance(value, list) else [value]
 
 
-def plan_run(settings: dict, dump: str) -> dict:
+def plan_run(settings: dict, dump: str, has_latest: bool) -> dict:
     """What the train task runs for a dump: the trainer's options (the operator adds
     --runner, --project, --region, --job_name and --labels from the Dataflow
-    configuration) and that configuration."""
+    configuration) and that configuration. --previous_model ROOT only once ROOT has a
+    LATEST: the trainer refuses a --previous_model that names no model, and the
+    root's first version has nothing to start from or be gated against."""
     root = settings['model_root'].rstrip('/')
     temp = settings['temp_location'].rstrip('/')
     options = {
         'input': dump,
         'model_root': root,
-        'previous_model': root,       # warm start from ROOT/LATEST and gate against it
+        # warm start from ROOT/LATEST and gate against it
+        **({'previous_model': root} if has_latest else {}),
         'max_regression': str(settings['max_regression']),
         'temp_location': temp,
         'staging_location': f'{temp}/staging',
@@ -215,8 +218,11 @@ def find_newest_dump(params: dict, **_) -> dict:
     dump = newest_dump(list_objects(settings['dumps_prefix']), settings['dumps_prefix'])
     if dump is None:
         raise AirflowSkipException(f'no dump under {settings["dumps_prefix"]}')
-    log.info('Newest dump: %s', dump)
-    return dict(plan_run(settings, dump), model_root=settings['model_root'].rstrip('/'))
+    root = settings['model_root'].rstrip('/')
+    has_latest = read_text(f'{root}/LATEST') is not None
+    log.info('Newest dump: %s; %s', dump, f'previous model: {root}/LATEST' if has_latest
+             else f'no {root}/LATEST yet: the first version (cold start, no gate)')
+    return dict(plan_run(settings, dump, has_latest), model_root=root)
 
 
 class WalsTrainOperator(BeamRunPythonPipelineOperator):
