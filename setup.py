@@ -21,6 +21,7 @@ setuptools.setup(
         'scipy>=1.11',
         'pandas>=2.0',
         'threadpoolctl>=3.1',   # one BLAS thread inside the batched solves
+        'matplotlib>=3.8',      # convergence.png (pipeline/report.py, in the launcher)
     ],
     extras_require={
         'local': [BEAM],
