@@ -128,7 +128,10 @@ def resolve_model_path(path: str) -> str:
     if FileSystems.exists(latest):
         with FileSystems.open(latest) as f:
             pointer = json.loads(f.read())
-        folder = pointer['path'].rstrip('/')
+        # The version under this root (so a root copied elsewhere still works);
+        # "path" is where it was published.
+        folder = (f'{root}/versions/{pointer["version"]}' if pointer.get('version')
+                  else pointer['path'].rstrip('/'))
         want = pointer.get('manifest_sha256')
         if want and hashlib.sha256(read_manifest_bytes(folder)).hexdigest() != want:
             raise UntrustedModel(f'{latest} names {folder}, whose {SUCCESS} is not the one '
