@@ -21,6 +21,7 @@ setuptools.setup(
         'pandas>=2.0',
         'threadpoolctl>=3.1',   # one BLAS thread inside the batched solves
         'pyarrow>=14',          # the columnar fast path of the parser (pipeline/parse.py)
+        'matplotlib>=3.8',      # convergence.png (pipeline/report.py, in the launcher)
     ],
     extras_require={
         'local': [BEAM],

@@ -10,11 +10,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
+import json
 
 import numpy as np
 from apache_beam.io.filesystems import FileSystems
 
-from pipeline.publish import SUCCESS, UntrustedModel, read_manifest
+from pipeline.publish import (SUCCESS, UntrustedModel, old_copies, read_manifest,
+                              read_manifest_bytes)
 from wals_core.params import WalsParams
 
 SEEN_PREFIX = 'model/seen/'
@@ -86,8 +88,9 @@ def params_from_manifest(manifest: dict) -> WalsParams:
 
 
 def load_model_files(path: str) -> ModelFiles:
-    """The model published at `path` (local or gs://), every file verified."""
-    root = path.rstrip('/')
+    """The model published at `path` (local or gs://; a model root: its LATEST),
+    every file verified."""
+    root = resolve_model_path(path)
     manifest = read_manifest(root)
     params = params_from_manifest(manifest)
     out = ModelFiles(root, manifest, params, _npy(root, manifest, 'user'),
@@ -113,13 +116,31 @@ class PreviousModel:
 
 
 def resolve_model_path(path: str) -> str:
-    """The model folder `path` names: a model root's LATEST target, or path itself."""
+    """The model folder `path` names, for every reader:
+    - a model root (it holds LATEST): the version LATEST names, after checking that
+      its _SUCCESS is the one LATEST recorded (manifest_sha256);
+    - a model folder with _SUCCESS: itself;
+    - a folder an --overwrite was replacing when it was killed (no _SUCCESS, but a
+      complete output.old-<run id> copy beside it): that copy;
+    - anything else: path itself (the reader then refuses it)."""
     root = path.rstrip('/')
     latest = f'{root}/{LATEST}'
     if FileSystems.exists(latest):
-        import json
         with FileSystems.open(latest) as f:
-            return json.loads(f.read())['path'].rstrip('/')
+            pointer = json.loads(f.read())
+        # The version under this root (so a root copied elsewhere still works);
+        # "path" is where it was published.
+        folder = (f'{root}/versions/{pointer["version"]}' if pointer.get('version')
+                  else pointer['path'].rstrip('/'))
+        want = pointer.get('manifest_sha256')
+        if want and hashlib.sha256(read_manifest_bytes(folder)).hexdigest() != want:
+            raise UntrustedModel(f'{latest} names {folder}, whose {SUCCESS} is not the one '
+                                 'it recorded')
+        return folder
+    if not FileSystems.exists(f'{root}/{SUCCESS}'):
+        copies = old_copies(root)
+        if copies:
+            return copies[0]
     return root
 
 

@@ -12,6 +12,7 @@ in-memory numpy trainer (no Beam) that the tests compare the pipeline with.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -28,8 +29,11 @@ from pipeline.model_files import (LATEST, PreviousModel, load_model_files,
 from pipeline.train_graph import build_pipeline
 from pipeline.write_model import save_json
 from pipeline.options import ConfigError, TrainConfig, WalsOptions, config_from_options
+from pipeline.model_root import promote, prune, read_latest, version_name, version_path
 from pipeline.publish import (OutputExists, UntrustedModel, check_output, describe_inputs,
                               discard, new_run_id, publish, remove_tree, staging_path)
+from pipeline.report import (PLOT, build_report, gate_decision, plot_convergence,
+                             summary_lines, write_report)
 from pipeline.shared_storage import SharedStorageOptions, check_shared_paths  # noqa: F401
 
 log = logging.getLogger('pipeline.train')
@@ -131,13 +135,22 @@ def resolve_previous(config: TrainConfig) -> PreviousModel | None:
 
 
 def run(config: TrainConfig, options: PipelineOptions, overwrite: bool = False) -> dict:
-    """Builds and runs the pipeline into a staging folder, then publishes the model
-    to config.output with its _SUCCESS manifest. Returns the metrics."""
+    """Builds and runs the pipeline into a staging folder, writes report.json and
+    convergence.png there, then publishes the model with its _SUCCESS manifest: to
+    config.output, or with --model_root to ROOT/versions/<version>/, and then points
+    ROOT/LATEST at it when the gate passes. Returns the metrics (metrics.json) with
+    two more keys: 'report' (report.json) and 'outcome' (published, promoted,
+    message)."""
     started = time.time()
     config = check_shared_paths(config, options)
     inputs = check_inputs(config.input)
-    check_output(config.output, overwrite)
     run_id = new_run_id()
+    root = version = None
+    if config.model_root:
+        root, version = config.output.rstrip('/'), version_name(run_id)
+        config = dataclasses.replace(config, output=version_path(root, version))
+        overwrite = False          # a version is new by construction
+    check_output(config.output, overwrite)
     staging = staging_path(config.output, run_id)
     standard = options.view_as(StandardOptions)
     standard.runner = standard.runner or 'DirectRunner'
@@ -164,15 +177,56 @@ def run(config: TrainConfig, options: PipelineOptions, overwrite: bool = False) 
         total=round(finished - started, 3))
     save_json(path, metrics)
     remove_tree(work_dir)      # the saved rating blocks: not part of a model
+    try:
+        previous_files = load_model_files(previous.path) if previous is not None else None
+        gate = gate_decision(metrics.get('comparison') if previous is not None else None,
+                             config.gate_metric, config.max_regression)
+        report = build_report(metrics, staging, gate, previous_files, config.output, version)
+        write_report(staging, report)
+        plot_convergence(metrics.get('history', []), f'{staging}/{PLOT}',
+                         f'--model {config.params.model}, k={config.params.latent_factors}')
+    except BaseException:
+        discard(staging)
+        raise
+    outcome = {'published': config.output, 'promoted': False, 'gate_passed': gate['passed']}
+    if (not gate['passed'] and root is None and previous is not None
+            and overwrite and previous.path.rstrip('/') == config.output.rstrip('/')):
+        discard(staging)   # --overwrite would replace the very model the gate kept
+        metrics.update(report=report, outcome=dict(
+            outcome, published=None,
+            message=f'Not published: {config.output} keeps the previous model.'))
+        return metrics
     counts = {k: metrics[k] for k in COUNT_KEYS}
     try:   # checked again here: another run may have published since the start
         publish(staging, config.output, {'run_id': run_id, 'inputs': inputs,
                                          'parameters': config.describe(), 'counts': counts,
-                                         'lines': metrics['lines']}, overwrite=overwrite)
+                                         'lines': metrics['lines']}, overwrite=overwrite,
+                run_id=run_id)
     except OutputExists:
         discard(staging)
         raise
     log.info('Published the model to %s', config.output)
+    if root is None:
+        outcome['message'] = f'Published to {config.output}.'
+    elif gate['passed']:
+        moved, latest = promote(root, version, metrics)
+        outcome['promoted'] = moved
+        if moved:
+            outcome['message'] = f'Promoted: {root}/{LATEST} -> {version}.'
+            if config.keep_versions:
+                pruned = prune(root, config.keep_versions)
+                outcome['pruned'] = pruned
+                if pruned:
+                    outcome['message'] += f' Pruned {len(pruned)} old version(s).'
+        else:
+            outcome['message'] = (f'Published {version}, but {root}/{LATEST} already names '
+                                  f'the newer version {latest["version"]}: not moved.')
+    else:
+        current = read_latest(root)
+        outcome['message'] = (f'Kept the previous model: {root}/{LATEST} still names '
+                              f'{current["version"] if current else "no version"}; the new '
+                              f'model is published as {version}.')
+    metrics.update(report=report, outcome=outcome)
     return metrics
 
 
@@ -211,9 +265,21 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps({k: metrics[k] for k in ('train_rmse', 'test_rmse', *COUNT_KEYS)},
                      indent=2))
     print(f'Lines: {json.dumps(metrics["lines"])}')
-    out = config.output.rstrip('/')
-    print(f'Model written to {out}/model/ (metrics: {out}/metrics.json)')
+    outcome, report = metrics['outcome'], metrics['report']
+    out = outcome['published']
+    if out:
+        out = out.rstrip('/')
+        print(f'Model written to {out}/model/ (metrics: {out}/metrics.json, report: '
+              f'{out}/report.json, plot: {out}/{PLOT})')
+    print('\n'.join(summary_lines(report, outcome['message'])))
+    if not report['gate']['passed']:
+        print(f'error: the gate refused the new model: {report["gate"]["reason"]}. '
+              f'{outcome["message"]}', file=sys.stderr)
+        return EXIT_GATE
     return 0
+
+
+EXIT_GATE = 3   # the gate kept the previous model (not a crash: see the README)
 
 
 if __name__ == '__main__':
