@@ -16,6 +16,7 @@ from pipeline.errors import NumericalError
 from pipeline.options import TrainConfig
 from pipeline.trained_model import TrainedModel
 from wals_core import objectives
+from wals_core.sparse import pair_keys
 
 
 
@@ -77,10 +78,13 @@ def seen_items(block, include_test: bool = True) -> tuple[np.ndarray, np.ndarray
     if include_test:
         rows = np.concatenate([rows, block.test_rows.astype(np.int64)])
         cols = np.concatenate([cols, block.test_cols.astype(np.int64)])
-    order = np.lexsort((cols, rows))
+    if include_test and len(block.test_rows):
+        # one int64 sort of (row, col) keys: several times faster than lexsort
+        keys = np.sort(pair_keys(rows, cols))
+        rows, cols = keys >> np.int64(31), keys & np.int64(2**31 - 1)
     indptr = np.zeros(block.num_rows + 1, np.int64)
     np.cumsum(np.bincount(rows, minlength=block.num_rows), out=indptr[1:])
-    return indptr, cols[order].astype(np.int32)
+    return indptr, cols.astype(np.int32)
 
 
 def _write_seen(ref, dest: str, include_test: bool) -> str:
