@@ -155,4 +155,5 @@ def test_launcher_passes_the_trainers_exit_code_through(tmp_path):
         'def main(argv):\n    print("stand-in", argv)\n    return 3\n')
     proc = _launch(['--setup_file', str(project / 'setup.py'), '--input=x'], tmp_path)
     assert proc.returncode == 3, proc.stderr
-    assert proc.stdout.strip() == f"stand-in ['--setup_file', '{project}/setup.py', '--input=x']"
+    argv = ['--setup_file', f'{project}/setup.py', '--input=x']
+    assert proc.stdout.strip() == f'stand-in {argv}'

@@ -12,7 +12,6 @@ import copy
 import json
 import os
 import sys
-import textwrap
 import traceback
 
 HERE = os.path.dirname(os.path.abspath(__file__))

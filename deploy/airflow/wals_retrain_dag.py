@@ -31,7 +31,10 @@ import shlex
 from airflow.providers.apache.beam.operators.beam import BeamRunPythonPipelineOperator
 from airflow.providers.common.compat.sdk import (DAG, AirflowException, AirflowSkipException,
                                                  Param, Variable)
-from airflow.providers.standard.operators.python import PythonOperator
+try:
+    from airflow.providers.standard.operators.python import PythonOperator
+except ImportError:   # Airflow 2 without the standard provider
+    from airflow.operators.python import PythonOperator
 
 log = logging.getLogger(__name__)
 
