@@ -143,7 +143,7 @@ def _replace_copying(staging: str, output: str, files: list[str], run_id: str) -
     output.old-<run id> (its _SUCCESS copied last), then untrusted in place (its
     _SUCCESS deleted) and deleted; the new files move in under their final names and
     the new _SUCCESS is written last; then the copy is deleted."""
-    old = list_files(output) if FileSystems.exists(output) else []
+    old = list_files(output)   # an object store has no folder to test for
     if SUCCESS in old:
         aside = aside_path(output, run_id)
         rest = [f for f in old if f != SUCCESS]

@@ -19,7 +19,7 @@ BUCKET = 'wals-gcs-test'
 # Fields that legitimately differ between two runs of the same data: wall times,
 # run ids and publication times. Paths differ only by their root (gs://BUCKET/ versus
 # a local folder with the same layout below it) and are compared below that root.
-VOLATILE_KEYS = {'phase_seconds', 'published', 'run_id'}
+VOLATILE_KEYS = {'phase_seconds', 'published', 'run_id', 'seconds', 'solve_seconds'}
 
 
 def _ratings(seed: int, n: int) -> str:
