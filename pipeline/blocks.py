@@ -27,6 +27,7 @@ class BlockConfig:
     test_fraction: float
     split_seed: int
     duplicates: str            # 'mean' (ratings) or 'sum' (web_views)
+    holdout: bool = False      # test pairs come from --test_input, not the hashed split
 
 
 _EMPTY = (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float64),
@@ -54,19 +55,40 @@ def _key_by_block(rows, cols, values, flags, block_size):
 
 
 class _IndexChunk(beam.DoFn):
-    """ParsedChunk -> (row block id, (user idx, item idx, value, is_test))."""
+    """ParsedChunk -> (row block id, (user idx, item idx, value, is_test)).
 
-    def __init__(self, config: BlockConfig):
+    Training chunks are split by the stable pair hash, or are all training when the
+    test pairs come from a held-out file (config.holdout). Chunks of that file
+    (test=True) are all test; their pairs whose user or item is not in the training
+    vocabulary are cold start: counted on the COLD output, not placed in a block."""
+    COLD = 'cold_start'
+
+    def __init__(self, config: BlockConfig, test: bool = False):
         self._config = config
+        self._test = test
 
     def process(self, chunk: ParsedChunk, users: Vocabulary, items: Vocabulary):
         if not len(chunk.values):
             return
-        rows = users.lookup(chunk.user_ids)[chunk.user_codes]
-        cols = items.lookup(chunk.item_ids)[chunk.item_codes]
-        test = is_test(users.hashes[rows], items.hashes[cols], self._config.split_seed,
-                       self._config.test_fraction)
-        yield from _key_by_block(rows, cols, chunk.values, test, self._config.block_size)
+        cfg = self._config
+        values = chunk.values
+        if self._test:
+            rows = users.lookup_known(chunk.user_ids)[chunk.user_codes]
+            cols = items.lookup_known(chunk.item_ids)[chunk.item_codes]
+            known = (rows >= 0) & (cols >= 0)
+            if not np.all(known):
+                yield beam.pvalue.TaggedOutput(self.COLD, int((~known).sum()))
+                rows, cols, values = rows[known], cols[known], values[known]
+            flags = np.ones(len(rows), bool)
+        else:
+            rows = users.lookup(chunk.user_ids)[chunk.user_codes]
+            cols = items.lookup(chunk.item_ids)[chunk.item_codes]
+            if cfg.holdout:
+                flags = np.zeros(len(rows), bool)
+            else:
+                flags = is_test(users.hashes[rows], items.hashes[cols], cfg.split_seed,
+                                cfg.test_fraction)
+        yield from _key_by_block(rows, cols, values, flags, cfg.block_size)
 
 
 def _all_block_keys(_, vocab: Vocabulary, block_size: int):
@@ -80,6 +102,15 @@ def _concat(pieces):
     return tuple(np.concatenate([p[f] for p in pieces]) for f in range(4))
 
 
+def _merge_each(rows, cols, values, test, how: str):
+    """merge_duplicates of the training and the test triples separately, each sorted
+    by (row, col); returns them concatenated (training first) with the flags."""
+    parts = [merge_duplicates(rows[m], cols[m], values[m], how) for m in (~test, test)]
+    out = [np.concatenate([p[f] for p in parts]) for f in range(3)]
+    flags = np.repeat([False, True], [len(parts[0][0]), len(parts[1][0])])
+    return (*out, flags, parts[0][4] + parts[1][4])
+
+
 class _BuildRowBlock(beam.DoFn):
     def __init__(self, config: BlockConfig, folder: str):
         self._config = config
@@ -90,8 +121,13 @@ class _BuildRowBlock(beam.DoFn):
         block_id, pieces = keyed
         cfg = self._config
         rows, cols, values, test = _concat(pieces)
-        rows, cols, values, test, merged = merge_duplicates(rows, cols, values,
-                                                            cfg.duplicates, test)
+        if cfg.holdout:
+            # A pair may be in both files: merge duplicates within each side only.
+            rows, cols, values, test, merged = _merge_each(rows, cols, values, test,
+                                                           cfg.duplicates)
+        else:   # the split is a function of the pair: duplicates share their flag
+            rows, cols, values, test, merged = merge_duplicates(rows, cols, values,
+                                                                cfg.duplicates, test)
         self._merged.inc(merged)
         start = block_id * cfg.block_size
         n = min(cfg.block_size, len(users) - start)
@@ -136,12 +172,14 @@ class BuildBlocks(beam.PTransform):
     BlockRef to RatingBlocks saved under `folder`. Needs the user and item
     vocabularies (singleton PCollections)."""
 
-    def __init__(self, config: BlockConfig, users, items, folder: str):
+    def __init__(self, config: BlockConfig, users, items, folder: str, test_chunks=None):
         super().__init__()
         self._config = config
         self._folder = folder.rstrip('/')
         self._users = users
         self._items = items
+        self._test_chunks = test_chunks
+        self.cold_start = None   # after expand with test_chunks: counts of cold pairs
 
     def expand(self, chunks):
         cfg = self._config
@@ -149,7 +187,14 @@ class BuildBlocks(beam.PTransform):
         seed = chunks.pipeline | 'Seed' >> beam.Create([None])
         keyed = chunks | 'Index' >> beam.ParDo(_IndexChunk(cfg), users, items)
         row_keys = seed | 'RowKeys' >> beam.FlatMap(_all_block_keys, users, cfg.block_size)
-        row_blocks = ((keyed, row_keys) | 'AllRowPieces' >> beam.Flatten()
+        pieces = [keyed, row_keys]
+        if self._test_chunks is not None:
+            test = self._test_chunks | 'IndexTest' >> beam.ParDo(
+                _IndexChunk(cfg, test=True), users, items).with_outputs(
+                    _IndexChunk.COLD, main='pieces')
+            pieces.append(test.pieces)
+            self.cold_start = test[_IndexChunk.COLD]
+        row_blocks = (tuple(pieces) | 'AllRowPieces' >> beam.Flatten()
                       | 'GroupRows' >> beam.GroupByKey()
                       | 'RowBlock' >> beam.ParDo(_BuildRowBlock(cfg, f'{self._folder}/rows'), users))
         col_keys = seed | 'ColKeys' >> beam.FlatMap(_all_block_keys, items, cfg.block_size)

@@ -44,8 +44,9 @@ from apache_beam.options.pipeline_options import (DebugOptions, GoogleCloudOptio
 from google.protobuf import json_format
 
 from pipeline import train
-from pipeline.model import build_pipeline
-from pipeline.options import ConfigError, TrainConfig, _bool, config_from_args
+from pipeline.train_graph import build_pipeline
+from pipeline.options import (ConfigError, TrainConfig, WalsOptions, config_from_options,
+                              parse_bool)
 from pipeline.publish import new_run_id, staging_path
 
 log = logging.getLogger('pipeline.dataflow')
@@ -97,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     cloud.add_argument('--bucket',
                        help='gs://BUCKET[/prefix] for temp and staging files and the '
                             'default input and output (required).')
-    cloud.add_argument('--dry_run', '--dry-run', dest='dry_run', type=_bool, nargs='?',
+    cloud.add_argument('--dry_run', '--dry-run', dest='dry_run', type=parse_bool, nargs='?',
                        const=True, default=False,
                        help='Build the whole job (graph, worker package) and print what '
                             'would run; submit nothing and touch no Cloud resource.')
@@ -226,7 +227,7 @@ def _launcher_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     for flag in ('--project', '--region', '--bucket'):
         parser.add_argument(flag)
-    parser.add_argument('--dry_run', '--dry-run', type=_bool, nargs='?', const=True,
+    parser.add_argument('--dry_run', '--dry-run', type=parse_bool, nargs='?', const=True,
                         default=False)
     parser.add_argument('--input', '--train-files', '--train_files')
     parser.add_argument('--output', '--job-dir', '--job_dir')
@@ -257,13 +258,14 @@ def plan(argv: list[str], parser: argparse.ArgumentParser | None = None) -> Plan
     if not _JOB_NAME.match(job_name):
         raise ConfigError(f'--job_name {job_name!r}: Dataflow job names are lowercase '
                           'letters, digits and dashes, starting with a letter')
-    args.input = args.input or f'{bucket}/ratings/*'
-    args.output = args.output or f'{bucket}/models/{job_name}'
+    wals = PipelineOptions(argv).view_as(WalsOptions)
+    wals.input = wals.input or f'{bucket}/ratings/*'
+    wals.output = wals.output or f'{bucket}/models/{job_name}'
     for flag in ('input', 'output'):
-        if not getattr(args, flag).startswith('gs://'):
+        if not getattr(wals, flag).startswith('gs://'):
             raise ConfigError(f'--{flag} must be a gs:// path: Dataflow workers cannot see '
-                              f'local files (got {getattr(args, flag)!r})')
-    config = config_from_args(args)
+                              f'local files (got {getattr(wals, flag)!r})')
+    config = config_from_options(wals)
 
     extra = [f'--project={args.project}', f'--region={args.region}']
     if not runner:

@@ -18,9 +18,10 @@ from apache_beam.pvalue import AsSingleton
 from pipeline.block_store import BlockRef
 from pipeline.combine import InBlockOrder
 from pipeline.errors import NumericalError
+from pipeline.rating_stats import RatingStats
+from wals_core import objectives
 from wals_core.params import WalsParams
 from wals_core.solve import RowSolver, gramian
-from wals_core.weights import column_weights, row_weights
 
 log = logging.getLogger(__name__)
 
@@ -55,11 +56,13 @@ class _SolveBlock(beam.DoFn):
         self._params = params
         self._iteration = iteration
 
-    def process(self, ref: BlockRef, other: Factors, col_counts: np.ndarray):
+    def process(self, ref: BlockRef, other: Factors, col_counts: np.ndarray,
+                ratings: RatingStats):
         block = ref.load()
         started = time.perf_counter()
-        x = self._solver(block, col_counts, len(other.matrix)).solve(other.matrix,
-                                                                     other.gramian)
+        factors, offsets = objectives.solve_inputs(other.matrix, self._params)
+        solver = self._solver(block, col_counts, len(other.matrix), ratings.mean)
+        x = solver.solve(factors, other.gramian, other_offsets=offsets)
         if not np.all(np.isfinite(x)):
             raise NumericalError(
                 f'non-finite factors in iteration {self._iteration}, {self._side} side '
@@ -68,21 +71,16 @@ class _SolveBlock(beam.DoFn):
         yield FactorBlock(block.block_id, block.start, block.total_rows, x, gramian(x),
                           time.time(), time.perf_counter() - started)
 
-    def _solver(self, block, col_counts: np.ndarray, other_rows: int) -> RowSolver:
+    def _solver(self, block, col_counts: np.ndarray, other_rows: int,
+                global_mean: float) -> RowSolver:
         """The block's RowSolver for this side and these parameters, kept with the
         cached block so that every iteration reuses its plan."""
         p = self._params
-        key = (self._side, p)
+        key = (self._side, p, global_mean)
         solver = block.solvers.get(key)
         if solver is None:
-            if self._side == 'row':
-                own = row_weights(block.num_rows, p)
-                others = column_weights(col_counts, p)
-            else:
-                own = column_weights(col_counts[block.start:block.start + block.num_rows], p)
-                others = row_weights(other_rows, p)
-            solver = block.solvers[key] = RowSolver(block.train, own, others, p.unobs_weight,
-                                                    p.regularization, p.latent_factors)
+            solver = block.solvers[key] = objectives.make_solver(
+                block.train, self._side, p, col_counts, block.start, other_rows, global_mean)
         return solver
 
 
@@ -113,17 +111,20 @@ class _AssembleFactors(InBlockOrder):
 class HalfStep(beam.PTransform):
     """PCollection[BlockRef] of one side -> singleton PCollection[Factors] of it,
     solved against `other` (singleton Factors) with `col_counts` (singleton array of
-    training ratings per item)."""
+    training ratings per item) and `ratings` (singleton RatingStats: the explicit
+    mode's global mean)."""
 
-    def __init__(self, side: str, params: WalsParams, other, col_counts, iteration: int):
+    def __init__(self, side: str, params: WalsParams, other, col_counts, ratings,
+                 iteration: int):
         super().__init__()
         self._side, self._params, self._iteration = side, params, iteration
-        self._other, self._counts = other, col_counts
+        self._other, self._counts, self._ratings = other, col_counts, ratings
 
     def expand(self, blocks):
         return (blocks
                 | 'Solve' >> beam.ParDo(_SolveBlock(self._side, self._params, self._iteration),
-                                        AsSingleton(self._other), AsSingleton(self._counts))
+                                        AsSingleton(self._other), AsSingleton(self._counts),
+                                        AsSingleton(self._ratings))
                 | 'Assemble' >> beam.CombineGlobally(_AssembleFactors(
                     f'iteration {self._iteration}, {self._side}s')).without_defaults())
 
@@ -131,18 +132,20 @@ class HalfStep(beam.PTransform):
 class Alternate(beam.PTransform):
     """(row blocks, col blocks) -> list of (U, V) singleton Factors per iteration,
     starting from `col_init` (singleton Factors); num_iters × (rows, then columns),
-    unrolled into one graph."""
+    unrolled into one graph. `col_counts` and `ratings` as for HalfStep."""
 
-    def __init__(self, params: WalsParams, col_init, col_counts):
+    def __init__(self, params: WalsParams, col_init, col_counts, ratings):
         super().__init__()
-        self._params, self._col_init, self._counts = params, col_init, col_counts
+        self._params, self._col_init = params, col_init
+        self._counts, self._ratings = col_counts, ratings
 
     def expand(self, blocks):
         row_blocks, col_blocks = blocks
+        p, counts, ratings = self._params, self._counts, self._ratings
         v = self._col_init
         history = []
-        for it in range(1, self._params.num_iters + 1):
-            u = row_blocks | f'Iter{it:03d}Rows' >> HalfStep('row', self._params, v, self._counts, it)
-            v = col_blocks | f'Iter{it:03d}Cols' >> HalfStep('col', self._params, u, self._counts, it)
+        for it in range(1, p.num_iters + 1):
+            u = row_blocks | f'Iter{it:03d}Rows' >> HalfStep('row', p, v, counts, ratings, it)
+            v = col_blocks | f'Iter{it:03d}Cols' >> HalfStep('col', p, u, counts, ratings, it)
             history.append((u, v))
         return history

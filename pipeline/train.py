@@ -4,6 +4,10 @@ Reads a delimited ratings dump, splits it into train/test by a stable hash,
 factorizes it with weighted alternating least squares and writes
 OUTPUT/model/{user,item,row,col}.npy, OUTPUT/metrics.json and OUTPUT/_SUCCESS.
 Runs on any Beam runner (DirectRunner by default, Dataflow with --runner).
+
+This is the launcher (command line, staging, publishing); the Beam graph is
+pipeline/train_graph.py. Not to be confused with wals_core/train.py, the
+in-memory numpy trainer (no Beam) that the tests compare the pipeline with.
 """
 from __future__ import annotations
 
@@ -19,8 +23,9 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 
 from pipeline.errors import QuietMarkedErrors, user_message
 from pipeline.memory_tuning import tune_malloc
-from pipeline.model import build_pipeline, save_json
-from pipeline.options import ConfigError, TrainConfig, WalsOptions, config_from_args
+from pipeline.train_graph import build_pipeline
+from pipeline.write_model import save_json
+from pipeline.options import ConfigError, TrainConfig, WalsOptions, config_from_options
 from pipeline.publish import (OutputExists, check_output, describe_inputs, discard,
                               new_run_id, publish, remove_tree, staging_path)
 
@@ -37,34 +42,29 @@ works in OUTPUT.tmp-<run id> and publishes only when it has succeeded."""
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The command line's --help and value checks (WalsOptions' flags); the values
+    themselves are read with PipelineOptions(argv).view_as(WalsOptions)."""
     parser = argparse.ArgumentParser(
         prog='python -m pipeline.train', description=__doc__.split('\n\n')[1],
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    WalsOptions._add_argparse_args(parser)
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False)   # as Beam parses: --num_iter is a typo, not --num_iters
+    WalsOptions._add_argparse_args(parser)   # Beam's hook for a PipelineOptions class
     return parser
 
 
-def _beam_option_flags() -> set[str]:
-    """Every flag a Beam PipelineOptions subclass defines."""
-    parser = argparse.ArgumentParser(add_help=False)
-    seen, todo = set(), list(PipelineOptions.__subclasses__())
-    while todo:
-        cls = todo.pop()
-        if cls in seen:
-            continue
-        seen.add(cls)
-        todo.extend(cls.__subclasses__())
-        try:
-            cls._add_argparse_args(parser)
-        except argparse.ArgumentError:
-            pass   # a flag two classes share
-    return {s for a in parser._actions for s in a.option_strings}
+def unknown_options(argv: list[str]) -> list[str]:
+    """The --flags in argv that no PipelineOptions class (Beam's or WalsOptions)
+    defines: Beam keeps those only when asked to retain unknown options."""
+    known = PipelineOptions([]).get_all_options()
+    retained = PipelineOptions(argv).get_all_options(retain_unknown_options=True)
+    unknown = set(retained) - set(known)
+    return [a for a in argv if a.startswith('--')
+            and a[2:].split('=', 1)[0].replace('-', '_') in unknown]
 
 
 def split_beam_args(rest: list[str]) -> list[str]:
     """Checks that leftover arguments are Beam options; raises on a typo."""
-    known = _beam_option_flags()
-    unknown = [a for a in rest if a.startswith('--') and a.split('=', 1)[0] not in known]
+    unknown = unknown_options(rest)
     if unknown:
         raise ConfigError(f'unknown option(s): {" ".join(unknown)} (see --help)')
     return rest
@@ -141,14 +141,15 @@ def main(argv: list[str] | None = None) -> int:
     for handler in logging.getLogger().handlers:
         handler.addFilter(QuietMarkedErrors())
     parser = build_parser()
-    args, rest = parser.parse_known_args(argv)
+    _, rest = parser.parse_known_args(argv)    # --help, and bad values exit here
+    options = PipelineOptions(argv)
     try:
-        config = config_from_args(args)
-        beam_args = split_beam_args(rest)
+        split_beam_args(rest)
+        config = config_from_options(options)
     except ConfigError as e:
         parser.error(str(e))
     try:
-        metrics = run(config, PipelineOptions(beam_args), overwrite=args.overwrite)
+        metrics = run(config, options, overwrite=options.view_as(WalsOptions).overwrite)
     except (ConfigError, OutputExists) as e:
         parser.error(str(e))
     except Exception as e:   # noqa: BLE001 - turn runner-wrapped errors into a message

@@ -1,14 +1,13 @@
 """Helpers for tests that run the real pipeline and compare with the in-memory trainer."""
 from __future__ import annotations
 
-import argparse
 import json
 import pathlib
 
 import numpy as np
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from pipeline.options import WalsOptions, config_from_args
+from pipeline.options import config_from_options
 from pipeline.train import run
 from wals_core.hashing import is_test
 from wals_core.init import initial_factors
@@ -18,9 +17,7 @@ from wals_core.vocab import Vocabulary, finalize_ids
 
 
 def make_config(*argv: str):
-    parser = argparse.ArgumentParser()
-    WalsOptions._add_argparse_args(parser)
-    return config_from_args(parser.parse_args(list(argv)))
+    return config_from_options(PipelineOptions(list(argv)))
 
 
 def run_pipeline(input_path, output, *model_args: str, beam_args=()) -> dict:

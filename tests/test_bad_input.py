@@ -157,15 +157,15 @@ def test_line_numbers_are_exact_across_byte_ranges(tmp_path):
     from apache_beam.testing.util import assert_that, equal_to
     import apache_beam as beam
     from apache_beam.pvalue import AsSingleton
-    from pipeline.model import _number_bad_lines, _SummarizeReads
+    from pipeline.read_summary import SummarizeReads, number_bad_lines
     from pipeline.read import ReadConfig, ReadRatings
     lines = [f'{n}\t{n % 9}\t{"bad" if n % 37 == 0 else 3}' for n in range(1, 1500)]
     (tmp_path / 'r.tsv').write_text('\n'.join(lines) + '\n')
     with BeamTestPipeline() as p:
         chunks = p | ReadRatings(ReadConfig(str(tmp_path / 'r.tsv'), '\t', False, 'ratings',
                                             split_bytes=211))
-        summary = chunks | beam.CombineGlobally(_SummarizeReads())
-        numbered = (chunks | beam.FlatMap(_number_bad_lines, AsSingleton(summary))
+        summary = chunks | beam.CombineGlobally(SummarizeReads())
+        numbered = (chunks | beam.FlatMap(number_bad_lines, AsSingleton(summary))
                     | beam.Map(lambda j: json.loads(j)['line']))
         assert_that(numbered, equal_to([n for n in range(1, 1500) if n % 37 == 0]))
 

@@ -79,6 +79,8 @@ def test_use_optimized_and_dashed_spellings(small_ratings, tmp_path):
     (['--delimiter', '::'], 'delimiter'),
     (['--wt_type', 'cubic'], 'wt_type'),
     (['--no_such_option', '3'], 'unknown option'),
+    (['--num_iter', '3'], 'unknown option(s): --num_iter'),     # a prefix is a typo too
+    (['--runner=NoSuchRunner', '--latent_factor=3'], '--latent_factor'),
 ])
 def test_bad_options_fail_with_a_clear_message(small_ratings, tmp_path, args, message):
     proc = train_cli('--input', str(small_ratings), '--output', str(tmp_path / 'o'), *args,

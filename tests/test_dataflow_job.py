@@ -128,10 +128,9 @@ def test_the_dry_run_job_is_the_job_pipeline_train_runs(tmp_path, small_ratings,
         raise Captured
 
     monkeypatch.setattr(beam.Pipeline, 'run', capture)
-    parser = train.build_parser()
-    args = parser.parse_args(['--input', str(small_ratings), '--output',
-                              str(tmp_path / 'out'), '--num_iters', '2'])
-    config = train.config_from_args(args)
+    options = PipelineOptions(['--input', str(small_ratings), '--output',
+                               str(tmp_path / 'out'), '--num_iters', '2'])
+    config = train.config_from_options(options)
     with pytest.raises(Captured):
         train.run(config, PipelineOptions([]))
     ours = beam.Pipeline(options=PipelineOptions([]))
@@ -228,7 +227,7 @@ def test_template_job_description(emulator, tmp_path, monkeypatch, capsys):
         with tarfile.open(fileobj=io.BytesIO(_read(staged))) as tar:
             names = {m.name.split('/', 1)[1] for m in tar.getmembers() if '/' in m.name}
         for module in ('setup.py', 'pipeline/train.py', 'pipeline/dataflow.py',
-                       'pipeline/model.py', 'wals_core/solve.py', 'wals_core/__init__.py'):
+                       'pipeline/train_graph.py', 'wals_core/solve.py', 'wals_core/__init__.py'):
             assert module in names
         assert options['setup_file'] == str(ROOT / 'setup.py')
         # Runner v2 on the SDK container of this Python and Beam version.

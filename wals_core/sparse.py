@@ -84,3 +84,15 @@ def csr_from_triples(rows: np.ndarray, cols: np.ndarray, values: np.ndarray,
     order = np.argsort(pair_keys(rows, cols), kind='stable')
     return csr_from_sorted(np.asarray(rows, np.int64)[order], np.asarray(cols)[order],
                            np.asarray(values)[order], num_rows)
+
+
+def select_rows(indptr: np.ndarray, indices: np.ndarray, rows: np.ndarray
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """(indptr, indices) of the given rows of a CSR pattern, in the given order."""
+    indptr = np.asarray(indptr, np.int64)
+    rows = np.asarray(rows, np.int64)
+    lengths = indptr[rows + 1] - indptr[rows]
+    out_ptr = np.zeros(len(rows) + 1, np.int64)
+    np.cumsum(lengths, out=out_ptr[1:])
+    pos = np.repeat(indptr[rows] - out_ptr[:-1], lengths) + np.arange(out_ptr[-1])
+    return out_ptr, np.asarray(indices)[pos]

@@ -38,6 +38,25 @@ def lookup(vocab: np.ndarray, ids: np.ndarray) -> np.ndarray:
     return index.astype(np.int64)
 
 
+def lookup_known(vocab: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Like lookup, but an ID that is not in `vocab` gets -1 instead of an error."""
+    ids = np.asarray(ids, dtype=str)
+    out = np.full(len(ids), -1, np.int64)
+    if not len(ids) or not len(vocab):
+        return out
+    if vocab.dtype.kind == 'i':
+        ok = np.array([_is_int64(s) for s in ids.tolist()], dtype=bool)
+        keys = np.zeros(len(ids), np.int64)
+        keys[ok] = ids[ok].astype(np.int64)
+    else:
+        ok = np.ones(len(ids), bool)
+        keys = ids
+    index = np.minimum(np.searchsorted(vocab, keys), len(vocab) - 1)
+    found = ok & (vocab[index] == keys)
+    out[found] = index[found]
+    return out
+
+
 class Vocabulary:
     """The sorted IDs of one side with their stable hashes (for splits and init)."""
 
@@ -50,3 +69,7 @@ class Vocabulary:
 
     def lookup(self, ids: np.ndarray) -> np.ndarray:
         return lookup(self.ids, ids)
+
+    def lookup_known(self, ids: np.ndarray) -> np.ndarray:
+        """Indices of `ids`, -1 for IDs not in the vocabulary."""
+        return lookup_known(self.ids, ids)
