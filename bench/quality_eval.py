@@ -5,15 +5,16 @@ The split is NAME.split.tsv (bench/prepare_data.py: wals_core.hashing.is_test on
 the IDs' hashes, split_seed 0, 10 %, exactly the trainer's). Repeated (user, item)
 pairs are merged by their mean rating, as the trainer does for ratings.
 
-Ranking (`ranking`): wals_core.topk.top_k over every item with a training rating,
-each user's training items excluded, then wals_core.ranking.ranking_sums at K
-(implicit.evaluation's conventions). Relevant items: the user's warm test items
-(user and item both have a training rating, as the pipeline's cold-start rule)
-with rating >= threshold. Items without a training rating are never candidates:
-Spark has no factors for them, and for every method they carry no information.
+Ranking (`ranking`), as pipeline/evaluate.py does it: wals_core.topk.top_k over
+every item not in the user's training pairs, then wals_core.ranking.ranking_sums at
+K (implicit.evaluation's conventions). Relevant items: the user's warm test items
+(user and item both have a training rating, the pipeline's cold-start rule) with
+rating >= threshold. An item without a training rating stays a candidate, with the
+factors the method gave it (zero for Spark, which has none for it; zero in the
+project's modes too, whose solve of an item without ratings gives 0).
 
 RMSE (`rmse`): over the same warm test pairs, unclipped, and clipped to the
-training ratings' [min, max].
+training ratings' [min, max] (the pipeline clips its explicit mode's predictions so).
 """
 from __future__ import annotations
 
@@ -69,9 +70,7 @@ def ranking(split: Split, user_factors: np.ndarray, item_factors: np.ndarray, k:
     user_factors · item_factors (+ item_offsets) on the split's warm test pairs."""
     from wals_core.ranking import ranking_sums
     from wals_core.topk import top_k
-    offsets = (np.zeros(split.n_items, np.float32) if item_offsets is None
-               else np.asarray(item_offsets, np.float32).copy())
-    offsets[~split.item_has_train()] = -np.inf        # never a candidate
+    offsets = None if item_offsets is None else np.asarray(item_offsets, np.float32)
     ex_indptr, ex_indices = _csr(split.train_u, split.train_i, split.n_users)
     ids, _ = top_k(np.asarray(user_factors, np.float32), np.asarray(item_factors, np.float32),
                    k, exclude_indptr=ex_indptr, exclude_indices=ex_indices,

@@ -176,9 +176,29 @@ def _find(results, size, method, kind='quality'):
 def _k(r) -> str:
     m = r.get('metrics') or {}
     p = r.get('params') or {}
-    k = m.get('latent_factors') or (m.get('params') or {}).get('latent_factors') or \
+    k = (m.get('parameters') or {}).get('latent_factors') or \
         p.get('latent_factors') or p.get('factors') or p.get('rank') or r.get('rank')
     return str(k) if k else '?'
+
+
+def _label(r) -> str:
+    """The method and the parameters it ran with (the modes': from metrics.json)."""
+    if r['method'] not in MODES:
+        return LABELS[r['method']]
+    p = (r.get('metrics') or {}).get('parameters') or r.get('params') or {}
+    if not p:
+        return LABELS[r['method']]
+    text = f'k {p["latent_factors"]}, {p["num_iters"]} it, λ {p["regularization"]:g}'
+    if r['method'] == 'wals':
+        text += (f', w0 {p["unobs_weight"]:g}, {p["wt_type"]} weights '
+                 + (f'{p["feature_wt_factor"]:g}' if p['wt_type'] == 'linear'
+                    else f'exp {p["feature_wt_exp"]:g}'))
+    elif r['method'] == 'implicit':
+        text += f', alpha {p["alpha"]:g}, epsilon {p["epsilon"]:g}, {p["confidence"]} confidence'
+    else:
+        text += '·n, biases'
+    via = 'CLI' if r['how'] == 'cli' else 'in-memory trainer'
+    return f'`--model {r["method"]}` defaults ({text}) [{via}]'
 
 
 def quality_rows(results) -> list[list]:
@@ -186,14 +206,16 @@ def quality_rows(results) -> list[list]:
     for r in results:
         if r['kind'] != 'quality':
             continue
-        via = {'cli': 'CLI', 'worker': 'in-memory trainer' if r['method'] in MODES else ''}
-        label = LABELS[r['method']] + (f' [{via[r["how"]]}]' if r['method'] in MODES else '')
+        label = _label(r)
         if r['status'] != 'ok':
             rows.append([r['size'], label] + ['—'] * 7 + [r['status']])
             continue
         rmse = _get(r, 'rmse', 'test_rmse')
-        rows.append([r['size'], label, _k(r), r.get('iters') or '?',
-                     _f(rmse, 4) if rmse is not None else '—',
+        clipped = _get(r, 'rmse', 'test_rmse_clipped')
+        rmse_text = '—' if rmse is None else _f(rmse, 4) + (
+            f' (clipped {clipped:.4f})' if clipped is not None and r['how'] == 'worker'
+            and r['method'] not in MODES else '')
+        rows.append([r['size'], label, _k(r), r.get('iters') or '?', rmse_text,
                      _f(_get(r, 'ranking', 'precision_at_k'), 4),
                      _f(_get(r, 'ranking', 'ndcg_at_k'), 4),
                      _f(r.get('seconds_per_iteration'), 3),
@@ -213,9 +235,13 @@ def check_rows(results) -> list[list]:
             rows.append([r['size'], r['method'], c.get('status'), '', '', ''])
             continue
         cells, worst = [], 0.0
-        for group, key in (('ranking', 'precision_at_k'), ('ranking', 'ndcg_at_k'),
-                           ('rmse', 'test_rmse')):
-            a, b = _get(r, group, key), _get(c, group, key)
+        # metrics.json's explicit RMSE is of predictions clipped to the training range.
+        clipped = bool((r.get('metrics') or {}).get('rmse_clipped_to'))
+        for group, key, mine in (('ranking', 'precision_at_k', 'precision_at_k'),
+                                 ('ranking', 'ndcg_at_k', 'ndcg_at_k'),
+                                 ('rmse', 'test_rmse',
+                                  'test_rmse_clipped' if clipped else 'test_rmse')):
+            a, b = _get(r, group, key), _get(c, group, mine)
             if a is None and b is None:
                 cells.append('—')
                 continue
@@ -225,7 +251,7 @@ def check_rows(results) -> list[list]:
             else:
                 worst = max(worst, abs(a - b))
         rows.append([r['size'], r['method']] + cells +
-                     ['yes' if worst < 1e-3 else f'NO (Δ {worst:.2g})'])
+                     ['yes' if worst < 1e-6 else f'NO (Δ {worst:.2g})'])
     return rows
 
 
@@ -348,7 +374,7 @@ def section_text(results, info, argv, started, finished, sizes, work) -> str:
     if checks:
         lines += ['### Check: metrics.json against the bench\'s scoring of the same model files',
                   '', _table(['data', 'mode', 'precision@10 (metrics.json / bench)',
-                              'NDCG@10', 'test RMSE', 'agree (< 1e-3)'], checks), '']
+                              'NDCG@10', 'test RMSE', 'agree (< 1e-6)'], checks), '']
     lines += ['### Notes', '', NOTES,
               f'Raw JSON of every case (results.json, per-case result and logs): `{work}` '
               '(under output/, not committed).', '']
