@@ -349,7 +349,9 @@ def section_text(results, info, argv, started, finished, sizes, work) -> str:
         '## Quality: every mode against implicit and Spark ALS', '',
         f'Produced by `bench/run_quality.py` on {started:%Y-%m-%d %H:%M} UTC '
         f'({(finished - started).total_seconds() / 60:.0f} min), every number below from '
-        f'this one run; the project\'s modes ran through {project}.', '',
+        f'this one run; the project\'s modes ran through {project}.'
+        + (' **This run did not finish: the cases below are those it completed.**'
+           if info.get('partial') else ''), '',
         '```', 'bench/setup_env.sh',
         shlex.join(['bench/.venv/bin/python', 'bench/run_quality.py'] + argv), '```', '',
         f'* {info["nproc"]} CPUs: {info["cpu"]}; {info["memory_gib"]:.1f} GiB memory; '
@@ -384,8 +386,17 @@ def section_text(results, info, argv, started, finished, sizes, work) -> str:
 def _load_run(work: pathlib.Path):
     results = json.loads((work / 'results.json').read_text())
     run = json.loads((work / 'run.json').read_text())
-    return (results, run['info'], run['argv'], datetime.datetime.fromisoformat(run['started']),
-            datetime.datetime.fromisoformat(run['finished']), run['sizes'])
+    info = run['info']
+    if run['finished']:
+        finished = datetime.datetime.fromisoformat(run['finished'])
+    else:   # an unfinished run: up to its last case, and say so
+        last = results[-1]
+        finished = datetime.datetime.fromtimestamp(last['spawn'] + last['process_wall'],
+                                                   datetime.timezone.utc)
+        info.setdefault('load_end', last['load_after'])
+        info['partial'] = True
+    return (results, info, run['argv'], datetime.datetime.fromisoformat(run['started']),
+            finished, run['sizes'])
 
 
 def main(argv=None) -> int:
@@ -439,6 +450,12 @@ def main(argv=None) -> int:
     for s in all_sizes:
         subprocess.run([args.python, str(BENCH / 'prepare_data.py'), s], cwd=ROOT, check=True,
                        env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    def save_run(finished=None):     # written first too: a partial run can be rendered
+        (work / 'run.json').write_text(json.dumps(
+            {'argv': argv, 'info': info, 'started': started.isoformat(),
+             'finished': finished and finished.isoformat(), 'sizes': all_sizes,
+             'project': project}, indent=2))
+    save_run()
     results = []
     for case in cases:
         print(f'[quality] {case["id"]} ...', end=' ', flush=True)
@@ -452,9 +469,7 @@ def main(argv=None) -> int:
               f'load {r["load_before"]:.1f}', flush=True)
     info['load_end'] = os.getloadavg()[0]
     finished = datetime.datetime.now(datetime.timezone.utc)
-    (work / 'run.json').write_text(json.dumps(
-        {'argv': argv, 'info': info, 'started': started.isoformat(),
-         'finished': finished.isoformat(), 'sizes': all_sizes, 'project': project}, indent=2))
+    save_run(finished)
     text = section_text(results, info, argv, started, finished, all_sizes,
                         work.relative_to(ROOT) if work.is_relative_to(ROOT) else work)
     write_section(args.out, SECTION, text)
