@@ -114,6 +114,10 @@ def run_spark_als(args, implicit_prefs: bool) -> dict:
     from pyspark.ml.recommendation import ALS
     from pyspark.sql import functions as F
     spark = spark_session(args.spark_driver_memory)
+    # Without a checkpoint folder ALS never cuts its RDD lineage (checkpointInterval
+    # 10 needs one): at 15 iterations on 10m ratings the lineage overflows the JVM
+    # stack (StackOverflowError). Spark's documented remedy.
+    spark.sparkContext.setCheckpointDir(str(pathlib.Path(args.out).resolve() / 'checkpoints'))
     ready = time.time()
     train, test, n_train, n_test = spark_split(spark, args.data)
     if implicit_prefs:      # confidence 1 + alpha * log1p(r), preference r > 0
