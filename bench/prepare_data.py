@@ -71,6 +71,17 @@ def read_ratings(path: pathlib.Path):
     return df['u'].to_numpy(), df['i'].to_numpy(), df['r'].to_numpy()
 
 
+def read_split(name: str, cache: pathlib.Path = DEFAULT_CACHE):
+    """(user index, item index, rating, is_test, n_users, n_items) of NAME.split.tsv."""
+    import pandas as pd
+    p = paths(name, cache)
+    meta = json.loads(p['meta'].read_text())
+    df = pd.read_csv(p['split'], sep='\t', header=None, names=['u', 'i', 'r', 't'],
+                     dtype=np.int64, engine='c')
+    return (df['u'].to_numpy(), df['i'].to_numpy(), df['r'].to_numpy() / 1000.0,
+            df['t'].to_numpy().astype(bool), meta['users'], meta['items'])
+
+
 def split_indices(users: np.ndarray, items: np.ndarray):
     """Dense indices in vocabulary order and the pipeline's test flag per rating.
 

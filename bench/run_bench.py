@@ -32,6 +32,7 @@ import json
 import os
 import pathlib
 import platform
+import re
 import shlex
 import signal
 import statistics
@@ -165,7 +166,20 @@ def run_case(case: dict, py: str, work: pathlib.Path, timeout: float,
              code_root: pathlib.Path = ROOT) -> dict:
     cmd, out = command(case, py, work)
     out.mkdir(parents=True, exist_ok=True)
-    log_path = work / f'{case["id"]}.log'
+    res = dict(case, **run_process(cmd, work / f'{case["id"]}.log', timeout, code_root))
+    if res['status'] == 'ok':
+        try:
+            res.update(_beam_result(out, res['spawn']) if case['method'] in BEAM_METHODS
+                       else _worker_result(out, res['spawn']))
+        except (OSError, KeyError, ValueError) as e:
+            res['status'] = f'FAILED (no result: {e})'
+    return res
+
+
+def run_process(cmd: list[str], log_path: pathlib.Path, timeout: float,
+                code_root: pathlib.Path = ROOT) -> dict:
+    """Runs cmd in its own session (cwd and imports: code_root), output to log_path;
+    returns spawn time, process wall, exit status, CPU seconds, peak RSS and load."""
     env = dict(os.environ, PYTHONPATH=str(code_root), BENCH_CODE_ROOT=str(code_root),
                PYTHONUNBUFFERED='1')
     load_before = os.getloadavg()
@@ -203,7 +217,7 @@ def run_case(case: dict, py: str, work: pathlib.Path, timeout: float,
         os.killpg(proc.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
-    res = dict(case, command=shlex.join(cmd), log=str(log_path), spawn=spawn,
+    res = dict(command=shlex.join(cmd), log=str(log_path), spawn=spawn,
                process_wall=end - spawn, exit_code=proc.returncode,
                # wait4 misses descendants nobody reaps (Spark's JVM); sampling misses
                # the last 0.1 s of each process: take the larger.
@@ -213,12 +227,6 @@ def run_case(case: dict, py: str, work: pathlib.Path, timeout: float,
                status='ok' if proc.returncode == 0 else
                ('TIMEOUT' if timed_out[0] else f'FAILED (exit {proc.returncode})'))
     res['peak_rss'] = max(res['peak_rss_tree'], res['max_rss_single'])
-    if res['status'] == 'ok':
-        try:
-            res.update(_beam_result(out, spawn) if case['method'] in BEAM_METHODS
-                       else _worker_result(out, spawn))
-        except (OSError, KeyError, ValueError) as e:
-            res['status'] = f'FAILED (no result: {e})'
     return res
 
 
@@ -559,6 +567,33 @@ def _run_notes(work) -> list[str]:
     return []
 
 
+_SECTION = re.compile(r'<!-- section (\S+) -->\n.*?<!-- /section \1 -->\n', re.S)
+
+
+def marked_section(name: str, text: str) -> str:
+    """text between the markers that write_section and write_report look for."""
+    return f'<!-- section {name} -->\n{text.rstrip()}\n<!-- /section {name} -->\n'
+
+
+def write_section(path: pathlib.Path, name: str, text: str) -> None:
+    """Puts a marked section into the report at `path`: in place of the section of
+    that name if there is one, else at the end; the rest of the file is kept."""
+    block = marked_section(name, text)
+    old = path.read_text() if path.exists() else ''
+    for m in _SECTION.finditer(old):
+        if m.group(1) == name:
+            path.write_text(old[:m.start()] + block + old[m.end():])
+            return
+    path.write_text(old.rstrip('\n') + ('\n\n' if old.strip() else '') + block)
+
+
+def _kept_sections(path: pathlib.Path) -> list[str]:
+    """The marked sections other scripts wrote into the report (run_quality.py's)."""
+    if not path.exists():
+        return []
+    return [m.group(0) for m in _SECTION.finditer(path.read_text())]
+
+
 def write_report(path: pathlib.Path, results, info, argv, started, finished, sizes, work):
     lines = [
         '# Benchmarks', '',
@@ -594,6 +629,7 @@ def write_report(path: pathlib.Path, results, info, argv, started, finished, siz
         f'Raw per-case results (JSON, logs, models) of this run: `{work}`'
         ' (under output/, not committed).', '',
     ]
+    lines += _kept_sections(path)
     path.write_text('\n'.join(lines))
 
 

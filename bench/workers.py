@@ -32,20 +32,9 @@ sys.path.insert(0, str(CODE_ROOT))
 
 import numpy as np  # noqa: E402
 
-from prepare_data import paths  # noqa: E402
+from prepare_data import paths, read_split  # noqa: E402
 
 THREADS = 2
-
-
-def _read_split(name: str):
-    """(user index, item index, rating, is_test, n_users, n_items) from NAME.split.tsv."""
-    import pandas as pd
-    p = paths(name)
-    meta = json.loads(p['meta'].read_text())
-    df = pd.read_csv(p['split'], sep='\t', header=None, names=['u', 'i', 'r', 't'],
-                     dtype=np.int64, engine='c')
-    return (df['u'].to_numpy(), df['i'].to_numpy(), df['r'].to_numpy() / 1000.0,
-            df['t'].to_numpy().astype(bool), meta['users'], meta['items'])
 
 
 # ---------------------------------------------------------------------------------
@@ -133,7 +122,7 @@ def run_implicit(args, use_cg: bool) -> dict:
     ready = time.time()
     with threadpool_limits(1, 'blas'):
         t_read = time.time()
-        u, i, r, test, nu, ni = _read_split(args.data)
+        u, i, r, test, nu, ni = read_split(args.data)
         train = ~test
         user_items = scipy.sparse.csr_matrix(
             (r[train].astype(np.float32), (u[train], i[train])), shape=(nu, ni))
@@ -166,41 +155,67 @@ def run_implicit(args, use_cg: bool) -> dict:
 # Spark MLlib ALS, local[2], explicit feedback, regParam 0.1.
 # ---------------------------------------------------------------------------------
 
-def run_spark(args) -> dict:
-    import pyspark
-    from pyspark.ml.evaluation import RegressionEvaluator
-    from pyspark.ml.recommendation import ALS
-    from pyspark.sql import SparkSession, functions as F, types as T
+def spark_session(driver_memory: str):
+    """A local[THREADS] SparkSession, UI off, logs at ERROR."""
+    from pyspark.sql import SparkSession
     spark = (SparkSession.builder.master(f'local[{THREADS}]').appName('wals-bench')
-             .config('spark.driver.memory', args.spark_driver_memory)
+             .config('spark.driver.memory', driver_memory)
              .config('spark.ui.enabled', 'false')
              .config('spark.ui.showConsoleProgress', 'false')
              .config('spark.sql.shuffle.partitions', str(4 * THREADS))
              .getOrCreate())
     spark.sparkContext.setLogLevel('ERROR')
-    ready = time.time()
+    return spark
 
-    t_read = time.time()
+
+def spark_split(spark, name: str):
+    """(train, test) cached DataFrames (u, i, r) of NAME.split.tsv and their counts."""
+    from pyspark.sql import functions as F, types as T
     schema = T.StructType([T.StructField(c, T.IntegerType()) for c in ('u', 'i', 'mr', 't')])
-    df = (spark.read.csv(str(paths(args.data)['split']), sep='\t', schema=schema)
+    df = (spark.read.csv(str(paths(name)['split']), sep='\t', schema=schema)
           .withColumn('r', F.col('mr') / 1000.0))
     train = df.filter('t = 0').select('u', 'i', 'r').cache()
     test = df.filter('t = 1').select('u', 'i', 'r').cache()
-    n_train, n_test = train.count(), test.count()
+    return train, test, train.count(), test.count()
+
+
+def spark_timed_fit(make_als, train, n: int) -> dict:
+    """fit(maxIter=n) of make_als(iters), timed, with its marginal s/iter.
+
+    A warm-up fit, discarded: without it fit(1) alone pays the JIT compilation of
+    the ALS code, and the marginal (fit(n) - fit(1)) / (n - 1) comes out low by that
+    cost / (n - 1)."""
+    t_warm = time.time()
+    make_als(1).fit(train)
+    t0 = time.time()
+    make_als(1).fit(train)
+    t1 = time.time()
+    model = make_als(n).fit(train)
+    t2 = time.time()
+    fit1, fitn = t1 - t0, t2 - t1
+    return {'model': model, 'fit_end': t2, 'fit_n': fitn,
+            'seconds_per_iteration': (fitn - fit1) / (n - 1) if n > 1 else fitn,
+            'per_iteration_how': f'marginal: (fit(maxIter={n}) - fit(maxIter=1)) / {n - 1}, '
+                                 'both after a discarded warm-up fit(maxIter=1)',
+            'phases': {'fit_warmup': t0 - t_warm, 'fit_1': fit1, f'fit_{n}': fitn}}
+
+
+def run_spark(args) -> dict:
+    import pyspark
+    from pyspark.ml.evaluation import RegressionEvaluator
+    from pyspark.ml.recommendation import ALS
+    spark = spark_session(args.spark_driver_memory)
+    ready = time.time()
+
+    t_read = time.time()
+    train, test, n_train, n_test = spark_split(spark, args.data)
     t_loaded = time.time()
 
     def als(iters):
         return ALS(rank=args.rank, maxIter=iters, regParam=0.1, userCol='u', itemCol='i',
                    ratingCol='r', implicitPrefs=False, coldStartStrategy='drop', seed=0)
-    # A warm-up fit, discarded: without it fit(1) alone pays the JIT compilation of
-    # the ALS code, and the marginal below comes out low by that cost / (N - 1).
-    t_warm = time.time()
-    als(1).fit(train)
-    t0 = time.time()
-    als(1).fit(train)
-    t1 = time.time()
-    model = als(args.iters).fit(train)
-    t2 = time.time()
+    fit = spark_timed_fit(als, train, args.iters)
+    model, t2, fitn = fit['model'], fit['fit_end'], fit['fit_n']
     out = pathlib.Path(args.out) / 'spark_model'
     model.write().overwrite().save(str(out))
     t_written = time.time()
@@ -209,20 +224,14 @@ def run_spark(args) -> dict:
     train_rmse = ev.evaluate(model.transform(train))
     test_rmse = ev.evaluate(model.transform(test))
     warm = model.transform(test).count()
-    fit1, fitn = t1 - t0, t2 - t1
-    n = args.iters
-    marginal = (fitn - fit1) / (n - 1) if n > 1 else fitn
     result = {
         'ready': ready,
         # read -> model on disk = load + fit(maxIter=N) + write (the fit(1)s excluded).
         'read_start': t_read, 'model_written': t_written,
         'read_to_model_override': (t_loaded - t_read) + fitn + (t_written - t2),
-        'per_iteration': None, 'seconds_per_iteration': marginal,
-        'per_iteration_how': f'marginal: (fit(maxIter={n}) - fit(maxIter=1)) / {n - 1}, '
-                             'both after a discarded warm-up fit(maxIter=1)',
-        'phases': {'load': t_loaded - t_read, 'fit_warmup': t0 - t_warm, 'fit_1': fit1,
-                   f'fit_{n}': fitn,
-                   'write': t_written - t2},
+        'per_iteration': None, 'seconds_per_iteration': fit['seconds_per_iteration'],
+        'per_iteration_how': fit['per_iteration_how'],
+        'phases': {'load': t_loaded - t_read, **fit['phases'], 'write': t_written - t2},
         'train_rmse': train_rmse, 'test_rmse': test_rmse,
         'train_ratings': n_train, 'test_ratings': warm,
         'version': pyspark.__version__,
@@ -241,7 +250,7 @@ def run_spark(args) -> dict:
 def run_numpy_floor(args) -> dict:
     import scipy.sparse
     ready = time.time()
-    u, i, r, test, nu, ni = _read_split(args.data)
+    u, i, r, test, nu, ni = read_split(args.data)
     train = ~test
     a = scipy.sparse.csr_matrix((r[train], (u[train], i[train])), shape=(nu, ni))
     at = a.T.tocsr()
@@ -285,7 +294,13 @@ def main(argv=None) -> int:
                'implicit_exact': lambda a: run_implicit(a, use_cg=False),
                'implicit_cg': lambda a: run_implicit(a, use_cg=True),
                'numpy_floor': run_numpy_floor}
-    result = runners[args.method](args)
+    write_result(runners[args.method](args), args.result)
+    return 0
+
+
+def write_result(result: dict, path: str) -> None:
+    """Completes a worker's result (s/iter as the median of per_iteration unless
+    measured otherwise, threads, code location) and writes it as JSON."""
     result['process_start'] = T_START
     per = result.get('per_iteration')
     if result.get('seconds_per_iteration') is None and per:
@@ -294,8 +309,7 @@ def main(argv=None) -> int:
     result['code_root'] = str(CODE_ROOT)
     import wals_core
     result['wals_core_file'] = wals_core.__file__
-    pathlib.Path(args.result).write_text(json.dumps(result, indent=2, default=float))
-    return 0
+    pathlib.Path(path).write_text(json.dumps(result, indent=2, default=float))
 
 
 if __name__ == '__main__':
