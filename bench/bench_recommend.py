@@ -38,11 +38,11 @@ sys.path.insert(0, str(ROOT / 'bench'))
 
 from bench_topk import agreement, implicit_recommend, timed  # noqa: E402
 from prepare_data import paths, prepare  # noqa: E402
+from run_bench import write_section  # noqa: E402
 from pipeline.model_files import load_model_files  # noqa: E402
 from wals_core.topk import top_k  # noqa: E402
 
 CACHE = ROOT / 'output' / 'bench-recommend'
-MARK_START, MARK_END = '<!-- bench_recommend:start -->', '<!-- bench_recommend:end -->'
 
 
 def load() -> float:
@@ -115,18 +115,6 @@ def spark_recommend(files, n: int, work: pathlib.Path, threads: int) -> dict:
     version = pyspark.__version__
     spark.stop()
     return {'wall': wall, 'startup': startup, 'version': version}
-
-
-def write_section(text: str, path: pathlib.Path) -> None:
-    """Replaces (or appends) this benchmark's section of BENCHMARKS.md."""
-    old = path.read_text() if path.exists() else ''
-    block = f'{MARK_START}\n{text}\n{MARK_END}\n'
-    if MARK_START in old and MARK_END in old:
-        head, rest = old.split(MARK_START, 1)
-        new = head + block + rest.split(MARK_END, 1)[1].lstrip('\n')
-    else:
-        new = old.rstrip('\n') + '\n\n' + block
-    path.write_text(new)
 
 
 def main(argv=None) -> int:
@@ -228,7 +216,7 @@ def main(argv=None) -> int:
         out = ROOT / 'bench' / 'results' / 'recommend.md'
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(text)
-        write_section(text, ROOT / 'BENCHMARKS.md')
+        write_section(ROOT / 'BENCHMARKS.md', 'recommend', text)
         print(f'wrote {out} and its section of BENCHMARKS.md')
     return 0
 

@@ -29,9 +29,10 @@ import numpy as np
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / 'bench'))
+from run_bench import write_section  # noqa: E402
 ML100K = ROOT.parent / 'shared' / 'data' / 'ml-100k' / 'u.data'
 WORK = ROOT / 'output' / 'bench-warm'
-BEGIN, END = '<!-- warm-start:begin -->', '<!-- warm-start:end -->'
 WITHIN = 0.005
 
 
@@ -116,7 +117,7 @@ def table(rows: list[dict]) -> str:
 
 def section(rows: list[dict], args) -> str:
     load = os.getloadavg()
-    return (f'{BEGIN}\n## Warm start on a new dump\n\n'
+    return ('## Warm start on a new dump\n\n'
             f'`python bench/bench_warm_start.py {" ".join(sys.argv[1:])}`'
             f' — {datetime.date.today()}, {platform.node()}, {os.cpu_count()} cores, '
             f'load {load[0]:.1f} at the end, DirectRunner.\n\n'
@@ -129,20 +130,14 @@ def section(rows: list[dict], args) -> str:
             'iteration whose training objective (metrics.json history) is within 0.5% of '
             'the cold run\'s final objective; "run": iterations actually solved '
             '(--tolerance stops the warm run). Target: warm ≤ 1/3 of cold.\n\n'
-            + table(rows) + f'\n{END}\n')
+            + table(rows))
 
 
 def write_sections(text: str) -> None:
     results = ROOT / 'bench' / 'results'
     results.mkdir(exist_ok=True)
-    (results / 'warm_start.md').write_text(text.replace(BEGIN + '\n', '').replace(END, ''))
-    path = ROOT / 'BENCHMARKS.md'
-    doc = path.read_text() if path.exists() else '# Benchmarks\n'
-    if BEGIN in doc and END in doc:
-        doc = doc[:doc.index(BEGIN)] + text.rstrip('\n') + doc[doc.index(END) + len(END):]
-    else:
-        doc = doc.rstrip('\n') + '\n\n' + text
-    path.write_text(doc)
+    (results / 'warm_start.md').write_text(text)
+    write_section(ROOT / 'BENCHMARKS.md', 'warm-start', text)
 
 
 def main() -> int:
