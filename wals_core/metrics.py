@@ -5,6 +5,8 @@ import math
 
 import numpy as np
 
+from wals_core.solve import single_threaded_blas
+
 
 # Entries per slice: the gathered factor rows stay in cache instead of becoming
 # arrays of hundreds of MB for a big block.
@@ -21,10 +23,13 @@ def squared_error(rows: np.ndarray, cols: np.ndarray, values: np.ndarray,
     v = np.asarray(col_factors, np.float64)
     values = np.asarray(values, np.float64)
     total = 0.0
-    for lo in range(0, len(rows), _SLICE):
-        s = slice(lo, lo + _SLICE)
-        err = values[s] - np.einsum('ij,ij->i', u[rows[s]], v[cols[s]])
-        total += float(err @ err)
+    # One BLAS thread: OpenBLAS's threads only cost on these small dot products, and
+    # their number would change the sum's last bits.
+    with single_threaded_blas():
+        for lo in range(0, len(rows), _SLICE):
+            s = slice(lo, lo + _SLICE)
+            err = values[s] - np.einsum('ij,ij->i', u[rows[s]], v[cols[s]])
+            total += float(err @ err)
     return total
 
 

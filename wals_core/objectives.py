@@ -24,7 +24,7 @@ from __future__ import annotations
 import numpy as np
 
 from wals_core.params import MODELS, WalsParams
-from wals_core.solve import RowSolver
+from wals_core.solve import RowSolver, single_threaded_blas
 from wals_core.sparse import Csr
 from wals_core.weights import column_weights, row_weights
 
@@ -170,6 +170,10 @@ def objective(by_row: Csr, col_counts: np.ndarray, row_matrix: np.ndarray,
     return float(observed + w0 * (gram - np.sum(dot ** 2)) + reg)
 
 
+# Entries per slice of block_objective: the gathered factor rows stay in cache.
+_SLICE = 1 << 16
+
+
 def block_objective(train: Csr, start: int, row_matrix: np.ndarray, col_matrix: np.ndarray,
                     params: WalsParams, col_counts: np.ndarray,
                     global_mean: float = 0.0) -> tuple[float, float]:
@@ -179,33 +183,52 @@ def block_objective(train: Csr, start: int, row_matrix: np.ndarray, col_matrix: 
     col_matrix: the whole stored matrices. Summed over blocks and added to
     global_objective this is `objective` (the terms over all pairs come from the
     Gramians, so no block ever forms a dense matrix). The squared error is against
-    the mode's prediction (explicit unclipped; implicit against preferences)."""
+    the mode's prediction (explicit unclipped; implicit against preferences).
+    Entries are taken slice by slice (float64 sums of float64 products)."""
     p = params
-    k = p.latent_factors
     n = train.num_rows
-    u = np.asarray(row_matrix[start:start + n], np.float64)
-    v = col_matrix
-    rows = train.row_of_entry()
-    cols = np.asarray(train.indices, np.int64)
-    a = np.asarray(train.values, np.float64)
-    dot = np.einsum('ij,ij->i', u[rows, :k], np.asarray(v[cols, :k], np.float64))
+    u = row_matrix[start:start + n]
+    rows_all = train.row_of_entry()
+    cols_all = np.asarray(train.indices, np.int64)
+    values = np.asarray(train.values, np.float64)
+    weights = (row_weights(n, p), column_weights(col_counts, p)) if p.model == 'wals' else None
+    total = sse = 0.0
+    with single_threaded_blas():     # many small dot products: OpenBLAS threads only cost
+        for lo in range(0, len(values), _SLICE):
+            t, e = _slice_terms(rows_all[lo:lo + _SLICE], cols_all[lo:lo + _SLICE],
+                                values[lo:lo + _SLICE], u, col_matrix, p, global_mean,
+                                weights)
+            total += t
+            sse += e
+    u64 = np.asarray(u, np.float64)
     if p.model == 'explicit':
-        vb = np.asarray(v[cols, k], np.float64)
-        err = a - (global_mean + u[rows, k] + vb + dot)
         n_row = np.diff(train.indptr).astype(np.float64)
-        sse = float(err @ err)
-        return sse + p.regularization * float(n_row @ np.sum(u * u, axis=1)), sse
-    reg = p.regularization * float(np.sum(u * u))
+        total += p.regularization * float(n_row @ np.sum(u64 * u64, axis=1))
+    else:
+        total += p.regularization * float(np.sum(u64 * u64))
+    return total, sse
+
+
+def _slice_terms(rows, cols, a, u, col_matrix, p: WalsParams, global_mean: float,
+                 weights) -> tuple[float, float]:
+    """(objective terms, squared error) of one slice of a block's entries."""
+    k = p.latent_factors
+    ur = np.asarray(u[rows], np.float64)
+    vc = np.asarray(col_matrix[cols], np.float64)
+    dot = np.einsum('ij,ij->i', ur[:, :k], vc[:, :k])
+    if p.model == 'explicit':
+        err = a - (global_mean + ur[:, k] + vc[:, k] + dot)
+        e2 = float(np.dot(err, err))
+        return e2, e2
     if p.model == 'implicit':
-        pref, conf = preference(a), confidence(a, p)
-        err = pref - dot
-        return float(np.sum((1.0 + conf) * err * err) - dot @ dot) + reg, float(err @ err)
-    cw = column_weights(col_counts, p)
-    rw = row_weights(n, p)
-    w0 = p.unobs_weight
+        err = preference(a) - dot
+        e2 = float(np.dot(err, err))
+        return float(np.sum(confidence(a, p) * err * err)) + e2 - float(np.dot(dot, dot)), e2
+    rw, cw = weights
     err = a - dot
-    observed = float(np.sum((w0 + rw[rows] * cw[cols]) * err * err))
-    return observed - w0 * float(dot @ dot) + reg, float(err @ err)
+    e2 = float(np.dot(err, err))
+    return (float(np.sum((p.unobs_weight + rw[rows] * cw[cols]) * err * err))
+            - p.unobs_weight * float(np.dot(dot, dot))), e2
 
 
 def global_objective(row_gramian: np.ndarray, col_matrix: np.ndarray,
