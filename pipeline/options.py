@@ -42,19 +42,19 @@ def add_input_options(group) -> None:
     group.add_argument('--data_type', '--data-type', dest='data_type', default='ratings',
                        choices=DATA_TYPES,
                        help='ratings: lines of user, item, rating[, ignored columns]. '
-                           'web_views: CSV with a header naming clientId, contentId, '
-                           'timeOnPage; time on page is summed per (user, item). '
-                           'Default: ratings.')
+                            'web_views: CSV with a header naming clientId, contentId, '
+                            'timeOnPage; time on page is summed per (user, item). '
+                            'Default: ratings.')
     group.add_argument('--delimiter', default=None,
                        help='Field delimiter, one character; "\\t" or "tab" for a tab. '
-                           'Default: tab for ratings, comma for web_views.')
+                            'Default: tab for ratings, comma for web_views.')
     group.add_argument('--headers', action='store_true',
                        help='Skip the first non-blank line of every input file (a header).')
     group.add_argument('--max_bad_fraction', '--max-bad-fraction', dest='max_bad_fraction',
                        type=float, default=0.001,
                        help='Fail (and publish nothing) when more than this share of '
-                           'the non-blank lines are bad; bad lines are listed in '
-                           'OUTPUT/errors/. Default: 0.001.')
+                            'the non-blank lines are bad; bad lines are listed in '
+                            'OUTPUT/errors/. Default: 0.001.')
     group.add_argument('--max_id_length', '--max-id-length', dest='max_id_length', type=int,
                        default=DEFAULT_MAX_ID_LENGTH,
                        help='A user or item ID longer than this many characters makes its '
@@ -64,7 +64,7 @@ def add_input_options(group) -> None:
     group.add_argument('--test_fraction', '--test-fraction', dest='test_fraction',
                        type=float, default=0.1,
                        help='Share of ratings held out for test RMSE, chosen by a stable '
-                           'hash of (user, item, --split_seed). Default: 0.1.')
+                            'hash of (user, item, --split_seed). Default: 0.1.')
     group.add_argument('--split_seed', '--split-seed', dest='split_seed', type=int,
                        default=0, help='Seed of the train/test split. Default: 0.')
 
