@@ -38,7 +38,7 @@ def parse_bool(text: str) -> bool:
 def add_input_options(group) -> None:
     """The options that say how to read and split the ratings, shared by the trainer
     and the tuner (python -m pipeline.tune): --data_type, --delimiter, --headers,
-    --max_bad_fraction, --test_fraction, --split_seed."""
+    --max_bad_fraction, --max_id_length, --test_fraction, --split_seed."""
     group.add_argument('--data_type', '--data-type', dest='data_type', default='ratings',
                        choices=DATA_TYPES,
                        help='ratings: lines of user, item, rating[, ignored columns]. '
