@@ -39,7 +39,7 @@ SPACES: dict[str, dict[str, Range]] = {
              'feature_wt_factor': Range(1.0, 1000.0),   # linear weights
              'feature_wt_exp': Range(0.01, 10.0)},      # log weights
     'implicit': {'latent_factors': Range(4, 128, integer=True),
-                 'regularization': Range(1e-2, 1000.0),
+                 'regularization': Range(1e-3, 10.0),   # scaled by counts (λ·n_i)
                  'alpha': Range(0.01, 100.0), 'epsilon': Range(0.01, 100.0)},
     'explicit': {'latent_factors': _K_SMALL, 'regularization': Range(1e-3, 10.0)},
 }
@@ -81,6 +81,7 @@ class TrialSettings:
     seed: int                    # the trainer's --seed (initial factors)
     wt_type: str = 'linear'
     confidence: str = 'log'
+    scale_regularization: bool = True   # implicit: λ·n_i (the trainer's default)
     implicit_data: bool = False  # web_views: relevance threshold 0
     relevance_threshold: float | None = None
 
@@ -88,7 +89,9 @@ class TrialSettings:
         values = dict(MODE_DEFAULTS[self.model], num_iters=self.num_iters, **searched)
         values['latent_factors'] = int(values['latent_factors'])
         return WalsParams(model=self.model, wt_type=self.wt_type,
-                          confidence=self.confidence, **values)
+                          confidence=self.confidence,
+                          scale_regularization=self.scale_regularization
+                          and self.model == 'implicit', **values)
 
 
 def metric_name(metric: str) -> str:

@@ -140,7 +140,13 @@ def test_mode_defaults_and_parameters_of_other_modes(tmp_path):
     base = ('--input', 'x.tsv', '--output', str(tmp_path / 'o'))
     implicit = make_config(*base, '--model', 'implicit').params
     assert (implicit.latent_factors, implicit.num_iters, implicit.regularization,
-            implicit.alpha, implicit.epsilon, implicit.confidence) == (32, 15, 20.0, 1.0, 1.0, 'log')
+            implicit.alpha, implicit.epsilon, implicit.confidence,
+            implicit.scale_regularization) == (32, 15, 0.1, 1.0, 1.0, 'log', True)
+    plain = make_config(*base, '--model', 'implicit', '--scale_regularization', 'false').params
+    assert plain.scale_regularization is False
+    with pytest.raises(ConfigError, match='--scale_regularization is a parameter of --model '
+                                          'implicit'):
+        make_config(*base, '--model', 'explicit', '--scale_regularization', 'true')
     explicit = make_config(*base, '--model', 'explicit', '--latent_factors', '7').params
     assert (explicit.latent_factors, explicit.num_iters, explicit.regularization) == (7, 15, 0.1)
     wals = make_config(*base).params

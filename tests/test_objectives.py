@@ -36,7 +36,7 @@ def dense(r, c, values, rows, cols):
     return a, obs
 
 
-def implicit_reference(r, c, values, rows, cols, v, p):
+def implicit_reference(r, c, values, rows, cols, v, p, counts=None):
     """Hu-Koren-Volinsky per row: (Σ_j c_ij v_j v_jᵀ + λI) u = Σ_j c_ij p_ij v_j over
     ALL columns, c = 1 + alpha g(|r|) where observed, else 1; p = 1 where r > 0."""
     a, obs = dense(r, c, values, rows, cols)
@@ -46,7 +46,10 @@ def implicit_reference(r, c, values, rows, cols, v, p):
     v = v.astype(np.float64)
     out = np.zeros((rows, v.shape[1]))
     for i in range(rows):
-        lhs = v.T @ (conf[i][:, None] * v) + p.regularization * np.eye(v.shape[1])
+        lam = p.regularization * (obs[i].sum() if p.scale_regularization else 1)
+        if p.scale_regularization and not obs[i].any():
+            continue        # no ratings and no regularization: the solver's 0
+        lhs = v.T @ (conf[i][:, None] * v) + lam * np.eye(v.shape[1])
         out[i] = np.linalg.solve(lhs, v.T @ (conf[i] * pref[i]))
     return out
 
@@ -69,10 +72,10 @@ def explicit_reference(r, c, values, rows, cols, v_stored, p, mu):
     return out
 
 
-@pytest.mark.parametrize('conf', ['log', 'linear'])
-def test_implicit_half_step_equals_dense_reference(conf):
+@pytest.mark.parametrize('conf, scaled', [('log', False), ('linear', False), ('log', True)])
+def test_implicit_half_step_equals_dense_reference(conf, scaled):
     p = WalsParams(model='implicit', latent_factors=4, regularization=0.3, alpha=2.5,
-                   epsilon=0.5, confidence=conf)
+                   epsilon=0.5, confidence=conf, scale_regularization=scaled)
     r, c, values, rows, cols = random_ratings(seed=1, counts=True)
     values[::7] = 0.0          # zero counts: preference 0, confidence 1
     values[3::11] *= -1        # negative: preference 0, confidence from |r|
@@ -111,12 +114,14 @@ def test_explicit_predictions_use_biases_and_clip():
     np.testing.assert_allclose(clipped, [4.75, 5.0])
 
 
-@pytest.mark.parametrize('model', ['wals', 'implicit', 'explicit'])
+@pytest.mark.parametrize('model', ['wals', 'implicit', 'explicit', 'implicit-scaled'])
 def test_objective_never_increases(model):
     """Each half-step minimizes the mode's objective exactly over one side, so the
     objective is non-increasing (up to the float32 storage of the factors)."""
+    scaled = model == 'implicit-scaled'
+    model = model.split('-')[0]
     p = WalsParams(model=model, latent_factors=3, num_iters=6, regularization=0.2,
-                   alpha=3.0)
+                   alpha=3.0, scale_regularization=scaled)
     r, c, values, rows, cols = random_ratings(seed=4, counts=model == 'implicit')
     problem = Problem.build(r, c, values, rows, cols, p)
     u0, v0 = initial_state(initial_factors(id_hashes(range(rows)), 3, 0, 'row'),
@@ -218,11 +223,14 @@ def test_params_validate_the_mode():
     assert dataclasses.replace(WalsParams(), model='explicit').model == 'explicit'
 
 
-@pytest.mark.parametrize('model', ['wals', 'implicit', 'explicit'])
+@pytest.mark.parametrize('model', ['wals', 'implicit', 'explicit', 'implicit-scaled'])
 def test_block_objectives_sum_to_the_objective(model):
     """The pipeline's per-block objective (history, --tolerance) equals the in-memory
     objective, for any cut of the rows into blocks."""
-    p = WalsParams(model=model, latent_factors=3, regularization=0.3, alpha=2.0)
+    scaled = model == 'implicit-scaled'
+    model = model.split('-')[0]
+    p = WalsParams(model=model, latent_factors=3, regularization=0.3, alpha=2.0,
+                   scale_regularization=scaled)
     r, c, values, rows, cols = random_ratings(seed=8, counts=model == 'implicit')
     problem = Problem.build(r, c, values, rows, cols, p)
     rng = np.random.default_rng(0)

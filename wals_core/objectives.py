@@ -30,6 +30,12 @@ from wals_core.weights import column_weights, row_weights
 
 
 
+def counts_scale_regularization(params: WalsParams) -> bool:
+    """True when λ is multiplied by each row's training-rating count (ALS-WR)."""
+    return params.model == 'explicit' or (params.model == 'implicit'
+                                          and params.scale_regularization)
+
+
 def has_bias(params: WalsParams) -> bool:
     """True when factor matrices carry a bias column after the k factors."""
     return params.model == 'explicit'
@@ -75,9 +81,11 @@ def make_solver(train: Csr, side: str, params: WalsParams, col_counts: np.ndarra
     ones_own, ones_other = np.ones(n), np.ones(other_rows)
     if p.model == 'implicit':
         block = Csr(train.indptr, train.indices, preference(train.values))
+        per_row = p.regularization * np.diff(train.indptr).astype(np.float64) \
+            if p.scale_regularization else None
         return RowSolver(block, ones_own, ones_other, 1.0, p.regularization,
                          p.latent_factors, entry_weights=confidence(train.values, p),
-                         **solver_options)
+                         row_regularization=per_row, **solver_options)
     if p.model == 'explicit':
         block = Csr(train.indptr, train.indices,
                     np.asarray(train.values, np.float64) - global_mean)
@@ -151,13 +159,15 @@ def objective(by_row: Csr, col_counts: np.ndarray, row_matrix: np.ndarray,
     a = np.asarray(by_row.values, np.float64)
     k = p.latent_factors
     dot = np.einsum('ij,ij->i', u[rows, :k], v[cols, :k])
+    n_row = np.diff(by_row.indptr).astype(np.float64)
+    n_col = np.bincount(cols, minlength=len(v)).astype(np.float64)
+    if counts_scale_regularization(p):
+        reg = p.regularization * (n_row @ np.sum(u * u, axis=1) + n_col @ np.sum(v * v, axis=1))
+    else:
+        reg = p.regularization * (np.sum(u * u) + np.sum(v * v))
     if p.model == 'explicit':
         err = a - (global_mean + u[rows, k] + v[cols, k] + dot)
-        n_row = np.diff(by_row.indptr).astype(np.float64)
-        n_col = np.bincount(cols, minlength=len(v)).astype(np.float64)
-        return float(err @ err + p.regularization * (n_row @ np.sum(u * u, axis=1)
-                                                     + n_col @ np.sum(v * v, axis=1)))
-    reg = p.regularization * (np.sum(u * u) + np.sum(v * v))
+        return float(err @ err + reg)
     gram = np.sum((u[:, :k].T @ u[:, :k]) * (v[:, :k].T @ v[:, :k]))
     if p.model == 'implicit':
         pref, conf = preference(a), confidence(a, p)
@@ -201,7 +211,7 @@ def block_objective(train: Csr, start: int, row_matrix: np.ndarray, col_matrix: 
             total += t
             sse += e
     u64 = np.asarray(u, np.float64)
-    if p.model == 'explicit':
+    if counts_scale_regularization(p):
         n_row = np.diff(train.indptr).astype(np.float64)
         total += p.regularization * float(n_row @ np.sum(u64 * u64, axis=1))
     else:
@@ -239,9 +249,13 @@ def global_objective(row_gramian: np.ndarray, col_matrix: np.ndarray,
     p = params
     k = p.latent_factors
     v = np.asarray(col_matrix, np.float64)
+    if counts_scale_regularization(p):
+        reg = p.regularization * float(np.asarray(col_counts, np.float64)
+                                       @ np.sum(v * v, axis=1))
+    else:
+        reg = p.regularization * float(np.trace(np.asarray(col_gramian)))
     if p.model == 'explicit':
-        n_col = np.asarray(col_counts, np.float64)
-        return p.regularization * float(n_col @ np.sum(v * v, axis=1))
+        return reg
     w0 = 1.0 if p.model == 'implicit' else p.unobs_weight
     all_pairs = float(np.sum(np.asarray(row_gramian)[:k, :k] * np.asarray(col_gramian)[:k, :k]))
-    return w0 * all_pairs + p.regularization * float(np.trace(np.asarray(col_gramian)))
+    return w0 * all_pairs + reg

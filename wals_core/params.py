@@ -39,6 +39,7 @@ class WalsParams:
     alpha: float = 1.0                # implicit: confidence 1 + alpha * g(r)
     epsilon: float = 1.0              # implicit, log confidence: g(r) = log1p(r / epsilon)
     confidence: str = 'log'           # implicit: 'log' or 'linear' (g(r) = r)
+    scale_regularization: bool = False  # implicit: λ·n_i per row (as Spark) instead of λ
 
     def __post_init__(self) -> None:
         if self.wt_type not in ('linear', 'log'):
