@@ -98,6 +98,9 @@ NOT_REQUIRED = {
     'apache-beam': 'the SDK container brings it; declared in the local extra',
     'protobuf': "Beam's runner API objects are protobuf messages (dataflow.py turns "
                 "one into JSON); the version is the one Beam pins",
+    'google-cloud-storage': "Beam's gcp extra brings it (its gs:// filesystem); the "
+                            "launcher writes LATEST with its generation precondition",
+    'google-api-core': "comes with google-cloud-storage (the precondition's exception)",
 }
 
 
