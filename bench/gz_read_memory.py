@@ -16,7 +16,6 @@ import gzip
 import json
 import os
 import pathlib
-import resource
 import subprocess
 import sys
 import time

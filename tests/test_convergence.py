@@ -51,7 +51,7 @@ def test_tolerance_passes_the_factors_through_once_converged(small_ratings, tmp_
     # after convergence the factors (and so the objective) stop changing
     assert len({h['objective'] for h in history[ran - 1:]}) == 1
     # and they are the factors the full run had after `ran` iterations
-    short = run_pipeline(small_ratings, tmp_path / 'short', *base[:1], str(ran), *base[2:])
+    run_pipeline(small_ratings, tmp_path / 'short', *base[:1], str(ran), *base[2:])
     for name in ('row', 'col'):
         assert np.array_equal(load_model(tmp_path / 'early')[name],
                               load_model(tmp_path / 'short')[name]), name
