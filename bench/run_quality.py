@@ -54,7 +54,7 @@ RANK_K = 10
 SECTION = 'quality'
 LABELS = {
     'wals': '`--model wals` (defaults: k 5, 20 it, λ 0.07, w0 0.01, linear weights 130)',
-    'implicit': '`--model implicit` (defaults: k 32, 15 it, λ 1, alpha 1, log confidence)',
+    'implicit': '`--model implicit` (defaults: k 32, 15 it, λ 0.1·n, alpha 1, log confidence)',
     'explicit': '`--model explicit` (defaults: k 10, 15 it, λ 0.1·n, biases)',
     'implicit_als': '`implicit` ALS 0.7.2 (32 factors, C = 1 + log1p(r), λ 0.01, CG, 15 it)',
     'spark_explicit': 'Spark ALS explicit (rank 10, regParam 0.1, 15 it)',
@@ -194,7 +194,8 @@ def _label(r) -> str:
                  + (f'{p["feature_wt_factor"]:g}' if p['wt_type'] == 'linear'
                     else f'exp {p["feature_wt_exp"]:g}'))
     elif r['method'] == 'implicit':
-        text += f', alpha {p["alpha"]:g}, epsilon {p["epsilon"]:g}, {p["confidence"]} confidence'
+        text += ('·n' if p.get('scale_regularization') else '') + \
+            f', alpha {p["alpha"]:g}, epsilon {p["epsilon"]:g}, {p["confidence"]} confidence'
     else:
         text += '·n, biases'
     via = 'CLI' if r['how'] == 'cli' else 'in-memory trainer'
