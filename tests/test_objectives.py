@@ -248,7 +248,8 @@ def test_block_objectives_sum_to_the_objective(model):
         total += part
         sse += err
     total += objectives.global_objective(gramian(u), v, gramian(v), p, problem.col_counts)
-    assert total == pytest.approx(want, rel=1e-10)
+    # float32 products of the stored factors, float64 sums: ~1e-9 relative here
+    assert total == pytest.approx(want, rel=1e-7)
     pred = objectives.predict(r, c, u, v, p, mu)
     target = objectives.preference(values) if model == 'implicit' else values
-    assert sse == pytest.approx(float(np.sum((target - pred) ** 2)), rel=1e-10)
+    assert sse == pytest.approx(float(np.sum((target - pred) ** 2)), rel=1e-7)
