@@ -208,7 +208,8 @@ def _dense_fold_in(rec: Recommender, cols: np.ndarray, values: np.ndarray) -> np
         g = np.log1p(r / p.epsilon) if p.confidence == 'log' else r
         conf = np.where(obs, 1.0 + p.alpha * g, 1.0)
         pref = (obs & (r > 0)).astype(np.float64)
-        a = (v * conf[:, None]).T @ v + p.regularization * np.eye(k)
+        lam = p.regularization * (obs.sum() if p.scale_regularization else 1)   # λ·n_u
+        a = (v * conf[:, None]).T @ v + lam * np.eye(k)
         return np.linalg.solve(a, v.T @ (conf * pref))
     x = np.concatenate([v[cols], np.ones((len(cols), 1))], axis=1)   # [v_j, 1]
     t = values - rec.global_mean - rec.col_bias[cols].astype(np.float64)
