@@ -7,6 +7,8 @@ import apache_beam as beam
 
 from pipeline.convergence import IterationState, TrainingObjective
 from pipeline.factors import HalfStep
+from pipeline.routed import ExchangePolicy, RoutedAlternate, assemble
+from wals_core import objectives
 from wals_core.params import WalsParams
 
 
@@ -39,3 +41,37 @@ class Alternate(beam.PTransform):
             states.append(row_blocks | f'Iter{it:03d}Objective' >> TrainingObjective(
                 p, tol, it, u, v, states[-1], counts, ratings))
         return history, states
+
+
+class Trajectory:
+    """The alternation's result: per iteration (U, V) singleton Factors (`history`;
+    with a routed side, its matrix is None), the IterationStates, and `whole(it)`:
+    (U, V) of iteration `it` with whole matrices, for evaluation and writing."""
+
+    def __init__(self, history, states, blocks=None):
+        self.history, self.states = history, states
+        self._blocks, self._whole = blocks, {}
+
+    def whole(self, it: int):
+        if self._blocks is None:
+            return self.history[it - 1]
+        if it not in self._whole:
+            u_blocks, v_blocks = self._blocks[it - 1]
+            self._whole[it] = (assemble(u_blocks, f'Iter{it:03d}WholeRows'),
+                               assemble(v_blocks, f'Iter{it:03d}WholeCols'))
+        return self._whole[it]
+
+
+def alternate(row_blocks, col_blocks, params: WalsParams, row_init, col_init, col_counts,
+              ratings, tolerance: float, exchange: str = 'broadcast', block_size: int = 1,
+              max_broadcast_mb: float = 0.0) -> Trajectory:
+    """Alternate or RoutedAlternate by --exchange, under the label 'Alternate'."""
+    if exchange == 'broadcast':
+        history, states = (row_blocks, col_blocks) | 'Alternate' >> Alternate(
+            params, row_init, col_init, col_counts, ratings, tolerance)
+        return Trajectory(history, states)
+    policy = ExchangePolicy(exchange, int(max_broadcast_mb * (1 << 20)),
+                            objectives.stored_width(params))
+    history, states, blocks = (row_blocks, col_blocks) | 'Alternate' >> RoutedAlternate(
+        params, row_init, col_init, col_counts, ratings, tolerance, block_size, policy)
+    return Trajectory(history, states, blocks)

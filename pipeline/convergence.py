@@ -72,8 +72,7 @@ def _block_terms(ref: BlockRef, u: Factors, v: Factors, col_counts: np.ndarray,
 def _finish(terms, u: Factors, v: Factors, col_counts: np.ndarray, previous: IterationState,
             params: WalsParams, tolerance: float, iteration: int) -> IterationState:
     part, sse, count = terms
-    value = part + objectives.global_objective(u.gramian, v.matrix, v.gramian, params,
-                                               col_counts)
+    value = part + objectives.global_objective(u.gramian, v.gramian, params, v.count_norm)
     solved = not previous.converged
     change = abs(previous.objective - value) / max(abs(previous.objective), 1e-300) \
         if math.isfinite(previous.objective) else math.inf

@@ -10,7 +10,7 @@ import dataclasses
 import datetime
 import os
 
-from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
 from wals_core.params import (DATA_TYPES, MODELS, OPTIMIZED, WalsParams,
                               default_wt_type, parse_wt_type)
@@ -23,6 +23,11 @@ DEFAULT_BLOCK_SIZE = 16384
 # IDs are stored as fixed-width text arrays (4 bytes per character of the longest
 # ID): 256 covers UUIDs, URLs and paths of typical analytics exports.
 DEFAULT_MAX_ID_LENGTH = 256
+# --exchange auto routes a side whose float32 factor matrix is above this: with one
+# copy per SDK process, 1 GiB leaves room for its deserialization, the block cache
+# and the solves on a 4 GB-per-process worker (README "Scale model").
+DEFAULT_MAX_BROADCAST_MB = 1024
+EXCHANGES = ('auto', 'broadcast', 'routed')
 
 
 def parse_bool(text: str) -> bool:
@@ -221,6 +226,21 @@ class WalsOptions(PipelineOptions):
                            help='Users (or items) per block: the unit of parallel work and '
                                 'of memory per solve; lower it to spread a half-step over '
                                 f'more workers. Default: {DEFAULT_BLOCK_SIZE}.')
+        model.add_argument('--exchange', default=None, choices=EXCHANGES,
+                           help='How a half-step gets the other side\'s factors: '
+                                'broadcast (the whole matrix to every worker, a side '
+                                'input), routed (each block receives only the rows its '
+                                'ratings refer to, by a shuffle, as Spark ALS does), or '
+                                'auto (per side at run time: routed above '
+                                '--max_broadcast_mb). Results are bit-identical. '
+                                'Default: broadcast on the DirectRunner (routing costs '
+                                'a shuffle per half-step), auto on any other runner.')
+        model.add_argument('--max_broadcast_mb', '--max-broadcast-mb',
+                           dest='max_broadcast_mb', type=float,
+                           default=DEFAULT_MAX_BROADCAST_MB,
+                           help='--exchange auto: the largest factor matrix (rows x '
+                                'columns x 4 bytes, in MiB) still broadcast. Default: '
+                                f'{DEFAULT_MAX_BROADCAST_MB} (for 4 GB per worker process).')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -248,6 +268,8 @@ class TrainConfig:
     keep_versions: int | None = None
     tolerance: float = 0.0
     eval_every: int = 0
+    exchange: str = 'broadcast'
+    max_broadcast_mb: float = DEFAULT_MAX_BROADCAST_MB
 
     def describe(self) -> dict:
         out = dataclasses.asdict(self)
@@ -329,6 +351,7 @@ def config_from_options(options: PipelineOptions) -> TrainConfig:
         (args.max_id_length >= 1, '--max_id_length must be at least 1'),
         (args.tolerance >= 0, '--tolerance must be 0 or more'),
         (args.eval_every >= 0, '--eval_every must be 0 or more'),
+        (args.max_broadcast_mb >= 0, '--max_broadcast_mb must be 0 or more'),
         (args.keep_versions is None or args.keep_versions >= 1,
          '--keep_versions must be at least 1'),
         (args.max_regression is None or args.max_regression >= 0,
@@ -352,6 +375,8 @@ def config_from_options(options: PipelineOptions) -> TrainConfig:
         raise ConfigError('--output must not be the input path')
     if args.test_input and output.rstrip('/') == args.test_input.rstrip('/'):
         raise ConfigError('--output must not be the --test_input path')
+    runner = str(options.view_as(StandardOptions).runner or 'DirectRunner')
+    exchange = args.exchange or ('broadcast' if runner.endswith('DirectRunner') else 'auto')
     return TrainConfig(input=args.input, output=output, data_type=args.data_type,
                        delimiter=parse_delimiter(args.delimiter, args.data_type),
                        headers=args.headers, params=params,
@@ -364,4 +389,5 @@ def config_from_options(options: PipelineOptions) -> TrainConfig:
                        model_root=args.model_root, previous_model=args.previous_model,
                        no_warm_start=args.no_warm_start, max_regression=args.max_regression,
                        gate_metric=gate_metric, keep_versions=args.keep_versions,
-                       tolerance=args.tolerance, eval_every=args.eval_every)
+                       tolerance=args.tolerance, eval_every=args.eval_every,
+                       exchange=exchange, max_broadcast_mb=args.max_broadcast_mb)

@@ -20,6 +20,7 @@ import time
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
+from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions, TypeOptions
 
 from pipeline.errors import QuietMarkedErrors, user_message
@@ -163,7 +164,8 @@ def run(config: TrainConfig, options: PipelineOptions, overwrite: bool = False) 
     log.info('Training %d iterations of WALS on %s (%d file(s)); staging in %s',
              config.params.num_iters, config.input, len(inputs), staging)
     try:
-        pipeline.run().wait_until_finish()
+        result = pipeline.run()
+        result.wait_until_finish()
     except BaseException:
         discard(staging)
         raise
@@ -171,6 +173,7 @@ def run(config: TrainConfig, options: PipelineOptions, overwrite: bool = False) 
     path = f'{staging}/metrics.json'
     with FileSystems.open(path) as f:
         metrics = json.loads(f.read())
+    metrics['exchange'] = exchange_summary(result, config, metrics)
     metrics['phase_seconds'].update(
         build_graph=round(built - started, 3),
         pipeline=round(finished - built, 3),
@@ -228,6 +231,25 @@ def run(config: TrainConfig, options: PipelineOptions, overwrite: bool = False) 
                               f'model is published as {version}.')
     metrics.update(report=report, outcome=outcome)
     return metrics
+
+
+def exchange_summary(result, config: TrainConfig, metrics: dict) -> dict:
+    """metrics.json 'exchange': per half-step side, the most factor rows of the other
+    side that one block solve held (the whole side when broadcast), from the
+    runner's metrics (None where the runner reports none)."""
+    out = {'exchange': config.exchange, 'max_broadcast_mb': config.max_broadcast_mb}
+    totals = {'row': metrics.get('items'), 'col': metrics.get('users')}
+    for side, total in totals.items():
+        held = None
+        try:
+            found = result.metrics().query(MetricsFilter().with_name(
+                f'{side}_solve_other_rows'))['distributions']
+            values = [d.committed or d.attempted for d in found]
+            held = max((v.max for v in values if v is not None and v.count), default=None)
+        except Exception:   # noqa: BLE001 - a runner without metrics support
+            held = None
+        out[f'{side}_solves'] = {'other_rows_held_max': held, 'other_rows': total}
+    return out
 
 
 COUNT_KEYS = ('users', 'items', 'train_ratings', 'test_ratings', 'test_cold_start_ratings',

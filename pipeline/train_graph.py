@@ -16,7 +16,7 @@ from pipeline.blocks import BlockConfig, BuildBlocks
 from pipeline.combine import InBlockOrder
 from pipeline.compare import CompareWithPrevious
 from pipeline.evaluate import EvalConfig, Evaluate
-from pipeline.alternate import Alternate
+from pipeline.alternate import alternate
 from pipeline.errors import InputError
 from pipeline.factors import Factors, factors_from_matrix
 from pipeline.model_files import PreviousModel, cached_model_files, index_map, stored_matrix
@@ -79,10 +79,11 @@ class TrainWals(beam.PTransform):
         warm_from = previous.path if previous is not None and previous.warm_start else None
         v = items | 'InitCols' >> beam.Map(_initial_factors, 'col', p, cfg.seed, warm_from)
         u = users | 'InitRows' >> beam.Map(_initial_factors, 'row', p, cfg.seed, None)
-        history, states = (row_blocks, col_blocks) | 'Alternate' >> Alternate(
-            p, u, v, col_counts, ratings, cfg.tolerance)
+        run = alternate(row_blocks, col_blocks, p, u, v, col_counts, ratings, cfg.tolerance,
+                        cfg.exchange, cfg.block_size, cfg.max_broadcast_mb)
+        history, states = run.history, run.states
         if history:
-            u, v = history[-1]
+            u, v = run.whole(len(history))
         eval_cfg = EvalConfig(p, cfg.rank_k, cfg.relevance_threshold,
                               implicit_data=cfg.data_type == 'web_views')
         evaluation = row_blocks | 'Evaluate' >> Evaluate(u, v, col_counts, ratings, eval_cfg)
@@ -90,7 +91,7 @@ class TrainWals(beam.PTransform):
         checkpoints = [pbegin | 'NoCheckpoints' >> beam.Create([])]
         every = range(cfg.eval_every, len(history), cfg.eval_every) if cfg.eval_every else ()
         for it in every:
-            u_it, v_it = history[it - 1]
+            u_it, v_it = run.whole(it)
             checkpoints.append(
                 row_blocks | f'Iter{it:03d}Evaluate' >> Evaluate(u_it, v_it, col_counts,
                                                                  ratings, eval_cfg)

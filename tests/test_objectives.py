@@ -247,7 +247,10 @@ def test_block_objectives_sum_to_the_objective(model):
         part, err = objectives.block_objective(block, start, u, v, p, problem.col_counts, mu)
         total += part
         sse += err
-    total += objectives.global_objective(gramian(u), v, gramian(v), p, problem.col_counts)
+    # the column regularization summed over column blocks, as the pipeline does
+    norm = sum(objectives.count_norm(problem.col_counts[s:s + 5], v[s:s + 5])
+               for s in range(0, len(v), 5))
+    total += objectives.global_objective(gramian(u), gramian(v), p, norm)
     # float32 products of the stored factors, float64 sums: ~1e-9 relative here
     assert total == pytest.approx(want, rel=1e-7)
     pred = objectives.predict(r, c, u, v, p, mu)

@@ -60,39 +60,47 @@ def preference(values: np.ndarray) -> np.ndarray:
 
 def make_solver(train: Csr, side: str, params: WalsParams, col_counts: np.ndarray,
                 start: int, other_rows: int, global_mean: float = 0.0,
-                **solver_options) -> RowSolver:
+                other_index: np.ndarray | None = None, **solver_options) -> RowSolver:
     """The RowSolver of one block of `side` ('row' or 'col') for the mode.
 
     train: the block's training ratings (rows start at `start` on its side);
     col_counts: training ratings per column of the whole matrix (the wals mode's
     popularity weights); other_rows: rows of the other side; global_mean: μ
-    (explicit mode only).
+    (explicit mode only). other_index (routed exchange): train's indices are
+    positions in this sorted array of other-side rows, and the solver is given
+    factors for those rows only; its answers are bit-identical to the full ones.
     """
     p = params
     n = train.num_rows
+    needed = other_rows if other_index is None else len(other_index)
     if p.model == 'wals':
         if side == 'row':
-            own, others = row_weights(n, p), column_weights(col_counts, p)
+            own, full = row_weights(n, p), column_weights(col_counts, p)
         else:
             own = column_weights(col_counts[start:start + n], p)
-            others = row_weights(other_rows, p)
+            full = row_weights(other_rows if other_index is None else 1, p)
+        others, signs = full, None
+        if other_index is not None:
+            others = full[other_index] if side == 'row' else np.repeat(full, needed)
+            signs = (bool(np.all(full > 0)), bool(np.any(full < 0)))
         return RowSolver(train, own, others, p.unobs_weight, p.regularization,
-                         p.latent_factors, **solver_options)
-    ones_own, ones_other = np.ones(n), np.ones(other_rows)
+                         p.latent_factors, other_signs=signs, **solver_options)
+    ones_own, ones_other = np.ones(n), np.ones(needed)
+    signs = None if other_index is None else (True, False)
     if p.model == 'implicit':
         block = Csr(train.indptr, train.indices, preference(train.values))
         per_row = p.regularization * np.diff(train.indptr).astype(np.float64) \
             if p.scale_regularization else None
         return RowSolver(block, ones_own, ones_other, 1.0, p.regularization,
                          p.latent_factors, entry_weights=confidence(train.values, p),
-                         row_regularization=per_row, **solver_options)
+                         row_regularization=per_row, other_signs=signs, **solver_options)
     if p.model == 'explicit':
         block = Csr(train.indptr, train.indices,
                     np.asarray(train.values, np.float64) - global_mean)
         per_row = p.regularization * np.diff(train.indptr).astype(np.float64)
         return RowSolver(block, ones_own, ones_other, 0.0, p.regularization,
                          p.latent_factors + 1, row_regularization=per_row, offsets=True,
-                         **solver_options)
+                         other_signs=signs, **solver_options)
     raise ValueError(f'unknown model {p.model!r} (expected one of {", ".join(MODELS)})')
 
 
@@ -243,17 +251,23 @@ def _slice_terms(rows, cols, a, u, col_matrix, p: WalsParams, global_mean: float
             - p.unobs_weight * float(np.dot(dot, dot))), e2
 
 
-def global_objective(row_gramian: np.ndarray, col_matrix: np.ndarray,
-                     col_gramian: np.ndarray, params: WalsParams,
-                     col_counts: np.ndarray) -> float:
+def count_norm(counts: np.ndarray, matrix: np.ndarray) -> float:
+    """Σ_j n_j ||v_j||² (float64) of some rows of a stored matrix and their training
+    counts: the count-scaled regularization of those rows. Summed over column
+    blocks in block order it is the same number for any exchange."""
+    v = np.asarray(matrix, np.float64)
+    return float(np.asarray(counts, np.float64) @ np.sum(v * v, axis=1))
+
+
+def global_objective(row_gramian: np.ndarray, col_gramian: np.ndarray,
+                     params: WalsParams, col_count_norm: float) -> float:
     """The objective's terms that are not per row block: the unobserved pairs
-    (w0 Σ_all (u_i·v_j)² = w0 sum(UᵀU ∘ VᵀV)) and the column regularization."""
+    (w0 Σ_all (u_i·v_j)² = w0 sum(UᵀU ∘ VᵀV)) and the column regularization
+    (col_count_norm: count_norm of every column, used when λ is count-scaled)."""
     p = params
     k = p.latent_factors
-    v = np.asarray(col_matrix, np.float64)
     if counts_scale_regularization(p):
-        reg = p.regularization * float(np.asarray(col_counts, np.float64)
-                                       @ np.sum(v * v, axis=1))
+        reg = p.regularization * float(col_count_norm)
     else:
         reg = p.regularization * float(np.trace(np.asarray(col_gramian)))
     if p.model == 'explicit':

@@ -161,12 +161,14 @@ class RowSolver:
     self_weights: R (or C) of the block's rows; other_weights: C (or R) of every row
     of the other side (its length is the other side's row count); num_factors: k.
     keep_plan: False to drop the plan after each solve (for a single call).
+    other_signs: see __init__ (routed exchange: other_weights of the needed rows only).
     """
 
     def __init__(self, block: Csr, self_weights: np.ndarray, other_weights: np.ndarray,
                  unobs_weight: float, regularization: float, num_factors: int, *,
                  entry_weights: np.ndarray | None = None,
                  row_regularization: np.ndarray | None = None, offsets: bool = False,
+                 other_signs: tuple[bool, bool] | None = None,
                  num_threads: int | None = None, keep_plan: bool = True):
         self.indptr = np.asarray(block.indptr, dtype=np.int64)
         self.indices = np.asarray(block.indices)
@@ -199,8 +201,11 @@ class RowSolver:
                                   or int(self.indices.max()) >= self.m):
             raise IndexError(f'column index out of range for {self.m} rows of other factors')
         c = self.other
-        self.all_pos = bool(np.all(c > 0))
-        self.any_neg = bool(np.any(c < 0))
+        # other_signs: (all C_j > 0, any C_j < 0) of the whole other side when
+        # other_weights holds only the rows the block refers to (a routed exchange):
+        # the same flags pick the same code path, so the answers are bit-identical.
+        self.all_pos, self.any_neg = (bool(np.all(c > 0)), bool(np.any(c < 0))) \
+            if other_signs is None else (bool(other_signs[0]), bool(other_signs[1]))
         self.sq = np.sqrt(np.where(c > 0, c, 0.0))
         self.w0_inv = np.divide(self.w0, self.sq, out=np.zeros_like(self.sq),
                                 where=c > 0)
