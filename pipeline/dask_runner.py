@@ -11,6 +11,8 @@ reasons in its transform_evaluator.py:
   same task run again, see below) therefore re-emits the outputs of the bundles
   before it: elements are duplicated, differently in every run. (Outputs of
   finish_bundle are also dropped: the list is taken before it is called.)
+* A ParDo's tagged outputs (with_outputs) come out mixed into its main output, as
+  WindowedValues: every output PCollection of a multi-output ParDo got them all.
 * A side input is read by `DaskBagWindowedIterator.__iter__`, `list(bag)`, that is
   `bag.compute()` inside the consuming task: the whole graph upstream of every side
   input is run again for every consuming bundle, recursively, so the bundles of
@@ -18,7 +20,8 @@ reasons in its transform_evaluator.py:
   where the time goes (thousands of bundle runs for one iteration).
 
 Here every bundle gets its own receiver, the DoFn is copied per bundle (a DoFn
-instance is never used by two threads at once), finish_bundle outputs are kept,
+instance is never used by two threads at once), each output keeps its own tag,
+finish_bundle outputs are kept,
 and each side input is one dask dependency (its partitions concatenated, computed
 once and passed to every consuming bundle). The runner also computes every leaf
 of the graph, not only the last transform visited (Beam's runner would skip a
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 
 import apache_beam as beam
 from apache_beam import pvalue
@@ -63,11 +67,23 @@ def _run_bundle(items, fn, label, window_fn, args, kwargs, views, *side_values):
         invoker.invoke_process(item)
     invoker.invoke_finish_bundle()
     invoker.invoke_teardown()
-    return [v.value for v in receivers.values]
+    # (tag, element): None for the main output. Beam's runner returns the tagged
+    # outputs' WindowedValues mixed into the main output instead.
+    return [(v.tag, v.value.value) if isinstance(v, pvalue.TaggedOutput) else (None, v.value)
+            for v in receivers.values]
+
+
+def _tag_is(tag, pair) -> bool:
+    return pair[0] == tag
+
+
+def _element(pair):
+    return pair[1]
 
 
 class _ParDo(te.DaskBagOp):
-    """ParDo -> map_partitions(_run_bundle) with the side inputs as dependencies."""
+    """ParDo -> map_partitions(_run_bundle) with the side inputs as dependencies: a
+    bag of (output tag, element), which the visitor splits by tag."""
 
     def apply(self, input_bag, side_inputs=None):
         import dask
@@ -92,6 +108,11 @@ class _Visitor(PipelineVisitor):
     bag_kwargs: dict
     bags: dict = dataclasses.field(default_factory=dict)
     consumed: set = dataclasses.field(default_factory=set)
+    outputs: dict = dataclasses.field(default_factory=dict)   # (node, tag) -> bag
+
+    def bag_of(self, value):
+        """The bag of one PCollection: its tag's part of a ParDo's output."""
+        return self.outputs.get((value.producer, value.tag), self.bags[value.producer])
 
     def visit_transform(self, node) -> None:
         op = _TRANSLATIONS.get(node.transform.__class__, te.NoOp)(node, bag_kwargs=self.bag_kwargs)
@@ -103,7 +124,7 @@ class _Visitor(PipelineVisitor):
                 if isinstance(value, pvalue.PBegin):
                     bags.append(None)
                 if value.producer in self.bags:
-                    bags.append(self.bags[value.producer])
+                    bags.append(self.bag_of(value))
                     self.consumed.add(value.producer)
             kws['input_bag'] = bags[0] if len(bags) == 1 and not isinstance(op, te.Flatten) \
                 else bags
@@ -112,8 +133,12 @@ class _Visitor(PipelineVisitor):
             for si in node.side_inputs:
                 self.consumed.add(si.pvalue.producer)
                 kws['side_inputs'].append((type(si), si._view_options(),
-                                           self.bags[si.pvalue.producer], si._window_mapping_fn))
+                                           self.bag_of(si.pvalue), si._window_mapping_fn))
         self.bags[node] = op.apply(**kws)
+        if isinstance(op, _ParDo):
+            for tag in node.outputs:
+                self.outputs[(node, tag)] = self.bags[node].filter(
+                    functools.partial(_tag_is, tag)).map(_element)
 
     def leaves(self) -> list:
         out = []
