@@ -26,6 +26,7 @@ import time
 
 import apache_beam as beam
 import numpy as np
+from apache_beam.metrics import Metrics
 from apache_beam.pvalue import AsSingleton
 
 from pipeline.block_store import BlockRef, RatingBlock
@@ -117,7 +118,9 @@ def needed_factors(r: _Routes, pieces, other: Factors) -> np.ndarray:
     return out
 
 
-def _emit_pieces(block: RatingBlock, x: np.ndarray, r: _Routes):
+def _emit_pieces(block: RatingBlock, x: np.ndarray, r: _Routes, sent=None):
+    if sent is not None:
+        sent.inc(int(sum(len(rows) for rows in r.rows)))
     for dest, rows in zip(r.dests.tolist(), r.rows):
         yield beam.pvalue.TaggedOutput(PIECES, (dest, FactorPiece(
             block.block_id, rows + block.start, np.ascontiguousarray(x[rows]))))
@@ -141,6 +144,7 @@ class _SolveRouted(beam.DoFn):
         self._side, self._params, self._iteration = side, params, iteration
         self._block_size, self._policy = block_size, policy
         self._held = factor_rows_metric(side)
+        self._sent = Metrics.counter('wals', f'{side}_rows_routed')
 
     def process(self, element, other: Factors, col_counts: np.ndarray, ratings: RatingStats,
                 state: IterationState | None = None):
@@ -166,7 +170,7 @@ class _SolveRouted(beam.DoFn):
                           time.time(), seconds,
                           block_count_norm(self._side, block.start, col_counts, x))
         if self._policy.routed(block.total_rows):
-            yield from _emit_pieces(block, x, r)
+            yield from _emit_pieces(block, x, r, self._sent)
 
     def _solver(self, block: RatingBlock, r: _Routes, col_counts: np.ndarray,
                 global_mean: float):

@@ -235,8 +235,9 @@ def run(config: TrainConfig, options: PipelineOptions, overwrite: bool = False) 
 
 def exchange_summary(result, config: TrainConfig, metrics: dict) -> dict:
     """metrics.json 'exchange': per half-step side, the most factor rows of the other
-    side that one block solve held (the whole side when broadcast), from the
-    runner's metrics (None where the runner reports none)."""
+    side that one block solve held (the whole side when broadcast), and the factor
+    rows this side's solves sent to the other side's blocks over the run (0 when
+    broadcast), from the runner's metrics (None where the runner reports none)."""
     out = {'exchange': config.exchange, 'max_broadcast_mb': config.max_broadcast_mb}
     totals = {'row': metrics.get('items'), 'col': metrics.get('users')}
     for side, total in totals.items():
@@ -248,7 +249,16 @@ def exchange_summary(result, config: TrainConfig, metrics: dict) -> dict:
             held = max((v.max for v in values if v is not None and v.count), default=None)
         except Exception:   # noqa: BLE001 - a runner without metrics support
             held = None
-        out[f'{side}_solves'] = {'other_rows_held_max': held, 'other_rows': total}
+        routed = None
+        try:
+            found = result.metrics().query(MetricsFilter().with_name(
+                f'{side}_rows_routed'))['counters']
+            routed = sum((c.committed if c.committed is not None else c.attempted)
+                         for c in found) if found else 0
+        except Exception:   # noqa: BLE001
+            routed = None
+        out[f'{side}_solves'] = {'other_rows_held_max': held, 'other_rows': total,
+                                 'own_rows_routed': routed}
     return out
 
 
