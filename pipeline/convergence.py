@@ -45,7 +45,7 @@ class IterationState:
         return math.sqrt(self.train_sse / self.train_count) if self.train_count else None
 
 
-class _SumTerms(InBlockOrder):
+class SumTerms(InBlockOrder):
     """(block id, (objective part, sse, count)) -> their sums in block order."""
 
     def keyed(self, element):
@@ -69,8 +69,10 @@ def _block_terms(ref: BlockRef, u: Factors, v: Factors, col_counts: np.ndarray,
     return block.block_id, (part, sse, block.train.nnz)
 
 
-def _finish(terms, u: Factors, v: Factors, col_counts: np.ndarray, previous: IterationState,
-            params: WalsParams, tolerance: float, iteration: int) -> IterationState:
+def next_state(terms, u: Factors, v: Factors, col_counts: np.ndarray, previous: IterationState,
+               params: WalsParams, tolerance: float, iteration: int) -> IterationState:
+    """The IterationState of `iteration`: the summed block terms plus the terms
+    over all pairs (Gramians, column regularization), and the convergence test."""
     part, sse, count = terms
     value = part + objectives.global_objective(u.gramian, v.gramian, params, v.count_norm)
     solved = not previous.converged
@@ -97,8 +99,8 @@ class TrainingObjective(beam.PTransform):
         return (row_blocks
                 | 'Terms' >> beam.Map(_block_terms, u, v, counts, AsSingleton(self._ratings),
                                       self._params)
-                | 'Sum' >> beam.CombineGlobally(_SumTerms())
-                | 'State' >> beam.Map(_finish, u, v, counts, AsSingleton(self._previous),
+                | 'Sum' >> beam.CombineGlobally(SumTerms())
+                | 'State' >> beam.Map(next_state, u, v, counts, AsSingleton(self._previous),
                                       self._params, self._tolerance, self._iteration))
 
 

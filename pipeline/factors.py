@@ -115,7 +115,7 @@ def block_count_norm(side: str, start: int, col_counts: np.ndarray, x: np.ndarra
     return objectives.count_norm(col_counts[start:start + len(x)], x)
 
 
-class _AssembleFactors(InBlockOrder):
+class AssembleFactors(InBlockOrder):
     """FactorBlocks -> Factors; pieces are placed and summed in block-id order.
     keep_matrix(total rows) False: only the Gramian and the sums (routed.py)."""
 
@@ -167,5 +167,5 @@ class HalfStep(beam.PTransform):
                 | 'Solve' >> beam.ParDo(_SolveBlock(self._side, self._params, self._iteration),
                                         AsSingleton(self._other), AsSingleton(self._counts),
                                         AsSingleton(self._ratings), *extra)
-                | 'Assemble' >> beam.CombineGlobally(_AssembleFactors(
+                | 'Assemble' >> beam.CombineGlobally(AssembleFactors(
                     f'iteration {self._iteration}, {self._side}s')).without_defaults())

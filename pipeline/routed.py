@@ -30,10 +30,10 @@ from apache_beam.metrics import Metrics
 from apache_beam.pvalue import AsSingleton
 
 from pipeline.block_store import BlockRef, RatingBlock
-from pipeline.convergence import IterationState, _SumTerms, _finish
+from pipeline.convergence import IterationState, SumTerms, next_state
 from pipeline.errors import NumericalError
-from pipeline.factors import (FactorBlock, Factors, _AssembleFactors, block_count_norm,
-                              factor_rows_metric, factors_from_matrix)
+from pipeline.factors import (AssembleFactors, FactorBlock, Factors, block_count_norm,
+                              factor_rows_metric)
 from pipeline.rating_stats import RatingStats
 from wals_core import objectives
 from wals_core.params import WalsParams
@@ -255,8 +255,8 @@ class RoutedAlternate(beam.PTransform):
             return (joined
                     | f'{label}Terms' >> beam.Map(_routed_terms, AsSingleton(v_light), counts,
                                                   ratings, p, bs)
-                    | f'{label}Sum' >> beam.CombineGlobally(_SumTerms())
-                    | f'{label}State' >> beam.Map(_finish, AsSingleton(u_light),
+                    | f'{label}Sum' >> beam.CombineGlobally(SumTerms())
+                    | f'{label}State' >> beam.Map(next_state, AsSingleton(u_light),
                                                   AsSingleton(v_light), counts,
                                                   AsSingleton(states[-1]), p, tol, it))
 
@@ -276,7 +276,7 @@ class RoutedAlternate(beam.PTransform):
                 ratings, *extra).with_outputs(PIECES, main='blocks')
             u_blocks = u_out.blocks
             u_light = u_blocks | f'{name}RowGramian' >> beam.CombineGlobally(
-                _AssembleFactors(f'iteration {it + 1}, rows', policy.broadcast)
+                AssembleFactors(f'iteration {it + 1}, rows', policy.broadcast)
             ).without_defaults()
             col_join = join(f'{name}JoinCols', col_refs, u_out[PIECES],
                             v_blocks if tol > 0 else None)
@@ -285,7 +285,7 @@ class RoutedAlternate(beam.PTransform):
                 ratings, *extra).with_outputs(PIECES, main='blocks')
             v_blocks, v_pieces = v_out.blocks, v_out[PIECES]
             v_light = v_blocks | f'{name}ColGramian' >> beam.CombineGlobally(
-                _AssembleFactors(f'iteration {it + 1}, cols', policy.broadcast)
+                AssembleFactors(f'iteration {it + 1}, cols', policy.broadcast)
             ).without_defaults()
             history.append((u_light, v_light))
             block_history.append((u_blocks, v_blocks))
@@ -294,7 +294,5 @@ class RoutedAlternate(beam.PTransform):
 
 def assemble(factor_blocks, label: str):
     """PCollection[FactorBlock] -> singleton Factors with the whole matrix."""
-    return factor_blocks | label >> beam.CombineGlobally(_AssembleFactors()).without_defaults()
+    return factor_blocks | label >> beam.CombineGlobally(AssembleFactors()).without_defaults()
 
-
-__all__ = ['ExchangePolicy', 'RoutedAlternate', 'assemble', 'factors_from_matrix']

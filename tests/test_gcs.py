@@ -58,7 +58,7 @@ def _train(args: list[str], env: dict) -> subprocess.Popen:
                             text=True)
 
 
-def _finish(proc: subprocess.Popen, what: str) -> str:
+def next_state(proc: subprocess.Popen, what: str) -> str:
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, f'{what} run failed (exit {proc.returncode}):\n{out}'
     return out
@@ -107,8 +107,8 @@ def test_training_from_and_to_gcs_matches_a_local_run(emulator, tmp_path):
                     env)
     local_run = _train(['--input', f'{local_in}/*.tsv', '--output', str(local_out), *model],
                        env)
-    gs_log = _finish(gs_run, 'gs://')
-    _finish(local_run, 'local')
+    gs_log = next_state(gs_run, 'gs://')
+    next_state(local_run, 'local')
     assert f'{gs_out}/model/' in gs_log
 
     local_files = sorted(p.relative_to(local_out).as_posix()
