@@ -337,8 +337,7 @@ class DistributedIds(NamedTuple):
     offsets: beam.PCollection      # RangeOffsets' output
     user_count: beam.PCollection   # IdCount
     item_count: beam.PCollection   # IdCount
-    pieces: beam.PCollection       # (row block id, piece), several
-    test_pieces: beam.PCollection | None  # the same of --test_input, several
+    pieces: beam.PCollection       # (row block id, piece), several (and --test_input's)
     cold_start: beam.PCollection | None   # int per test chunk with cold pairs, several
     users: beam.PCollection        # Vocabulary, for the writer (gathers every user ID)
     items: beam.PCollection        # Vocabulary, for the writer (gathers every item ID)
@@ -386,8 +385,8 @@ class DistributedVocabulary(beam.PTransform):
         vocabs = [ranges | f'{n}Vocabulary' >> beam.CombineGlobally(_AssembleVocabulary(s))
                   for s, n in enumerate(('User', 'Item'))]
         # The test pieces come out of the same ParDo as the training ones.
-        return DistributedIds(ranges, offsets, counts[0], counts[1], indexed.pieces, None,
-                              cold, vocabs[0], vocabs[1])
+        return DistributedIds(ranges, offsets, counts[0], counts[1], indexed.pieces, cold,
+                              vocabs[0], vocabs[1])
 
 
 def initial_factors_by_range(ranges, side: str, rows_of, label: str):
