@@ -70,28 +70,40 @@ class _IndexChunk(beam.DoFn):
     def process(self, chunk: ParsedChunk, users: Vocabulary, items: Vocabulary):
         if not len(chunk.values):
             return
-        cfg = self._config
-        values = chunk.values
         if self._test:
-            rows = users.lookup_known(chunk.user_ids)[chunk.user_codes]
-            cols = items.lookup_known(chunk.item_ids)[chunk.item_codes]
-            known = (rows >= 0) & (cols >= 0)
-            if not np.all(known):
-                yield beam.pvalue.TaggedOutput(self.COLD, int((~known).sum()))
-                rows, cols, values = rows[known], cols[known], values[known]
-            flags = np.ones(len(rows), bool)
+            rows, cols = users.lookup_known(chunk.user_ids), items.lookup_known(chunk.item_ids)
+            yield from index_ratings(self._config, True, rows, None, cols, None,
+                                     chunk.user_codes, chunk.item_codes, chunk.values)
         else:
-            rows = users.lookup(chunk.user_ids)[chunk.user_codes]
-            cols = items.lookup(chunk.item_ids)[chunk.item_codes]
-            if cfg.holdout:
-                flags = np.zeros(len(rows), bool)
-            else:
-                flags = is_test(users.hashes[rows], items.hashes[cols], cfg.split_seed,
-                                cfg.test_fraction)
-        yield from _key_by_block(rows, cols, values, flags, cfg.block_size)
+            rows, cols = users.lookup(chunk.user_ids), items.lookup(chunk.item_ids)
+            yield from index_ratings(self._config, False, rows, users.hashes[rows], cols,
+                                     items.hashes[cols], chunk.user_codes, chunk.item_codes,
+                                     chunk.values)
 
 
-def _all_block_keys(_, vocab: Vocabulary, block_size: int):
+def index_ratings(cfg: BlockConfig, test: bool, user_index: np.ndarray,
+                  user_hash: np.ndarray | None, item_index: np.ndarray,
+                  item_hash: np.ndarray | None, user_codes: np.ndarray,
+                  item_codes: np.ndarray, values: np.ndarray):
+    """One chunk's ratings -> (row block id, piece), as _IndexChunk yields them, from
+    the dense index (-1: unknown, test chunks only) and the stable hash of each of
+    the chunk's distinct IDs, and a code per rating into them."""
+    rows, cols = user_index[user_codes], item_index[item_codes]
+    if test:
+        known = (rows >= 0) & (cols >= 0)
+        if not np.all(known):
+            yield beam.pvalue.TaggedOutput(_IndexChunk.COLD, int((~known).sum()))
+            rows, cols, values = rows[known], cols[known], values[known]
+        flags = np.ones(len(rows), bool)
+    elif cfg.holdout:
+        flags = np.zeros(len(rows), bool)
+    else:
+        flags = is_test(user_hash[user_codes], item_hash[item_codes], cfg.split_seed,
+                        cfg.test_fraction)
+    yield from _key_by_block(rows, cols, values, flags, cfg.block_size)
+
+
+def _all_block_keys(_, vocab, block_size: int):
     """An empty piece for every block id, so every block exists even with no ratings."""
     for b in range(num_blocks(len(vocab), block_size)):
         yield b, _EMPTY
@@ -170,10 +182,15 @@ class _BuildColBlock(beam.DoFn):
 class BuildBlocks(beam.PTransform):
     """PCollection[ParsedChunk] -> (row blocks, column blocks), PCollections of
     BlockRef to RatingBlocks saved under `folder`. Needs the user and item
-    vocabularies (singleton PCollections)."""
+    vocabularies (singleton PCollections; only their len() with `indexed`).
+    `indexed`: (pieces, test pieces or None, cold-start counts or None) already
+    keyed by row block, as _IndexChunk yields them (the distributed vocabulary):
+    they replace the Index steps, and the input chunks are not read."""
 
-    def __init__(self, config: BlockConfig, users, items, folder: str, test_chunks=None):
+    def __init__(self, config: BlockConfig, users, items, folder: str, test_chunks=None,
+                 indexed=None):
         super().__init__()
+        self._indexed = indexed
         self._config = config
         self._folder = folder.rstrip('/')
         self._users = users
@@ -185,10 +202,14 @@ class BuildBlocks(beam.PTransform):
         cfg = self._config
         users, items = AsSingleton(self._users), AsSingleton(self._items)
         seed = chunks.pipeline | 'Seed' >> beam.Create([None])
-        keyed = chunks | 'Index' >> beam.ParDo(_IndexChunk(cfg), users, items)
         row_keys = seed | 'RowKeys' >> beam.FlatMap(_all_block_keys, users, cfg.block_size)
-        pieces = [keyed, row_keys]
-        if self._test_chunks is not None:
+        if self._indexed is not None:
+            keyed, test_pieces, self.cold_start = self._indexed
+            pieces = [keyed, row_keys] + ([test_pieces] if test_pieces is not None else [])
+        else:
+            keyed = chunks | 'Index' >> beam.ParDo(_IndexChunk(cfg), users, items)
+            pieces = [keyed, row_keys]
+        if self._test_chunks is not None and self._indexed is None:
             test = self._test_chunks | 'IndexTest' >> beam.ParDo(
                 _IndexChunk(cfg, test=True), users, items).with_outputs(
                     _IndexChunk.COLD, main='pieces')

@@ -28,6 +28,7 @@ DEFAULT_MAX_ID_LENGTH = 256
 # and the solves on a 4 GB-per-process worker (README "Scale model").
 DEFAULT_MAX_BROADCAST_MB = 1024
 EXCHANGES = ('auto', 'broadcast', 'routed')
+VOCABULARIES = ('local', 'distributed')
 
 
 def parse_bool(text: str) -> bool:
@@ -93,6 +94,12 @@ class WalsOptions(PipelineOptions):
         data.add_argument('--overwrite', action='store_true',
                           help='Replace a model already published at --output (otherwise '
                                'the run refuses to start).')
+        data.add_argument('--vocabulary', default='local', choices=VOCABULARIES,
+                          help='How IDs are numbered: local (every distinct ID of a side '
+                               'in one set on one worker) or distributed (by ranges of the '
+                               'sorted order, so no worker holds every ID until the model '
+                               'files are written; slower on one machine). The model files '
+                               'are identical. Default: local.')
         model = parser.add_argument_group('model (names and defaults of the original trainer)')
         model.add_argument('--latent_factors', '--latent-factors', dest='latent_factors',
                            type=int, default=None,
@@ -257,6 +264,7 @@ class TrainConfig:
     block_size: int
     max_bad_fraction: float = 0.001
     max_id_length: int = DEFAULT_MAX_ID_LENGTH
+    vocabulary: str = 'local'   # 'distributed': pipeline/distributed_vocab.py
     test_input: str | None = None
     rank_k: int = 10
     relevance_threshold: float | None = None   # None: by the data (EvalConfig.threshold)
@@ -383,7 +391,7 @@ def config_from_options(options: PipelineOptions) -> TrainConfig:
                        test_fraction=args.test_fraction, split_seed=args.split_seed,
                        seed=args.seed, block_size=args.block_size,
                        max_bad_fraction=args.max_bad_fraction,
-                       max_id_length=args.max_id_length,
+                       max_id_length=args.max_id_length, vocabulary=args.vocabulary,
                        test_input=args.test_input or None, rank_k=args.rank_k,
                        relevance_threshold=args.relevance_threshold,
                        model_root=args.model_root, previous_model=args.previous_model,

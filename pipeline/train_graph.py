@@ -6,15 +6,19 @@ the output files in write_model.py; this file is the graph, top to bottom.
 """
 from __future__ import annotations
 
+import functools
+
 import apache_beam as beam
 import numpy as np
 from apache_beam.metrics import Metrics
 from apache_beam.pvalue import AsSingleton
 
+from pipeline import distributed_vocab
 from pipeline.block_store import BlockRef
 from pipeline.blocks import BlockConfig, BuildBlocks
 from pipeline.combine import InBlockOrder
 from pipeline.compare import CompareWithPrevious
+from pipeline.distributed_vocab import DistributedVocabulary, initial_factors_by_range
 from pipeline.evaluate import EvalConfig, Evaluate
 from pipeline.alternate import alternate
 from pipeline.errors import InputError
@@ -53,10 +57,6 @@ class TrainWals(beam.PTransform):
         p = cfg.params
         chunks, reads, bad_lines = pbegin | 'Read' >> ReadAndCheck(_read_config(cfg, cfg.input),
                                                                cfg.max_bad_fraction)
-        users = (chunks | 'UserIds' >> beam.CombineGlobally(UniqueIds('user_ids'))
-                 | 'CountUsers' >> beam.Map(_count_vocab, 'users', AsSingleton(reads)))
-        items = (chunks | 'ItemIds' >> beam.CombineGlobally(UniqueIds('item_ids'))
-                 | 'CountItems' >> beam.Map(_count_vocab, 'items', AsSingleton(reads)))
         test_chunks = test_reads = None
         if cfg.test_input:
             test_chunks, test_reads, test_bad = pbegin | 'ReadTest' >> ReadAndCheck(
@@ -67,7 +67,26 @@ class TrainWals(beam.PTransform):
         block_cfg = BlockConfig(cfg.block_size, cfg.test_fraction, cfg.split_seed,
                                 'sum' if cfg.data_type == 'web_views' else 'mean',
                                 holdout=bool(cfg.test_input))
-        build = BuildBlocks(block_cfg, users, items, f'{self._work_dir}/blocks', test_chunks)
+        ranges = None
+        if cfg.vocabulary == 'distributed':
+            # IDs held by ranges (distributed_vocab.py); users and items, the whole
+            # vocabularies, are assembled for the writer (and a previous model) only.
+            ids = chunks | 'Vocabulary' >> DistributedVocabulary(
+                block_cfg, reads, test_chunks, distributed_vocab.IDS_PER_RANGE)
+            ranges, users, items = ids.ranges, ids.users, ids.items
+            user_count = ids.user_count | 'CountUsers' >> beam.Map(
+                _count_vocab, 'users', AsSingleton(reads))
+            item_count = ids.item_count | 'CountItems' >> beam.Map(
+                _count_vocab, 'items', AsSingleton(reads))
+            build = BuildBlocks(block_cfg, user_count, item_count, f'{self._work_dir}/blocks',
+                                test_chunks, indexed=(ids.pieces, None, ids.cold_start))
+        else:
+            users = (chunks | 'UserIds' >> beam.CombineGlobally(UniqueIds('user_ids'))
+                     | 'CountUsers' >> beam.Map(_count_vocab, 'users', AsSingleton(reads)))
+            items = (chunks | 'ItemIds' >> beam.CombineGlobally(UniqueIds('item_ids'))
+                     | 'CountItems' >> beam.Map(_count_vocab, 'items', AsSingleton(reads)))
+            build = BuildBlocks(block_cfg, users, items, f'{self._work_dir}/blocks',
+                                test_chunks)
         row_blocks, col_blocks = chunks | 'Blocks' >> build
         cold_start = (build.cold_start if build.cold_start is not None
                       else pbegin | 'NoColdStart' >> beam.Create([]))
@@ -77,8 +96,14 @@ class TrainWals(beam.PTransform):
 
         previous = self._previous
         warm_from = previous.path if previous is not None and previous.warm_start else None
-        v = items | 'InitCols' >> beam.Map(_initial_factors, 'col', p, cfg.seed, warm_from)
-        u = users | 'InitRows' >> beam.Map(_initial_factors, 'row', p, cfg.seed, None)
+        if ranges is not None:   # per range: the initial rows need only IDs and hashes
+            v = initial_factors_by_range(ranges, 'col', functools.partial(
+                initial_rows, side='col', p=p, seed=cfg.seed, warm_from=warm_from), 'InitCols')
+            u = initial_factors_by_range(ranges, 'row', functools.partial(
+                initial_rows, side='row', p=p, seed=cfg.seed, warm_from=None), 'InitRows')
+        else:
+            v = items | 'InitCols' >> beam.Map(_initial_factors, 'col', p, cfg.seed, warm_from)
+            u = users | 'InitRows' >> beam.Map(_initial_factors, 'row', p, cfg.seed, None)
         run = alternate(row_blocks, col_blocks, p, u, v, col_counts, ratings, cfg.tolerance,
                         cfg.exchange, cfg.block_size, cfg.max_broadcast_mb)
         history, states = run.history, run.states
@@ -118,17 +143,24 @@ def _read_config(cfg: TrainConfig, pattern: str) -> ReadConfig:
 
 def _initial_factors(vocab: Vocabulary, side: str, p, seed: int,
                      warm_from: str | None) -> Factors:
-    """Per-ID seeded factors (objectives.initial_matrix); with warm_from, the item
-    factors of the IDs the previous model knows are taken from it (see README
-    "Warm start": the first half-step then solves the users)."""
-    matrix = objectives.initial_matrix(initial_factors(vocab.hashes, p.latent_factors,
-                                                       seed, side), p)
+    return factors_from_matrix(initial_rows(vocab.ids, vocab.hashes, side, p, seed,
+                                            warm_from))
+
+
+def initial_rows(ids: np.ndarray, hashes: np.ndarray, side: str, p, seed: int,
+                 warm_from: str | None) -> np.ndarray:
+    """Per-ID seeded factors (objectives.initial_matrix) of these IDs, each row a
+    function of its ID alone; with warm_from, the item factors of the IDs the
+    previous model knows are taken from it (see README "Warm start": the first
+    half-step then solves the users)."""
+    matrix = objectives.initial_matrix(initial_factors(hashes, p.latent_factors, seed, side),
+                                       p)
     if warm_from is not None:
         prev = cached_model_files(warm_from)
-        index = index_map(prev.items if side == 'col' else prev.users, vocab.ids)
+        index = index_map(prev.items if side == 'col' else prev.users, ids)
         known = index >= 0
         matrix[known] = stored_matrix(prev, side)[index[known]]
-    return factors_from_matrix(matrix)
+    return matrix
 
 
 def _id_changes(users: Vocabulary, items: Vocabulary, previous_path: str,

@@ -28,6 +28,25 @@ def finalize_ids(unique_ids: np.ndarray) -> np.ndarray:
     return ids
 
 
+def canonical_int64(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(bool per ID: a canonical int64 as finalize_ids means it, int64 value or 0),
+    vectorized; strings numpy cannot parse take the per-ID test."""
+    ids = np.asarray(ids, dtype=str)
+    if not len(ids):
+        return np.zeros(0, bool), np.zeros(0, np.int64)
+    try:
+        values = ids.astype(np.int64)
+    except (ValueError, OverflowError):
+        ok = np.array([_is_int64(s) for s in ids.tolist()], dtype=bool)
+        values = np.zeros(len(ids), np.int64)
+        values[ok] = ids[ok].astype(np.int64)
+        return ok, values
+    # A parsed value is canonical when it prints back as the same text ("042",
+    # "+4", " 5", "1_000" do not); -2**63 is outside finalize_ids' |x| <= 2**63 - 1.
+    ok = (values.astype(str) == ids) & (values != np.iinfo(np.int64).min)
+    return ok, np.where(ok, values, 0)
+
+
 def lookup(vocab: np.ndarray, ids: np.ndarray) -> np.ndarray:
     """Dense int64 index in `vocab` of every ID string in `ids` (all must be present)."""
     ids = np.asarray(ids, dtype=str)
@@ -60,9 +79,10 @@ def lookup_known(vocab: np.ndarray, ids: np.ndarray) -> np.ndarray:
 class Vocabulary:
     """The sorted IDs of one side with their stable hashes (for splits and init)."""
 
-    def __init__(self, ids: np.ndarray):
+    def __init__(self, ids: np.ndarray, hashes: np.ndarray | None = None):
         self.ids = ids
-        self.hashes = id_hashes(ids.tolist())
+        # hashes: id_hashes(ids), when already known (the distributed vocabulary)
+        self.hashes = id_hashes(ids.tolist()) if hashes is None else hashes
 
     def __len__(self) -> int:
         return len(self.ids)
