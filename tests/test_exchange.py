@@ -140,3 +140,12 @@ def test_routed_and_auto_are_bit_identical_to_broadcast(sparse_ratings, tmp_path
     assert 400 * width * 4 > limit >= 300 * width * 4
     assert ex['auto']['row_solves']['other_rows_held_max'] < base['items']
     assert ex['auto']['col_solves']['other_rows_held_max'] == base['users']
+
+
+def test_column_blocks_that_lost_ratings_stop_the_run():
+    from pipeline.rating_stats import RatingStats
+    from pipeline.train_graph import _check_col_counts
+    counts = np.array([3, 0, 2], np.int64)
+    assert _check_col_counts(counts, RatingStats(5, 15.0, 1.0, 5.0)) is counts
+    with pytest.raises(RuntimeError, match='hold 5 training ratings where the row blocks hold 6'):
+        _check_col_counts(counts, RatingStats(6, 15.0, 1.0, 5.0))
