@@ -100,7 +100,7 @@ class _ParDo(te.DaskBagOp):
 
 
 # Most partitions a GroupByKey's output keeps (dask_npartitions overrides it).
-MAX_GROUP_PARTITIONS = 32
+MAX_GROUP_PARTITIONS = 8
 
 
 def _group_key(item):
@@ -116,7 +116,8 @@ class _GroupByKey(te.DaskBagOp):
     """GroupByKey with a bounded partition count. Beam's keeps its input's count,
     and a Flatten's input count is the sum of its inputs': the routed exchange's
     joins (Flatten + GroupByKey per half-step) then doubled the partitions every
-    iteration, to ~1.8M tasks at 10 iterations."""
+    iteration, to ~1.8M tasks at 10 iterations. 8 partitions: a 4-iteration routed
+    graph on MovieLens 100k has 4,836 tasks (12,991 with 32)."""
 
     def apply(self, input_bag, side_inputs=None):
         cap = self.bag_kwargs.get('npartitions') or MAX_GROUP_PARTITIONS

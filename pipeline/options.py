@@ -240,8 +240,8 @@ class WalsOptions(PipelineOptions):
                                 'ratings refer to, by a shuffle, as Spark ALS does), or '
                                 'auto (per side at run time: routed above '
                                 '--max_broadcast_mb). Results are bit-identical. '
-                                'Default: broadcast on the DirectRunner (routing costs '
-                                'a shuffle per half-step), auto on any other runner.')
+                                'Default: auto on Dataflow, broadcast elsewhere (routing '
+                                'costs a shuffle per half-step).')
         model.add_argument('--max_broadcast_mb', '--max-broadcast-mb',
                            dest='max_broadcast_mb', type=float,
                            default=DEFAULT_MAX_BROADCAST_MB,
@@ -384,7 +384,7 @@ def config_from_options(options: PipelineOptions) -> TrainConfig:
     if args.test_input and output.rstrip('/') == args.test_input.rstrip('/'):
         raise ConfigError('--output must not be the --test_input path')
     runner = str(options.view_as(StandardOptions).runner or 'DirectRunner')
-    exchange = args.exchange or ('broadcast' if runner.endswith('DirectRunner') else 'auto')
+    exchange = args.exchange or ('auto' if runner.endswith('DataflowRunner') else 'broadcast')
     return TrainConfig(input=args.input, output=output, data_type=args.data_type,
                        delimiter=parse_delimiter(args.delimiter, args.data_type),
                        headers=args.headers, params=params,
