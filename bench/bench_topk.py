@@ -195,8 +195,9 @@ def main(argv=None) -> int:
     lines += ['', 'Target (issue 10): top_k <= 0.5 × implicit\'s batch recommend with '
               'filter_already_liked_items=True, at factors 10 and 32, N = 10 (wall time '
               'in the same run; the CPU-time ratio is the steadier one on a busy machine).',
-              '"same ids": fraction of (user, rank) slots with top_k\'s item (float32 '
-              'rounding differs between matmul shapes, so near-ties may swap).', '']
+              '"same ids": fraction of (user, rank) slots with top_k\'s item (the others rank by '
+              'BLAS float32 scores, top_k by its exact index-order sums: near-ties may '
+              'swap).', '']
     text = '\n'.join(lines)
     print(text)
     if not args.no_write:

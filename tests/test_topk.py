@@ -152,10 +152,11 @@ def test_rows_do_not_depend_on_batching_or_threads(spread, k):
     Real-valued factors (spread 10**6 scaled down) exercise float32 rounding."""
     rng = np.random.default_rng(6)
     n_q = topk_module._BATCH_ROWS * topk_module._TASK_BATCHES * 2 + 37
-    # d = 32, 3000 items (not a multiple of 16), k = 3000 (every score visible): on an
-    # AVX-512 machine OpenBLAS's float32 products in the last columns differ with the
-    # number of rows in the call (e.g. 2 or 31 rows vs 32); the kernel's fixed-shape
-    # batches must hide that.
+    # d = 32, 3000 items (not a multiple of 16), k = 3000 (every score visible):
+    # OpenBLAS's float32 products differ with a row's position in the call (Haswell
+    # kernel) and in the last columns with the number of rows (AVX-512 kernel); the
+    # exact rescoring must hide both. test_same_results_on_every_blas_kernel runs
+    # this under each kernel.
     q, v, seen = random_case(rng, n_q, 3000, 32, spread, seen_max=100)
     if spread > 100:
         q = q / np.float32(spread * 3.7)
@@ -220,3 +221,131 @@ def test_bad_arguments():
         top_k(np.zeros((2, 2)), v, 1, item_offsets=np.zeros(3))
     with pytest.raises(ValueError):
         similar_items(v, 1, query_ids=np.array([4]))
+
+
+def exact_reference(queries, items, k, exclude=None, offsets=None):
+    """The contract's scores, written out: float64 sum in index order, then float32,
+    then + offset in float32; full sort by (score desc, index asc)."""
+    q = np.asarray(queries, np.float32).astype(np.float64)
+    v = np.asarray(items, np.float32).astype(np.float64)
+    acc = np.zeros((q.shape[0], v.shape[0]))
+    with np.errstate(invalid='ignore', over='ignore'):
+        for i in range(q.shape[1]):
+            acc += q[:, i, None] * v[None, :, i]
+        full = acc.astype(np.float32)
+        if offsets is not None:
+            full += np.asarray(offsets, np.float32)
+    ids = np.full((q.shape[0], k), -1, np.int64)
+    scores = np.full((q.shape[0], k), -np.inf, np.float32)
+    for u in range(q.shape[0]):
+        row = full[u].copy()
+        if exclude is not None:
+            row[np.asarray(exclude[u], np.int64)] = -np.inf
+        row[np.isnan(row)] = -np.inf
+        order = np.lexsort((np.arange(len(row)), -row.astype(np.float64)))
+        order = order[row[order] > -np.inf][:k]
+        ids[u, :len(order)] = order
+        scores[u, :len(order)] = row[order]
+    return ids, scores
+
+
+def real_case(rng, n_q, n_items, d):
+    q = (rng.standard_normal((n_q, d)) * rng.uniform(0.1, 3, (n_q, 1))).astype(np.float32)
+    v = (rng.standard_normal((n_items, d)) * rng.uniform(0.1, 3, (n_items, 1))).astype(np.float32)
+    seen = [rng.choice(n_items, int(rng.integers(0, 60)), replace=False) for _ in range(n_q)]
+    return q, v, seen
+
+
+@pytest.mark.parametrize('seed', range(6))
+def test_real_valued_scores_are_the_contracts_exact_sum(seed):
+    """Real-valued factors (rounding everywhere): ids and scores equal the contract's
+    index-order float64 sum bit for bit, grouped path (small k) and whole-row path."""
+    rng = np.random.default_rng(50 + seed)
+    q, v, seen = real_case(rng, 700, int(rng.integers(800, 4000)), int(rng.integers(3, 70)))
+    offsets = rng.standard_normal(v.shape[0]).astype(np.float32) if seed % 2 else None
+    k = [1, 10, 100, 500, 7, 40][seed]
+    indptr, indices = csr(seen)
+    got = top_k(q, v, k, exclude_indptr=indptr, exclude_indices=indices, item_offsets=offsets)
+    want = exact_reference(q, v, k, seen, offsets)
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[1], want[1])
+
+
+def test_near_ties_and_non_finite_inputs_take_the_exact_paths():
+    """Duplicated item vectors (exact ties across rank k: the candidates cannot be
+    trusted), items with inf/NaN, queries whose float32 scores overflow, a zero
+    query: all equal the contract's exact reference."""
+    rng = np.random.default_rng(60)
+    q, v, seen = real_case(rng, 300, 2000, 16)
+    v[1000:1400] = v[0]                      # 401 identical items
+    v[7, 3] = np.inf
+    v[8, 0] = np.nan
+    q[5] = 0.0
+    q[6, 2] = np.float32(3e38)               # float32 sums overflow, float64 does not
+    q[9, 1] = -np.inf
+    q[10:40] = v[0] * np.float32(1.5)        # these rows rank the duplicates first
+    indptr, indices = csr(seen)
+    for k in (5, 10, 450):
+        got = top_k(q, v, k, exclude_indptr=indptr, exclude_indices=indices)
+        want = exact_reference(q, v, k, seen)
+        np.testing.assert_array_equal(got[0], want[0])
+        np.testing.assert_array_equal(got[1], want[1])
+
+
+def _blas_kernels():
+    """OpenBLAS kernels this CPU can run (numpy's OpenBLAS picks one at start-up,
+    OPENBLAS_CORETYPE overrides it)."""
+    try:
+        flags = open('/proc/cpuinfo').read()
+    except OSError:
+        return []
+    if ' sse3' not in flags and ' pni' not in flags:
+        return []
+    kernels = ['Prescott']
+    if ' avx2' in flags and ' fma' in flags:
+        kernels.append('Haswell')
+    if ' avx512f' in flags and ' avx512bw' in flags:
+        kernels.append('SkylakeX')
+    return kernels
+
+
+_KERNEL_SCRIPT = """
+import sys, numpy as np
+sys.path.insert(0, sys.argv[1])
+from wals_core.topk import top_k
+rng = np.random.default_rng(6)
+q = (rng.standard_normal((1500, 32)) / 3.7).astype(np.float32)
+v = (rng.standard_normal((3000, 32)) / 1.3).astype(np.float32)
+off = rng.standard_normal(3000).astype(np.float32)
+parts = []
+for k in (10, 3000):
+    full = top_k(q, v, k, item_offsets=off, num_threads=2)
+    rows = rng.permutation(1500)[:31]
+    sub = top_k(q[rows], v, k, item_offsets=off, num_threads=1)
+    assert (sub[0] == full[0][rows]).all() and (sub[1] == full[1][rows]).all(), k
+    parts += [full[0].tobytes(), full[1].tobytes()]
+import hashlib
+print(hashlib.sha256(b''.join(parts)).hexdigest())
+"""
+
+
+def test_same_results_on_every_blas_kernel():
+    """The same call under each OpenBLAS kernel the CPU runs (their float32 sgemm
+    results differ): identical bytes, and a subset of rows gets the same answer as
+    in the full call. BLAS's own scores differ between these kernels; this test
+    failed before the exact rescoring."""
+    import os
+    import subprocess
+    import sys
+    kernels = _blas_kernels()
+    if len(kernels) < 2:
+        pytest.skip('fewer than two OpenBLAS kernels run on this CPU')
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    digests = {}
+    for kernel in kernels:
+        env = dict(os.environ, OPENBLAS_CORETYPE=kernel)
+        out = subprocess.run([sys.executable, '-c', _KERNEL_SCRIPT, root], env=env,
+                             capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, (kernel, out.stderr[-2000:])
+        digests[kernel] = out.stdout.strip()
+    assert len(set(digests.values())) == 1, digests

@@ -3,9 +3,11 @@ ranking metrics all use this one kernel.
 
 Contract (`top_k`)
 ------------------
-* scores[u, j] = queries[u] · items[j] (+ item_offsets[j]), computed in float32: the
-  inputs are cast to float32 and multiplied by numpy's float32 matmul (sgemm); the
-  offset is added in float32 afterwards.
+* scores[u, j] = float32(Σ_i q[u, i]·v[j, i]) (+ item_offsets[j] in float32), where
+  q and v are the inputs cast to float32 and the sum is taken in float64 in index
+  order i = 0, 1, ..., d-1 (every product of two float32 values is exact in
+  float64). IEEE arithmetic fixes every bit of that: the scores, and so the ranking,
+  are the same on every machine, BLAS build and CPU.
 * Rank order: score descending, ties broken by the smaller item index. Output is
   (ids int64 n×k, scores float32 n×k).
 * Never returned: the row's excluded items (CSR exclude_indptr/exclude_indices, e.g.
@@ -14,35 +16,45 @@ Contract (`top_k`)
   When fewer than k items are left the row is padded with id -1 and score -inf.
   +inf scores are ordinary (largest) scores. -0.0 and +0.0 are equal (a tie).
 * Deterministic: a row's result depends only on that row's query, the items, its
-  exclusions and the offsets; not on the other rows of the call, their order, or
-  `num_threads`. Every matmul has the same shape (the last batch of rows is padded
-  with zero rows to _BATCH_ROWS) and runs with BLAS on one thread, and every later
-  step is exact (comparisons, maxima, selections). The padding matters: OpenBLAS's
-  sgemm (AVX-512 build) rounds the last, partial column tile differently for
-  different numbers of rows (tests/test_topk.py shows it). Bit-identical across machines
-  only as far as their BLAS builds compute the same float32 dot products.
+  exclusions and the offsets; not on the other rows of the call, their order,
+  `num_threads` or the machine.
+
+Why not BLAS's scores: a float32 sgemm sums in an order of its own, and OpenBLAS's
+order depends on where a row sits in the call (its Haswell/Zen kernel rounds rows
+6-11 and 18-31 of a 32-row call differently from rows 0-5, and columns by position
+too: tests/test_topk.py shows it under OPENBLAS_CORETYPE=Haswell). A row's
+recommendations would then change with the rows it was batched with, which differ
+between runners and between a batch job and a one-user query.
 
 How it is fast (the cost is the selection over n_queries × n_items scores, not the
 matmul)
 ------------------------------------------------------------------------------
-Per batch of _BATCH_ROWS rows (its score matrix fits in L2 cache): scores by sgemm
-into a reused buffer, excluded items set to -inf, then
+BLAS's float32 scores only choose candidates; the exact scores are computed for
+those alone. Per batch of _BATCH_ROWS rows (its score matrix fits in L2 cache):
+scores by sgemm into a reused buffer, excluded items set to -inf, then the best
+kc = k + max(_EXTRA_MIN, k / 16) items by those scores:
 
 1. items are cut into m groups of G (group g = items g, g + m, g + 2m, ...: a strided
    reshape, so the per-group maxima are one np.fmax.reduce over the middle axis);
-2. t = the k-th largest group maximum (np.partition over m values). k groups hold
-   an item scoring >= t, so the k-th best score is >= t. If exactly k groups reach t
-   (the usual case), every other group is < t: the answer, ties included, lies in
-   those k groups;
-3. exact selection among the k·G candidates of the chosen groups, on an int64 key
+2. t = the kc-th largest group maximum (np.partition over m values). kc groups hold
+   an item scoring >= t, so the kc-th best score is >= t. If exactly kc groups reach
+   t (the usual case), every other group is < t: the answer, ties included, lies in
+   those kc groups;
+3. exact selection among the kc·G candidates of the chosen groups, on an int64 key
    that orders by (score desc, index asc): the float32 score's bits made monotone in
    the high half, (2³²-1 - index) in the low half. np.partition then np.sort on the
-   k survivors; id and score are decoded back from the key (no gather);
-4. a row where more than k groups reach t (tied group maxima, or fewer than k groups
-   with a finite score) takes the whole-row path instead. Rare for real-valued
-   factors; common for integer-valued test data.
+   kc survivors; id and score are decoded back from the key (no gather);
+4. a row where more than kc groups reach t (tied group maxima, or fewer than kc
+   groups with a finite score) takes the whole-row path instead. Rare for
+   real-valued factors; common for integer-valued test data.
+5. Whatever order a BLAS sums in, |its score − the exact score| <= h_u, a bound from
+   ‖q_u‖·max_j‖v_j‖ (_ExactScores). If the kc-th candidate's BLAS score is below the
+   k-th's by more than 2·h_u, no item left out can reach the exact top k; the
+   candidates get exact scores and the k best by those are the answer. Otherwise
+   (near-ties around rank k, non-finite or huge queries) the row is scored exactly
+   on every item. Items with a non-finite vector are always scored exactly.
 
-When grouping cannot pay (k·G >= n_items / 2) every row takes the whole-row path.
+When grouping cannot pay (kc·G > n_items / 2) every row takes the whole-row path.
 Batches are spread over `num_threads` Python threads (numpy's matmul, reductions and
 partitions release the GIL) with OpenBLAS on one thread (wals_core.solve's helper).
 """
@@ -56,11 +68,17 @@ import numpy as np
 from wals_core.solve import single_threaded_blas
 from wals_core.sparse import check_csr
 
-# Rows per matmul. Fixed (determinism: same sgemm shape for every row); 32 rows ×
+# Rows per matmul (the last batch is padded to it: one sgemm shape); 32 rows ×
 # 10.7k items of float32 = 1.4 MB, inside a 2 MiB L2.
 _BATCH_ROWS = 32
 # Batches per thread-pool task (fewer tasks, one scratch buffer per task).
 _TASK_BATCHES = 16
+# Candidates per row beyond k from the BLAS phase: at least this many, or k / 16.
+# More candidates cost selection time; fewer send more rows (near-ties within the
+# error bound) to the exact whole-row path.
+_EXTRA_MIN = 4
+# Pairs rescored per step (float64 scratch of about 8 bytes each).
+_RESCORE_ELEMENTS = 1 << 18
 _LOW = np.int64(0xFFFFFFFF)
 _NEG_INF = np.float32(-np.inf)
 
@@ -147,25 +165,34 @@ def top_k(queries: np.ndarray, items: np.ndarray, k: int, *,
     if n_q == 0 or kk == 0:
         return out_ids, out_scores
 
-    g = _group_size(n_items, kk)
-    grouped = kk * g * 2 <= n_items
+    exact = _ExactScores(q, v, offsets, indptr, indices)
+    # Items with a non-finite vector never enter the BLAS phase: every row scores
+    # them exactly (their BLAS scores could depend on the summation order).
+    n_good = n_items - len(exact.bad)
+    kc = min(n_good, kk + max(_EXTRA_MIN, kk // 16))   # candidates per row
+    g = _group_size(n_items, kc)
+    grouped = kc * g * 2 <= n_items
     if not grouped:
         g = 1
     m = -(-n_items // g)
     n_pad = m * g
     items_t = np.zeros((d, n_pad), dtype=np.float32)
     items_t[:, :n_items] = v.T
+    items_t[:, exact.bad] = 0.0
     off_pad = None
-    if offsets is not None:
-        off_pad = np.zeros(n_pad, dtype=np.float32)
+    if offsets is not None:   # -inf on padding and non-finite items, too
+        off_pad = np.full(n_pad, _NEG_INF, dtype=np.float32)
         off_pad[:n_items] = offsets
-
+        off_pad[exact.bad] = _NEG_INF
     low_all = None if grouped else _LOW - np.arange(n_items, dtype=np.int64)
 
-    def run_batch(r0: int, buf: np.ndarray, qbuf: np.ndarray) -> None:
+    def candidates(r0: int, buf: np.ndarray, qbuf: np.ndarray,
+                   cand: np.ndarray, sure: np.ndarray) -> None:
+        """The kc best items of rows r0.. by BLAS scores into cand (ids, -1 where
+        -inf); sure[r] = the row's k best by exact scores are among them."""
         r1 = min(r0 + _BATCH_ROWS, n_q)
         nb = r1 - r0
-        if nb < _BATCH_ROWS:   # same matmul shape for every batch
+        if nb < _BATCH_ROWS:   # same matmul shape for every batch (speed, not results)
             qbuf[:nb] = q[r0:r1]
             qbuf[nb:] = 0.0
             qb = qbuf
@@ -175,7 +202,9 @@ def top_k(queries: np.ndarray, items: np.ndarray, k: int, *,
         s = buf[:nb]
         if off_pad is not None:
             s += off_pad
-        s[:, n_items:] = _NEG_INF
+        else:   # padding and non-finite items never become candidates
+            s[:, n_items:] = _NEG_INF
+            s[:, exact.bad] = _NEG_INF
         if indptr is not None:
             lo, hi = indptr[r0], indptr[r1]
             if hi > lo:
@@ -183,20 +212,41 @@ def top_k(queries: np.ndarray, items: np.ndarray, k: int, *,
                                  np.diff(indptr[r0:r1 + 1]))
                 s.reshape(-1)[rows + indices[lo:hi]] = _NEG_INF
         if grouped:
-            top = _grouped_select(s, n_items, g, m, kk)
+            top = _grouped_select(s, n_items, g, m, kc)
         else:
-            top = _largest(_keys(s[:, :n_items], low_all), kk)
-        ids, sc = _decode(top)
-        out_ids[r0:r1, :kk] = ids
-        out_scores[r0:r1, :kk] = sc
+            top = _largest(_keys(s[:, :n_items], low_all), kc)
+        ids, approx = _decode(top)
+        cand[:nb] = ids
+        ok = exact.row_ok[r0:r1].copy()
+        if kc < n_good:
+            # Every item left out scores <= approx[:, -1] by BLAS, so <= that + h
+            # exactly; the kk-th candidate scores >= approx[:, kk-1] - h exactly.
+            a_k = approx[:, kk - 1].astype(np.float64)
+            a_last = approx[:, -1].astype(np.float64)
+            ok &= (a_last == -np.inf) | (a_last < a_k - 2.0 * exact.half_gap[r0:r1])
+        sure[:nb] = ok
 
     def run_task(t0: int) -> None:
+        t1 = min(t0 + _TASK_BATCHES * _BATCH_ROWS, n_q)
         buf = np.empty((_BATCH_ROWS, n_pad), dtype=np.float32)
         qbuf = np.empty((_BATCH_ROWS, d), dtype=np.float32)
+        cand = np.empty((t1 - t0, kc), dtype=np.int64)
+        sure = np.empty(t1 - t0, dtype=bool)
         # 0 · inf = NaN and float32 overflow are part of the contract, not warnings.
         with np.errstate(invalid='ignore', over='ignore'):
-            for r0 in range(t0, min(t0 + _TASK_BATCHES * _BATCH_ROWS, n_q), _BATCH_ROWS):
-                run_batch(r0, buf, qbuf)
+            if kc > 0:
+                for r0 in range(t0, t1, _BATCH_ROWS):
+                    candidates(r0, buf, qbuf, cand[r0 - t0:], sure[r0 - t0:])
+            else:
+                sure[:] = exact.row_ok[t0:t1]
+            rows = t0 + np.flatnonzero(sure)
+            ids, sc = exact.best_of(rows, cand[sure], kk)
+            out_ids[rows, :kk] = ids
+            out_scores[rows, :kk] = sc
+            rows = t0 + np.flatnonzero(~sure)
+            ids, sc = exact.best_of(rows, None, kk)
+            out_ids[rows, :kk] = ids
+            out_scores[rows, :kk] = sc
 
     starts = range(0, n_q, _TASK_BATCHES * _BATCH_ROWS)
     threads = max(1, min(num_threads or _cpus(), len(starts)))
@@ -209,6 +259,104 @@ def top_k(queries: np.ndarray, items: np.ndarray, k: int, *,
                 for f in [pool.submit(run_task, t0) for t0 in starts]:
                     f.result()
     return out_ids, out_scores
+
+
+class _ExactScores:
+    """The contract's scores, float32(Σ_i q[u, i]·v[j, i] summed in float64 in index
+    order) (+ offset in float32), for chosen (row, item) pairs; and the bound that
+    lets BLAS's float32 scores pick the candidates.
+
+    half_gap[u] bounds |BLAS score − exact score| of row u over every finite item,
+    whatever order the BLAS sums in: |fl32 sum − exact| <= γ_d(2⁻²⁴)·Σ|q_i v_i|
+    <= γ_d·‖q_u‖·max_j‖v_j‖ (Cauchy–Schwarz), the same in float64 for the exact
+    score, plus the float32 roundings of the sums and of the offset addition and an
+    absolute allowance for subnormals. row_ok is False where that bound is not
+    finite or the scores could overflow float32 (such rows are scored exactly on
+    every item)."""
+
+    def __init__(self, q: np.ndarray, v: np.ndarray, offsets: np.ndarray | None,
+                 indptr: np.ndarray | None, indices: np.ndarray | None) -> None:
+        self.q64 = q.astype(np.float64)
+        self.vt64 = np.ascontiguousarray(v.T, dtype=np.float64)
+        self.offsets = offsets
+        self.indptr, self.indices = indptr, indices
+        d = q.shape[1]
+        item_norm = np.sqrt(np.einsum('ij,ij->j', self.vt64, self.vt64))
+        finite = np.isfinite(item_norm)
+        self.bad = np.flatnonzero(~finite)
+        vmax = float(item_norm[finite].max()) if finite.any() else 0.0
+        omax = 0.0
+        if offsets is not None:
+            fin = offsets[np.isfinite(offsets)]
+            omax = float(np.abs(fin).max()) if len(fin) else 0.0
+        row_norm = np.sqrt(np.einsum('ij,ij->i', self.q64, self.q64))
+        u32, u64 = 2.0 ** -24, 2.0 ** -53
+        gamma = d * u32 / (1 - d * u32) + d * u64 / (1 - d * u64)
+        with np.errstate(invalid='ignore', over='ignore'):
+            dot_max = row_norm * vmax
+            self.half_gap = ((gamma + 4 * u32) * dot_max + 3 * u32 * omax
+                             + (2 * d + 8) * 2.0 ** -149) * (1 + 1e-6)
+            self.row_ok = (np.isfinite(self.half_gap)
+                           & (dot_max + omax < float(np.finfo(np.float32).max) / 4))
+        self.bad_pos = None
+        if len(self.bad):
+            self.bad_pos = np.full(v.shape[0], -1, dtype=np.int64)
+            self.bad_pos[self.bad] = np.arange(len(self.bad))
+
+    def scores(self, rows: np.ndarray, ids: np.ndarray | None) -> np.ndarray:
+        """float32 scores of rows × ids (ids: len(rows) × c, valid item indices; None:
+        every item), offsets added; exclusions not applied."""
+        q64, vt64 = self.q64[rows], self.vt64
+        acc = np.zeros((len(rows), vt64.shape[1] if ids is None else ids.shape[1]))
+        for i in range(q64.shape[1]):   # index order: the contract's summation order
+            acc += q64[:, i, None] * (vt64[i] if ids is None else vt64[i][ids])
+        out = acc.astype(np.float32)
+        if self.offsets is not None:
+            out += self.offsets if ids is None else self.offsets[ids]
+        return out
+
+    def _excluded(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(position in rows, item) of every exclusion of those rows."""
+        if self.indptr is None or not len(rows):
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        lo, hi = self.indptr[rows], self.indptr[rows + 1]
+        counts = hi - lo
+        at = np.repeat(np.arange(len(rows), dtype=np.int64), counts)
+        start = np.repeat(lo - np.cumsum(counts) + counts, counts)
+        return at, self.indices[start + np.arange(len(at), dtype=np.int64)]
+
+    def best_of(self, rows: np.ndarray, cand: np.ndarray | None,
+                k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The k best (ids, scores) of each row among its candidates (len(rows) × c,
+        -1 = none; None: every item) and the non-finite items, by exact scores."""
+        n_items = self.vt64.shape[1]
+        ids_out = np.empty((len(rows), k), dtype=np.int64)
+        sc_out = np.empty((len(rows), k), dtype=np.float32)
+        width = n_items if cand is None else cand.shape[1] + len(self.bad)
+        step = max(1, _RESCORE_ELEMENTS // max(width, 1))
+        for c0 in range(0, len(rows), step):
+            r = rows[c0:c0 + step]
+            at, item = self._excluded(r)
+            if cand is None:
+                s = self.scores(r, None)
+                s[at, item] = _NEG_INF
+                ids = None
+                low = _LOW - np.arange(n_items, dtype=np.int64)
+            else:
+                ids = cand[c0:c0 + step]
+                valid = ids >= 0
+                ids = np.where(valid, ids, 0)
+                s = self.scores(r, ids)
+                s[~valid] = _NEG_INF   # excluded or -inf by BLAS: exact -inf (row_ok)
+                if len(self.bad):
+                    sb = self.scores(r, np.broadcast_to(self.bad, (len(r), len(self.bad))))
+                    hit = self.bad_pos[item] >= 0
+                    sb[at[hit], self.bad_pos[item[hit]]] = _NEG_INF
+                    s = np.concatenate([s, sb], axis=1)
+                    ids = np.concatenate([ids, np.broadcast_to(self.bad, sb.shape)], axis=1)
+                low = _LOW - ids
+            ids_out[c0:c0 + step], sc_out[c0:c0 + step] = _decode(_largest(_keys(s, low), k))
+        return ids_out, sc_out
 
 
 def _grouped_select(s: np.ndarray, n_items: int, g: int, m: int, k: int) -> np.ndarray:
