@@ -103,6 +103,14 @@ def load_model_files(path: str) -> ModelFiles:
     return out
 
 
+def read_model(path: str) -> dict[str, np.ndarray]:
+    """The published model {user, item, row, col} of `path` (a model folder, or a
+    model root: its LATEST), after checking _SUCCESS and the checksums."""
+    root = resolve_model_path(path)
+    manifest = read_manifest(root)
+    return {name: _npy(root, manifest, name) for name in ('user', 'item', 'row', 'col')}
+
+
 LATEST = 'LATEST'
 
 

@@ -5,21 +5,19 @@ A run writes everything to a staging folder beside --output
 move the files into --output and write `_SUCCESS` last: a JSON manifest with the
 inputs (paths, sizes), parameters, counts, SHA-256 of every published file and
 the code version. A reader trusts a model folder only when `_SUCCESS` is there
-and the checksums match (read_model). Works on any Beam filesystem (local, gs://).
+and the checksums match (pipeline.model_files.read_model). Works on any Beam filesystem (local, gs://).
 """
 from __future__ import annotations
 
 import datetime
 import errno
 import hashlib
-import io
 import json
 import logging
 import os
 import time
 import uuid
 
-import numpy as np
 from apache_beam.io.filesystems import FileSystems
 
 SUCCESS = '_SUCCESS'
@@ -261,21 +259,3 @@ def read_manifest_bytes(output: str) -> bytes:
 
 def read_manifest(output: str) -> dict:
     return json.loads(read_manifest_bytes(output))
-
-
-def read_model(output: str) -> dict[str, np.ndarray]:
-    """The published model {user, item, row, col} after checking _SUCCESS and checksums.
-    `output` may be a model folder or a model root (its LATEST is followed).
-    Loads with allow_pickle=False: nothing read can execute code."""
-    from pipeline.model_files import resolve_model_path   # model_files imports this module
-    output = resolve_model_path(output)
-    manifest = read_manifest(output)
-    model = {}
-    for name in ('user', 'item', 'row', 'col'):
-        rel = f'model/{name}.npy'
-        data = _read(f'{output}/{rel}')
-        want = manifest['files'].get(rel, {}).get('sha256')
-        if hashlib.sha256(data).hexdigest() != want:
-            raise UntrustedModel(f'{output}/{rel} does not match its {SUCCESS} checksum')
-        model[name] = np.load(io.BytesIO(data), allow_pickle=False)
-    return model

@@ -341,19 +341,20 @@ def launch_dataflow(argv: list[str]) -> int:
     defaults as the trainer's launcher does; --dry_run builds the job without reading
     the model or touching any Cloud resource; --template_location stages it; otherwise
     this process runs the job, waits and publishes."""
-    from pipeline import dataflow
+    from pipeline import cloud_launch
+    from apache_beam.options.pipeline_options import GoogleCloudOptions
     parser = build_parser()
     parser.prog = './run_dataflow.sh recommend'
     parser.description = 'Batch recommendations on Google Cloud Dataflow.'
     parser.epilog = DATAFLOW_EPILOG
-    dataflow.add_cloud_arguments(parser)
+    cloud_launch.add_cloud_arguments(parser)
     args, rest = parser.parse_known_args(argv)
     try:
         extra = beam_args(rest)
         if args.user is not None or args.new_user_ratings:
             raise ConfigError('--user / --new_user_ratings run locally: '
                               'python -m pipeline.recommend --model ... --user ID')
-        cloud = dataflow.cloud_options(args, extra, job_prefix='wals-recommend')
+        cloud = cloud_launch.cloud_options(args, extra, job_prefix='wals-recommend')
         args.output = (args.output or
                        f'{cloud.bucket}/recommendations/{cloud.job_name}').rstrip('/')
         for flag in ('model', 'output'):
@@ -362,10 +363,10 @@ def launch_dataflow(argv: list[str]) -> int:
                                   f'see local files (got {getattr(args, flag)!r})')
         added = list(cloud.extra)
         if not cloud.worker.machine_type:
-            added.append(f'--machine_type={dataflow.DEFAULT_MACHINE_TYPE}')
+            added.append(f'--machine_type={cloud_launch.DEFAULT_MACHINE_TYPE}')
         if not cloud.worker.max_num_workers:
-            added.append(f'--max_num_workers={dataflow.MAX_WORKERS_UNKNOWN_INPUT}')
-        template = cloud.given.view_as(dataflow.GoogleCloudOptions).template_location
+            added.append(f'--max_num_workers={cloud_launch.MAX_WORKERS_UNKNOWN_INPUT}')
+        template = cloud.given.view_as(GoogleCloudOptions).template_location
         if args.dry_run or template:
             prepare(args, verify=False)
     except ConfigError as e:

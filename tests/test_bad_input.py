@@ -16,7 +16,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pipeline.parse import LineFormat, _parse_columnar, parse_lines, parse_range
-from pipeline.publish import SUCCESS, OutputExists, UntrustedModel, read_model
+from pipeline.model_files import read_model
+from pipeline.publish import SUCCESS, OutputExists, UntrustedModel
 from tests.conftest import ROOT
 from tests.pipeline_support import load_metrics, run_pipeline
 from wals_core.hashing import id_hashes, is_test

@@ -18,7 +18,8 @@ from apache_beam.io.filesystems import FileSystems
 
 from pipeline.model_files import load_model_files, resolve_model_path
 from pipeline.model_root import promote, read_latest, update_gcs, version_path
-from pipeline.publish import SUCCESS, list_files, read_model
+from pipeline.model_files import read_model
+from pipeline.publish import SUCCESS, list_files
 from tests.conftest import ROOT
 from tests.gcs_support import gcs_emulator
 
