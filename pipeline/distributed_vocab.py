@@ -239,23 +239,13 @@ class _AnswerRange(beam.DoFn):
                 (side, rng), (r.chunk, Answer(side, r.positions, rank, np.zeros(0, np.uint64)))))
 
 
-class RangeOffsets(beam.CombineFn):
+class RangeOffsets(InBlockOrder):
     """RangeIds -> ({(side, range): index of its first ID}, (users, items) sizes)."""
 
-    def create_accumulator(self):
-        return {}
+    def keyed(self, r: RangeIds):
+        return (r.side, r.range), len(r.ids)
 
-    def add_input(self, acc, r: RangeIds):
-        acc[(r.side, r.range)] = len(r.ids)
-        return acc
-
-    def merge_accumulators(self, accs):
-        out = {}
-        for a in accs:
-            out.update(a)
-        return out
-
-    def extract_output(self, acc):
+    def extract_output(self, acc):   # needs the keys, not only the values in order
         offsets, totals = {}, [0, 0]
         for side, rng in sorted(acc):
             offsets[(side, rng)] = totals[side]
