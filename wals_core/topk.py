@@ -165,10 +165,10 @@ def top_k(queries: np.ndarray, items: np.ndarray, k: int, *,
     if n_q == 0 or kk == 0:
         return out_ids, out_scores
 
-    exact = _ExactScores(q, v, offsets, indptr, indices)
-    # Items with a non-finite vector never enter the BLAS phase: every row scores
+    # Items with a non-finite vector never become BLAS candidates: every row scores
     # them exactly (their BLAS scores could depend on the summation order).
-    n_good = n_items - len(exact.bad)
+    bad = np.flatnonzero(~np.isfinite(v).all(axis=1))
+    n_good = n_items - len(bad)
     kc = min(n_good, kk + max(_EXTRA_MIN, kk // 16))   # candidates per row
     g = _group_size(n_items, kc)
     grouped = kc * g * 2 <= n_items
@@ -178,7 +178,7 @@ def top_k(queries: np.ndarray, items: np.ndarray, k: int, *,
     n_pad = m * g
     items_t = np.zeros((d, n_pad), dtype=np.float32)
     items_t[:, :n_items] = v.T
-    items_t[:, exact.bad] = 0.0
+    exact = _ExactScores(q, v, items_t, bad, offsets, indptr, indices)
     off_pad = None
     if offsets is not None:   # -inf on padding and non-finite items, too
         off_pad = np.full(n_pad, _NEG_INF, dtype=np.float32)
@@ -274,22 +274,25 @@ class _ExactScores:
     finite or the scores could overflow float32 (such rows are scored exactly on
     every item)."""
 
-    def __init__(self, q: np.ndarray, v: np.ndarray, offsets: np.ndarray | None,
-                 indptr: np.ndarray | None, indices: np.ndarray | None) -> None:
-        self.q64 = q.astype(np.float64)
-        self.vt64 = np.ascontiguousarray(v.T, dtype=np.float64)
+    def __init__(self, q: np.ndarray, v: np.ndarray, items_t: np.ndarray,
+                 bad: np.ndarray, offsets: np.ndarray | None, indptr: np.ndarray | None,
+                 indices: np.ndarray | None) -> None:
+        # float32 inputs only (no float64 copies of whole matrices): products are
+        # taken in float64 on the pairs being scored. items_t: v transposed (d ×
+        # n_pad, the BLAS phase's copy), so each dimension's values are contiguous.
+        self.q, self.items_t, self.n_items = q, items_t, v.shape[0]
         self.offsets = offsets
         self.indptr, self.indices = indptr, indices
         d = q.shape[1]
-        item_norm = np.sqrt(np.einsum('ij,ij->j', self.vt64, self.vt64))
-        finite = np.isfinite(item_norm)
-        self.bad = np.flatnonzero(~finite)
-        vmax = float(item_norm[finite].max()) if finite.any() else 0.0
+        self.bad = bad   # items with a non-finite value
+        item_norm = np.sqrt(np.einsum('ij,ij->i', v, v, dtype=np.float64))
+        item_norm[bad] = 0.0
+        vmax = float(item_norm.max()) if len(item_norm) else 0.0
         omax = 0.0
         if offsets is not None:
             fin = offsets[np.isfinite(offsets)]
             omax = float(np.abs(fin).max()) if len(fin) else 0.0
-        row_norm = np.sqrt(np.einsum('ij,ij->i', self.q64, self.q64))
+        row_norm = np.sqrt(np.einsum('ij,ij->i', q, q, dtype=np.float64))
         u32, u64 = 2.0 ** -24, 2.0 ** -53
         gamma = d * u32 / (1 - d * u32) + d * u64 / (1 - d * u64)
         with np.errstate(invalid='ignore', over='ignore'):
@@ -300,16 +303,19 @@ class _ExactScores:
                            & (dot_max + omax < float(np.finfo(np.float32).max) / 4))
         self.bad_pos = None
         if len(self.bad):
-            self.bad_pos = np.full(v.shape[0], -1, dtype=np.int64)
+            self.bad_pos = np.full(self.n_items, -1, dtype=np.int64)
             self.bad_pos[self.bad] = np.arange(len(self.bad))
 
     def scores(self, rows: np.ndarray, ids: np.ndarray | None) -> np.ndarray:
         """float32 scores of rows × ids (ids: len(rows) × c, valid item indices; None:
         every item), offsets added; exclusions not applied."""
-        q64, vt64 = self.q64[rows], self.vt64
-        acc = np.zeros((len(rows), vt64.shape[1] if ids is None else ids.shape[1]))
+        q64 = self.q[rows].astype(np.float64)
+        vt = self.items_t[:, :self.n_items]
+        acc = np.zeros((len(rows), self.n_items if ids is None else ids.shape[1]))
         for i in range(q64.shape[1]):   # index order: the contract's summation order
-            acc += q64[:, i, None] * (vt64[i] if ids is None else vt64[i][ids])
+            # float64 × float32: the float32 value is widened exactly, and the
+            # product of two float32 values is exact in float64.
+            acc += q64[:, i, None] * (vt[i] if ids is None else vt[i][ids])
         out = acc.astype(np.float32)
         if self.offsets is not None:
             out += self.offsets if ids is None else self.offsets[ids]
@@ -329,7 +335,7 @@ class _ExactScores:
                 k: int) -> tuple[np.ndarray, np.ndarray]:
         """The k best (ids, scores) of each row among its candidates (len(rows) × c,
         -1 = none; None: every item) and the non-finite items, by exact scores."""
-        n_items = self.vt64.shape[1]
+        n_items = self.n_items
         ids_out = np.empty((len(rows), k), dtype=np.int64)
         sc_out = np.empty((len(rows), k), dtype=np.float32)
         width = n_items if cand is None else cand.shape[1] + len(self.bad)
