@@ -18,8 +18,10 @@ import time
 import apache_beam as beam
 import numpy as np
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions, TypeOptions
+from apache_beam.options.pipeline_options import (GoogleCloudOptions, PipelineOptions,
+                                                  StandardOptions, TypeOptions)
 
+from pipeline import cloud_launch
 from pipeline import recommend_batch as rb
 from pipeline.errors import InputError, QuietMarkedErrors, user_message
 from pipeline.model_files import load_model_files
@@ -341,8 +343,6 @@ def launch_dataflow(argv: list[str]) -> int:
     defaults as the trainer's launcher does; --dry_run builds the job without reading
     the model or touching any Cloud resource; --template_location stages it; otherwise
     this process runs the job, waits and publishes."""
-    from pipeline import cloud_launch
-    from apache_beam.options.pipeline_options import GoogleCloudOptions
     parser = build_parser()
     parser.prog = './run_dataflow.sh recommend'
     parser.description = 'Batch recommendations on Google Cloud Dataflow.'

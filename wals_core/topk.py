@@ -206,11 +206,8 @@ def top_k(queries: np.ndarray, items: np.ndarray, k: int, *,
             s[:, n_items:] = _NEG_INF
             s[:, exact.bad] = _NEG_INF
         if indptr is not None:
-            lo, hi = indptr[r0], indptr[r1]
-            if hi > lo:
-                rows = np.repeat(np.arange(nb, dtype=np.int64) * n_pad,
-                                 np.diff(indptr[r0:r1 + 1]))
-                s.reshape(-1)[rows + indices[lo:hi]] = _NEG_INF
+            at, item = _exclusion_pairs(indptr, indices, np.arange(r0, r1))
+            s[at, item] = _NEG_INF
         if grouped:
             top = _grouped_select(s, n_items, g, m, kc)
         else:
@@ -321,16 +318,6 @@ class _ExactScores:
             out += self.offsets if ids is None else self.offsets[ids]
         return out
 
-    def _excluded(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(position in rows, item) of every exclusion of those rows."""
-        if self.indptr is None or not len(rows):
-            return np.zeros(0, np.int64), np.zeros(0, np.int64)
-        lo, hi = self.indptr[rows], self.indptr[rows + 1]
-        counts = hi - lo
-        at = np.repeat(np.arange(len(rows), dtype=np.int64), counts)
-        start = np.repeat(lo - np.cumsum(counts) + counts, counts)
-        return at, self.indices[start + np.arange(len(at), dtype=np.int64)]
-
     def best_of(self, rows: np.ndarray, cand: np.ndarray | None,
                 k: int) -> tuple[np.ndarray, np.ndarray]:
         """The k best (ids, scores) of each row among its candidates (len(rows) × c,
@@ -342,8 +329,8 @@ class _ExactScores:
         step = max(1, _RESCORE_ELEMENTS // max(width, 1))
         for c0 in range(0, len(rows), step):
             r = rows[c0:c0 + step]
-            at, item = self._excluded(r)
             if cand is None:
+                at, item = _exclusion_pairs(self.indptr, self.indices, r)
                 s = self.scores(r, None)
                 s[at, item] = _NEG_INF
                 ids = None
@@ -354,7 +341,8 @@ class _ExactScores:
                 ids = np.where(valid, ids, 0)
                 s = self.scores(r, ids)
                 s[~valid] = _NEG_INF   # excluded or -inf by BLAS: exact -inf (row_ok)
-                if len(self.bad):
+                if len(self.bad):   # candidates hold no excluded item; these may
+                    at, item = _exclusion_pairs(self.indptr, self.indices, r)
                     sb = self.scores(r, np.broadcast_to(self.bad, (len(r), len(self.bad))))
                     hit = self.bad_pos[item] >= 0
                     sb[at[hit], self.bad_pos[item[hit]]] = _NEG_INF
@@ -393,6 +381,18 @@ def _grouped_select(s: np.ndarray, n_items: int, g: int, m: int, k: int) -> np.n
     redo = np.flatnonzero(~regular)
     top[redo] = _largest(_keys(s[redo, :n_items], _LOW - np.arange(n_items, dtype=np.int64)), k)
     return top
+
+
+def _exclusion_pairs(indptr: np.ndarray | None, indices: np.ndarray | None,
+                     rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(position in rows, item) of every exclusion of those rows (CSR)."""
+    if indptr is None or not len(rows):
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    lo = indptr[rows]
+    counts = indptr[rows + 1] - lo
+    at = np.repeat(np.arange(len(rows), dtype=np.int64), counts)
+    start = np.repeat(lo - np.cumsum(counts) + counts, counts)
+    return at, indices[start + np.arange(len(at), dtype=np.int64)]
 
 
 def _exclusions(indptr, indices, n_q: int, n_items: int):
