@@ -16,12 +16,14 @@ setuptools.setup(
     description='WALS matrix factorization as an Apache Beam pipeline',
     packages=setuptools.find_packages(include=['pipeline', 'pipeline.*', 'wals_core', 'wals_core.*']),
     python_requires='>=3.10',
+    # `wals train|recommend|tune|export|dataflow|synth ...` (pipeline/cli/main.py)
+    entry_points={'console_scripts': ['wals=pipeline.cli.main:main']},
     install_requires=[
         'numpy>=1.26',
         'pandas>=2.0',
         'threadpoolctl>=3.1',   # one BLAS thread inside the batched solves
-        'pyarrow>=14',          # the columnar fast path of the parser (pipeline/parse.py)
-        'matplotlib>=3.8',      # convergence.png (pipeline/report.py, in the launcher)
+        'pyarrow>=14',          # the columnar fast path of the parser (pipeline/io/parse.py)
+        'matplotlib>=3.8',      # convergence.png (pipeline/store/report.py, in the launcher)
     ],
     extras_require={
         'local': [BEAM],
@@ -31,7 +33,7 @@ setuptools.setup(
                  'wheel>=0.40'],
         # python -m pipeline.tune (ask-and-tell batches, seeded TPE)
         'tune': ['optuna>=3.6'],
-        # Beam's DaskRunner (pipeline/dask_runner.py): what apache-beam[dask] 2.77 needs.
+        # Beam's DaskRunner (pipeline/runners/dask_runner.py): what apache-beam[dask] 2.77 needs.
         'dask': ['dask[distributed]>=2024.4.2', 'distributed>=2024.4.2'],
         # python -m pipeline.export (TensorFlow SavedModel for serving); never imported
         # by training. 2.18 is the first TensorFlow built for numpy 2; the CPU-only
