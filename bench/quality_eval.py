@@ -5,16 +5,18 @@ The split is NAME.split.tsv (bench/prepare_data.py: wals_core.hashing.is_test on
 the IDs' hashes, split_seed 0, 10 %, exactly the trainer's). Repeated (user, item)
 pairs are merged by their mean rating, as the trainer does for ratings.
 
-Ranking (`ranking`), as pipeline/training/evaluate.py does it: wals_core.topk.top_k over
-every item not in the user's training pairs, then wals_core.ranking.ranking_sums at
-K (implicit.evaluation's conventions). Relevant items: the user's warm test items
-(user and item both have a training rating, the pipeline's cold-start rule) with
-rating >= threshold. An item without a training rating stays a candidate, with the
-factors the method gave it (zero for Spark, which has none for it; zero in the
-project's modes too, whose solve of an item without ratings gives 0).
+Ranking (`ranking`), by the trainer's own function (wals_core.ranking.rank_and_score):
+wals_core.topk.top_k over every item not in the user's training pairs, then
+wals_core.ranking.ranking_sums at K (implicit.evaluation's conventions). Relevant
+items: the user's warm test items (user and item both have a training rating, the
+pipeline's cold-start rule) with rating >= threshold. An item without a training
+rating stays a candidate, with the factors the method gave it (zero for Spark, which
+has none for it; zero in the project's modes too, whose solve of an item without
+ratings gives 0).
 
 RMSE (`rmse`): over the same warm test pairs, unclipped, and clipped to the
-training ratings' [min, max] (the pipeline clips its explicit mode's predictions so).
+training ratings' [min, max] (the pipeline clips its explicit mode's predictions so),
+summed in a fixed order (wals_core.sums).
 """
 from __future__ import annotations
 
@@ -68,16 +70,14 @@ def ranking(split: Split, user_factors: np.ndarray, item_factors: np.ndarray, k:
             threshold: float = 0.0, item_offsets: np.ndarray | None = None) -> dict:
     """precision/recall/MAP/NDCG at k (wals_core.ranking's summary) of the scores
     user_factors · item_factors (+ item_offsets) on the split's warm test pairs."""
-    from wals_core.ranking import ranking_sums
-    from wals_core.topk import top_k
+    from wals_core.ranking import rank_and_score
     offsets = None if item_offsets is None else np.asarray(item_offsets, np.float32)
     ex_indptr, ex_indices = _csr(split.train_u, split.train_i, split.n_users)
-    ids, _ = top_k(np.asarray(user_factors, np.float32), np.asarray(item_factors, np.float32),
-                   k, exclude_indptr=ex_indptr, exclude_indices=ex_indices,
-                   item_offsets=offsets)
     rel = split.warm_test() & (split.test_r >= threshold)
-    rel_indptr, rel_indices = _csr(split.test_u[rel], split.test_i[rel], split.n_users)
-    out = ranking_sums(ids, rel_indptr, rel_indices, k).summary(k)
+    out = rank_and_score(np.asarray(user_factors, np.float32),
+                         np.asarray(item_factors, np.float32), k, split.test_u[rel],
+                         split.test_i[rel], ex_indptr, ex_indices,
+                         item_offsets=offsets).summary(k)
     out.update(rank_k=k, relevance_threshold=threshold)
     return out
 
@@ -90,8 +90,9 @@ def rmse(split: Split, predict) -> dict:
     lo, hi = float(split.train_r.min()), float(split.train_r.max())
     err_c = split.test_r[warm] - np.clip(pred, lo, hi)
     n = int(warm.sum())
-    return {'test_rmse': math.sqrt(err @ err / n) if n else None,
-            'test_rmse_clipped': math.sqrt(err_c @ err_c / n) if n else None,
+    from wals_core.sums import sum_of_squares
+    return {'test_rmse': math.sqrt(sum_of_squares(err) / n) if n else None,
+            'test_rmse_clipped': math.sqrt(sum_of_squares(err_c) / n) if n else None,
             'clip_range': [lo, hi], 'test_ratings': n}
 
 

@@ -156,9 +156,8 @@ def run_spark_als(args, implicit_prefs: bool) -> dict:
 
 def run_inmem(args) -> dict:
     from wals_core import objectives
-    from wals_core.init import initial_factors
     from wals_core.params import WalsParams
-    from wals_core.train import Problem, initial_state, train
+    from wals_core.train import fit_inputs, train
     from wals_core.vocab import Vocabulary
     from pipeline.runners.memory_tuning import tune_malloc
     tune_malloc()                  # as the Beam command line does
@@ -171,11 +170,8 @@ def run_inmem(args) -> dict:
     if args.iters:
         kw['num_iters'] = args.iters
     params = WalsParams(**kw)
-    k = params.latent_factors
-    problem = Problem.build(split.train_u, split.train_i, split.train_r, split.n_users,
-                            split.n_items, params)
-    u0, v0 = initial_state(initial_factors(Vocabulary(uvoc).hashes, k, 0, 'row'),
-                           initial_factors(Vocabulary(ivoc).hashes, k, 0, 'col'), params)
+    problem, u0, v0 = fit_inputs(split.train_u, split.train_i, split.train_r,
+                                 Vocabulary(uvoc).hashes, Vocabulary(ivoc).hashes, params, 0)
     stamps = [time.time()]
 
     def on_half_step(it, side, u, v):

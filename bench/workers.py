@@ -45,11 +45,10 @@ THREADS = 2
 def run_wals_core(args) -> dict:
     from prepare_data import read_ratings
     from wals_core.hashing import is_test
-    from wals_core.init import initial_factors
     from wals_core.metrics import rmse, squared_error
     from wals_core.params import WalsParams
     from wals_core.sparse import merge_duplicates
-    from wals_core.train import Problem, train
+    from wals_core.train import fit_inputs, train
     from wals_core.vocab import Vocabulary
     from pipeline.runners.memory_tuning import tune_malloc
     tune_malloc()                  # as the Beam command line does (see run_bench NOTES)
@@ -67,10 +66,8 @@ def run_wals_core(args) -> dict:
     rows, cols, vals, test, _ = merge_duplicates(rows, cols, ratings, 'mean', test)
     train_mask = ~test
     params = WalsParams(latent_factors=args.rank, num_iters=args.iters)  # project defaults
-    problem = Problem.build(rows[train_mask], cols[train_mask], vals[train_mask],
-                            len(uv), len(iv), params)
-    u0 = initial_factors(uv.hashes, args.rank, 0, 'row')
-    v0 = initial_factors(iv.hashes, args.rank, 0, 'col')
+    problem, u0, v0 = fit_inputs(rows[train_mask], cols[train_mask], vals[train_mask],
+                                 uv.hashes, iv.hashes, params, 0)
     t_built = time.time()
 
     stamps = [time.time()]

@@ -10,10 +10,10 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from pipeline.options import config_from_options
 from pipeline.training.run import run
 from wals_core.hashing import is_test
-from wals_core.init import initial_factors
 from wals_core.metrics import rmse, squared_error
 from wals_core import objectives
-from wals_core.train import Problem, initial_state, train
+from wals_core.sums import sum_of_squares
+from wals_core.train import fit
 from wals_core.vocab import Vocabulary, finalize_ids
 
 
@@ -57,10 +57,7 @@ def train_in_memory(path, config, test_path=None) -> dict:
         unknown = int((~known).sum())
         er, ec, ea = er[known], ec[known], t[known, 2].astype(np.float64)
     p = config.params
-    problem = Problem.build(tr, tc, ta, len(users), len(items), p)
-    u0, v0 = initial_state(initial_factors(users.hashes, p.latent_factors, config.seed, 'row'),
-                           initial_factors(items.hashes, p.latent_factors, config.seed, 'col'), p)
-    u, v = train(problem, p, u0, v0)
+    problem, u, v = fit(tr, tc, ta, users.hashes, items.hashes, p, config.seed)
     has_u = np.bincount(tr, minlength=len(users)) > 0
     has_i = np.bincount(tc, minlength=len(items)) > 0
     warm = has_u[er] & has_i[ec]
@@ -72,7 +69,7 @@ def train_in_memory(path, config, test_path=None) -> dict:
         if p.model == 'wals':
             return rmse(squared_error(rows, cols, values, u, v), len(rows))
         err = values - objectives.predict(rows, cols, u, v, p, mu, clip)
-        return rmse(float(err @ err), len(rows))
+        return rmse(sum_of_squares(err), len(rows))
     row, row_bias = objectives.split_bias(u, p)
     col, col_bias = objectives.split_bias(v, p)
     out = {

@@ -5,7 +5,7 @@ import math
 
 import numpy as np
 
-from wals_core.solve import single_threaded_blas
+from wals_core.sums import FixedSum
 
 
 # Entries per slice: the gathered factor rows stay in cache instead of becoming
@@ -15,22 +15,19 @@ _SLICE = 1 << 16
 
 def squared_error(rows: np.ndarray, cols: np.ndarray, values: np.ndarray,
                   row_factors: np.ndarray, col_factors: np.ndarray) -> float:
-    """Σ (A_ij - u_i·v_j)² over the given entries, in float64 (summed slice by slice,
-    in entry order)."""
+    """Σ (A_ij - u_i·v_j)² over the given entries, in float64, in a fixed order
+    (wals_core.sums: the same bits for any BLAS thread count)."""
     if len(rows) == 0:
         return 0.0
     u = np.asarray(row_factors, np.float64)
     v = np.asarray(col_factors, np.float64)
     values = np.asarray(values, np.float64)
-    total = 0.0
-    # One BLAS thread: OpenBLAS's threads only cost on these small dot products, and
-    # their number would change the sum's last bits.
-    with single_threaded_blas():
-        for lo in range(0, len(rows), _SLICE):
-            s = slice(lo, lo + _SLICE)
-            err = values[s] - np.einsum('ij,ij->i', u[rows[s]], v[cols[s]])
-            total += float(err @ err)
-    return total
+    total = FixedSum()
+    for lo in range(0, len(rows), _SLICE):     # _SLICE: a multiple of sums.CHUNK
+        s = slice(lo, lo + _SLICE)
+        err = values[s] - np.einsum('ij,ij->i', u[rows[s]], v[cols[s]])
+        total.add_products(err, err)
+    return total.value
 
 
 def rmse(sse: float, count: int) -> float | None:

@@ -26,6 +26,7 @@ import numpy as np
 from wals_core.params import MODELS, WalsParams
 from wals_core.solve import RowSolver, single_threaded_blas
 from wals_core.sparse import Csr
+from wals_core.sums import fixed_dot
 from wals_core.weights import column_weights, row_weights
 
 
@@ -222,7 +223,7 @@ def block_objective(train: Csr, start: int, row_matrix: np.ndarray, col_matrix: 
     u64 = np.asarray(u, np.float64)
     if counts_scale_regularization(p):
         n_row = np.diff(train.indptr).astype(np.float64)
-        total += p.regularization * float(n_row @ np.sum(u64 * u64, axis=1))
+        total += p.regularization * fixed_dot(n_row, np.sum(u64 * u64, axis=1))
     else:
         total += p.regularization * float(np.sum(u64 * u64))
     return total, sse
@@ -238,25 +239,26 @@ def _slice_terms(rows, cols, a, u, col_matrix, p: WalsParams, global_mean: float
     dot = np.einsum('ij,ij->i', ur[:, :k], vc[:, :k]).astype(np.float64)
     if p.model == 'explicit':
         err = a - (global_mean + ur[:, k].astype(np.float64) + vc[:, k] + dot)
-        e2 = float(np.dot(err, err))
+        e2 = fixed_dot(err, err)
         return e2, e2
     if p.model == 'implicit':
         err = preference(a) - dot
-        e2 = float(np.dot(err, err))
-        return float(np.sum(confidence(a, p) * err * err)) + e2 - float(np.dot(dot, dot)), e2
+        e2 = fixed_dot(err, err)
+        return float(np.sum(confidence(a, p) * err * err)) + e2 - fixed_dot(dot, dot), e2
     rw, cw = weights
     err = a - dot
-    e2 = float(np.dot(err, err))
+    e2 = fixed_dot(err, err)
     return (float(np.sum((p.unobs_weight + rw[rows] * cw[cols]) * err * err))
-            - p.unobs_weight * float(np.dot(dot, dot))), e2
+            - p.unobs_weight * fixed_dot(dot, dot)), e2
 
 
 def count_norm(counts: np.ndarray, matrix: np.ndarray) -> float:
     """Σ_j n_j ||v_j||² (float64) of some rows of a stored matrix and their training
     counts: the count-scaled regularization of those rows. Summed over column
-    blocks in block order it is the same number for any exchange."""
+    blocks in block order it is the same number for any exchange (a fixed-order
+    sum: the same for any BLAS thread count, too)."""
     v = np.asarray(matrix, np.float64)
-    return float(np.asarray(counts, np.float64) @ np.sum(v * v, axis=1))
+    return fixed_dot(counts, np.sum(v * v, axis=1))
 
 
 def global_objective(row_gramian: np.ndarray, col_gramian: np.ndarray,

@@ -30,7 +30,9 @@ import dataclasses
 
 import numpy as np
 
-from wals_core.sparse import check_csr
+from wals_core.sparse import check_csr, select_rows
+from wals_core.sums import fixed_sum
+from wals_core.topk import top_k
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,5 +117,42 @@ def ranking_sums(top_ids: np.ndarray, relevant_indptr: np.ndarray,
     ndcg = (hit * gain).sum(axis=1) / np.cumsum(gain)[denom - 1]
     return RankingSums(
         k=k, users=int(evaluated.sum()), hits=int(hits_u.sum()),
-        precision_denominator=int(denom.sum()), ap_sum=float(ap.sum()),
-        ndcg_sum=float(ndcg.sum()), recall_sum=float((hits_u / n_rel).sum()))
+        precision_denominator=int(denom.sum()), ap_sum=fixed_sum(ap),
+        ndcg_sum=fixed_sum(ndcg), recall_sum=fixed_sum(hits_u / n_rel))
+
+
+def rank_and_score(queries: np.ndarray, items: np.ndarray, k: int,
+                   relevant_rows: np.ndarray, relevant_cols: np.ndarray,
+                   exclude_indptr: np.ndarray, exclude_indices: np.ndarray,
+                   item_offsets: np.ndarray | None = None) -> RankingSums:
+    """The ranking evaluation of a set of users (the trainer's per block, the
+    comparison with the previous model, the tuner's and the benchmark's): rank these
+    users' unseen items with top_k and score the hits against their relevant items.
+
+    queries: the users' factors (n × d, bias column removed); items (n_items × d) and
+    item_offsets (n_items, e.g. item biases; -inf removes an item) as for top_k.
+    relevant_rows / relevant_cols: the relevant (user, item) pairs, user = row of
+    `queries` (any order, duplicates allowed). exclude_indptr / exclude_indices: CSR
+    over the n users of the items never recommended to them (their training items).
+    Only users with a relevant item are ranked (the others count for nothing), each
+    by the same kernel as a recommendation, so a user's list does not depend on the
+    others; the sums are fixed-order (RankingSums of ranking_sums)."""
+    n = len(queries)
+    rel_rows = np.asarray(relevant_rows, np.int64).reshape(-1)
+    rel_cols = np.asarray(relevant_cols, np.int64).reshape(-1)
+    if rel_rows.shape != rel_cols.shape:
+        raise ValueError(f'{len(rel_rows)} relevant rows for {len(rel_cols)} items')
+    if len(rel_rows) and (rel_rows.min() < 0 or rel_rows.max() >= n):
+        raise ValueError(f'relevant_rows must be in [0, {n})')
+    counts = np.bincount(rel_rows, minlength=n)
+    who = np.flatnonzero(counts)
+    if not len(who):
+        return RankingSums(k=int(k))
+    indptr = np.zeros(n + 1, np.int64)
+    np.cumsum(counts, out=indptr[1:])
+    by_row = rel_cols[np.argsort(rel_rows, kind='stable')]
+    rel_ptr, rel_idx = select_rows(indptr, by_row, who)
+    ex_ptr, ex_idx = select_rows(exclude_indptr, exclude_indices, who)
+    ids, _ = top_k(np.asarray(queries)[who], items, k, exclude_indptr=ex_ptr,
+                   exclude_indices=ex_idx, item_offsets=item_offsets)
+    return ranking_sums(ids, rel_ptr, rel_idx, k)

@@ -15,6 +15,7 @@ from typing import Callable
 import numpy as np
 
 from wals_core import objectives
+from wals_core.init import initial_factors
 from wals_core.params import WalsParams
 from wals_core.solve import gramian
 from wals_core.sparse import Csr, csr_from_triples
@@ -90,6 +91,34 @@ def train(problem: Problem, params: WalsParams, row_init: np.ndarray,
         if on_half_step:
             on_half_step(it, 'col', u, v)
     return u, v
+
+
+def fit_inputs(rows: np.ndarray, cols: np.ndarray, values: np.ndarray,
+               row_hashes: np.ndarray, col_hashes: np.ndarray, params: WalsParams,
+               seed: int = 0) -> tuple[Problem, np.ndarray, np.ndarray]:
+    """What an in-memory fit starts from, as the pipeline makes it: the Problem of
+    duplicate-free training triples (dense row / column indices) and the stored
+    initial matrices, each ID's vector from its stable hash and the seed (the same
+    on any runner). row_hashes / col_hashes: id_hashes of every row's and column's
+    ID in index order (their lengths are the matrix's shape). Returns (problem, U0,
+    V0)."""
+    problem = Problem.build(rows, cols, values, len(row_hashes), len(col_hashes), params)
+    k = params.latent_factors
+    u0, v0 = initial_state(initial_factors(row_hashes, k, seed, 'row'),
+                           initial_factors(col_hashes, k, seed, 'col'), params)
+    return problem, u0, v0
+
+
+def fit(rows: np.ndarray, cols: np.ndarray, values: np.ndarray, row_hashes: np.ndarray,
+        col_hashes: np.ndarray, params: WalsParams, seed: int = 0,
+        on_half_step: Callable[[int, str, np.ndarray, np.ndarray], None] | None = None,
+        ) -> tuple[Problem, np.ndarray, np.ndarray]:
+    """The in-memory fit (tests, the tuner, the benchmarks): fit_inputs, then
+    params.num_iters iterations. Returns (problem, U, V), float32 stored matrices
+    (explicit: bias as the last column)."""
+    problem, u0, v0 = fit_inputs(rows, cols, values, row_hashes, col_hashes, params, seed)
+    u, v = train(problem, params, u0, v0, on_half_step)
+    return problem, u, v
 
 
 def loss(problem: Problem, params: WalsParams, u: np.ndarray, v: np.ndarray) -> float:

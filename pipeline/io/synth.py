@@ -52,6 +52,8 @@ from typing import Sequence
 
 import numpy as np
 
+from wals_core.sums import fixed_dot
+
 # MovieLens 100k's first and last unix timestamps (1997-09-20 .. 1998-04-22 UTC).
 TS_MIN = 874_724_710
 TS_MAX = 893_286_638
@@ -286,9 +288,10 @@ def _ratings_and_times(users0: np.ndarray, items0: np.ndarray, num_users: int,
                        rng_time: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     # Log popularity standardized over ratings (weights p_item), so that the lean
     # toward popular items does not move the mean rating whatever the shape.
+    # (Fixed-order sums: a BLAS dot product's last bits depend on its thread count.)
     log_pop = np.log(p_item)
-    centered = log_pop - p_item @ log_pop
-    spread = math.sqrt(p_item @ centered ** 2)
+    centered = log_pop - fixed_dot(p_item, log_pop)
+    spread = math.sqrt(fixed_dot(p_item, centered ** 2))
     pop_z = centered / spread if spread > 0 else np.zeros_like(log_pop)
     user_bias = rng_model.normal(0.0, USER_BIAS_STD, num_users)
     item_bias = POPULARITY_BIAS * pop_z + rng_model.normal(0.0, ITEM_BIAS_STD, num_items)

@@ -11,6 +11,7 @@ does not know cannot be recommended by it).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 
 import apache_beam as beam
 import numpy as np
@@ -25,9 +26,8 @@ from pipeline.training.rating_stats import RatingStats
 from wals_core import objectives
 from wals_core.metrics import rmse
 from wals_core.params import WalsParams
-from wals_core.ranking import RankingSums, ranking_sums
-from wals_core.sparse import select_rows
-from wals_core.topk import top_k
+from wals_core.ranking import RankingSums, rank_and_score
+from wals_core.sums import sum_of_squares
 from wals_core.vocab import Vocabulary
 
 
@@ -42,11 +42,22 @@ class _Previous:
     known_cols: np.ndarray
 
 
+# (path, digest of the user IDs, digest of the item IDs) -> _Previous: a worker maps
+# the previous model once per run, not once per block. Keyed by the IDs themselves:
+# two vocabularies of the same size (another run in the same process) map differently.
 _MAPPED: dict = {}
 
 
+def ids_digest(ids: np.ndarray) -> str:
+    """SHA-256 of a vocabulary's IDs (their dtype and bytes)."""
+    ids = np.ascontiguousarray(ids)
+    h = hashlib.sha256(ids.dtype.str.encode())
+    h.update(ids.tobytes())
+    return h.hexdigest()
+
+
 def _previous(path: str, users: Vocabulary, items: Vocabulary) -> _Previous:
-    key = (path, len(users), len(items))
+    key = (path, ids_digest(users.ids), ids_digest(items.ids))
     prev = _MAPPED.get(key)
     if prev is None:
         model = cached_model_files(path)
@@ -66,10 +77,10 @@ def _sse(rows, cols, values, u, v, params, mean, clip) -> float:
         return 0.0
     err = values - objectives.predict(rows, cols, u, v, params, mean,
                                       clip if params.model == 'explicit' else None)
-    return float(err @ err)
+    return sum_of_squares(err)     # fixed order: the same for any BLAS thread count
 
 
-def _ranking(queries_matrix, items_matrix, params, who, exclude, relevant, k,
+def _ranking(queries_matrix, items_matrix, params, relevant, exclude, k,
              unknown_items=None) -> RankingSums:
     queries, _ = objectives.split_bias(queries_matrix, params)
     items, bias = objectives.split_bias(items_matrix, params)
@@ -77,9 +88,8 @@ def _ranking(queries_matrix, items_matrix, params, who, exclude, relevant, k,
     if unknown_items is not None and np.any(unknown_items):
         offsets = np.zeros(len(items), np.float32) if offsets is None else offsets.copy()
         offsets[unknown_items] = -np.inf
-    ids, _ = top_k(queries[who], items, k, exclude_indptr=exclude[0],
-                   exclude_indices=exclude[1], item_offsets=offsets)
-    return ranking_sums(ids, relevant[0], relevant[1], k)
+    return rank_and_score(queries, items, k, relevant[0], relevant[1], exclude[0],
+                          exclude[1], item_offsets=offsets)
 
 
 def compare_block(ref: BlockRef, users: Vocabulary, items: Vocabulary, u: Factors,
@@ -105,17 +115,11 @@ def compare_block(ref: BlockRef, users: Vocabulary, items: Vocabulary, u: Factor
     new_rank = old_rank = empty
     relevant = values >= config.threshold(ratings)
     if k > 0 and np.any(relevant):
-        rel_local, rel_cols = local[relevant], cols[relevant]
-        order = np.lexsort((rel_cols, rel_local))
-        rel_local, rel_cols = rel_local[order], rel_cols[order]
-        indptr = np.zeros(block.num_rows + 1, np.int64)
-        np.cumsum(np.bincount(rel_local, minlength=block.num_rows), out=indptr[1:])
-        who = np.flatnonzero(np.diff(indptr) > 0)
-        exclude = select_rows(t.indptr, t.indices, who)
-        rel = select_rows(indptr, rel_cols, who)
+        rel = local[relevant], cols[relevant]
+        exclude = t.indptr, t.indices
         own = slice(block.start, block.start + block.num_rows)
-        new_rank = _ranking(u.matrix[own], v.matrix, config.params, who, exclude, rel, k)
-        old_rank = _ranking(prev.rows[own], prev.cols, prev.params, who, exclude, rel, k,
+        new_rank = _ranking(u.matrix[own], v.matrix, config.params, rel, exclude, k)
+        old_rank = _ranking(prev.rows[own], prev.cols, prev.params, rel, exclude, k,
                             unknown_items=~prev.known_cols)
     return block.block_id, (int(same.sum()), new_sse, old_sse, new_rank, old_rank)
 

@@ -15,9 +15,8 @@ from pipeline.training.rating_stats import RatingStats
 from wals_core import objectives
 from wals_core.metrics import rmse, squared_error
 from wals_core.params import WalsParams
-from wals_core.ranking import RankingSums, ranking_sums
-from wals_core.sparse import select_rows
-from wals_core.topk import top_k
+from wals_core.ranking import RankingSums, rank_and_score
+from wals_core.sums import sum_of_squares
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,7 +90,7 @@ def _squared_errors(rows, cols, values, u, v, p: WalsParams, ratings: RatingStat
     # implicit: not used.
     err = np.asarray(values, np.float64) - objectives.predict(
         rows, cols, u, v, p, ratings.mean, ratings.range)
-    return float(err @ err)
+    return sum_of_squares(err)     # fixed order: the same for any BLAS thread count
 
 
 def _block_ranking(block: RatingBlock, u: np.ndarray, v: np.ndarray, warm: np.ndarray,
@@ -100,24 +99,12 @@ def _block_ranking(block: RatingBlock, u: np.ndarray, v: np.ndarray, warm: np.nd
     is ranked (the kernel recommendations use), relevant = warm test items rated at
     or above the threshold."""
     p = config.params
-    t = block.train
     queries, _ = objectives.split_bias(u[block.start:block.start + block.num_rows], p)
     items, item_bias = objectives.split_bias(v, p)
     relevant = warm & (block.test_values >= threshold)
-    rel_rows = block.test_rows[relevant]
-    order = np.argsort(rel_rows, kind='stable')
-    rel_indptr = np.zeros(block.num_rows + 1, np.int64)
-    np.cumsum(np.bincount(rel_rows, minlength=block.num_rows), out=rel_indptr[1:])
-    rel_cols = block.test_cols[relevant][order].astype(np.int64)
-    # Only users with relevant items are ranked (the others add nothing).
-    who = np.flatnonzero(np.diff(rel_indptr) > 0)
-    if not len(who):
-        return RankingSums(k=config.rank_k)
-    ex_ptr, ex_idx = select_rows(t.indptr, t.indices, who)
-    ids, _ = top_k(queries[who], items, config.rank_k, exclude_indptr=ex_ptr,
-                   exclude_indices=ex_idx, item_offsets=item_bias)
-    sub_ptr, sub_idx = select_rows(rel_indptr, rel_cols, who)
-    return ranking_sums(ids, sub_ptr, sub_idx, config.rank_k)
+    return rank_and_score(queries, items, config.rank_k, block.test_rows[relevant],
+                          block.test_cols[relevant], block.train.indptr,
+                          block.train.indices, item_offsets=item_bias)
 
 
 def block_evaluation(ref: BlockRef, users: Factors, items: Factors, col_counts: np.ndarray,

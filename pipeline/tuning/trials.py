@@ -10,11 +10,10 @@ import time
 import numpy as np
 
 from wals_core import objectives
-from wals_core.init import initial_factors
 from wals_core.params import WalsParams
-from wals_core.ranking import ranking_sums
-from wals_core.topk import top_k
-from wals_core.train import Problem, initial_state, train
+from wals_core.ranking import rank_and_score
+from wals_core.sums import sum_of_squares
+from wals_core.train import Problem, fit
 
 from pipeline.options import MODE_DEFAULTS as TRAINER_MODE_DEFAULTS, WALS_DEFAULTS
 from pipeline.tuning.data import TuneData
@@ -108,26 +107,9 @@ def validation_rmse(data: TuneData, problem: Problem, u: np.ndarray, v: np.ndarr
     pred = objectives.predict(data.val_rows.astype(np.int64), data.val_cols.astype(np.int64),
                               u, v, params, problem.global_mean, clip=clip)
     err = data.val_values - pred
-    return math.sqrt(float(err @ err) / len(err))
-
-
-def _csr_by_row(rows: np.ndarray, cols: np.ndarray, n: int
-                ) -> tuple[np.ndarray, np.ndarray]:
-    order = np.lexsort((cols, rows))
-    indptr = np.zeros(n + 1, np.int64)
-    np.cumsum(np.bincount(rows, minlength=n), out=indptr[1:])
-    return indptr, np.asarray(cols, np.int64)[order]
-
-
-def _select_rows(indptr: np.ndarray, indices: np.ndarray, rows: np.ndarray
-                 ) -> tuple[np.ndarray, np.ndarray]:
-    """The CSR of the given rows only (in the given order)."""
-    lengths = np.diff(indptr)[rows]
-    out_ptr = np.zeros(len(rows) + 1, np.int64)
-    np.cumsum(lengths, out=out_ptr[1:])
-    # Position of every output entry in `indices`: its row's start plus its rank.
-    starts = np.repeat(indptr[rows] - out_ptr[:-1], lengths)
-    return out_ptr, np.asarray(indices)[starts + np.arange(out_ptr[-1])]
+    # A fixed-order sum: trials run in threads that share one process-wide BLAS
+    # thread limit, so a BLAS dot product here would vary from run to run.
+    return math.sqrt(sum_of_squares(err) / len(err))
 
 
 def relevance_threshold(settings: TrialSettings, problem: Problem) -> float:
@@ -143,21 +125,14 @@ def relevance_threshold(settings: TrialSettings, problem: Problem) -> float:
 def validation_ndcg(data: TuneData, problem: Problem, u: np.ndarray, v: np.ndarray,
                     params: WalsParams, threshold: float) -> float:
     """NDCG@10 over the users with relevant validation items, ranking every item
-    but the user's training items (wals_core.topk + wals_core.ranking)."""
+    but the user's training items (wals_core.ranking.rank_and_score)."""
     relevant = data.val_values >= threshold
-    rel_rows = data.val_rows[relevant].astype(np.int64)
-    rel_cols = data.val_cols[relevant].astype(np.int64)
-    users = np.unique(rel_rows)
-    if not len(users):
-        return float('nan')
-    rel_ptr, rel_idx = _csr_by_row(np.searchsorted(users, rel_rows), rel_cols, len(users))
-    ex_ptr, ex_idx = _select_rows(problem.by_row.indptr.astype(np.int64),
-                                  problem.by_row.indices, users)
     k = params.latent_factors
     offsets = v[:, k] if objectives.has_bias(params) else None
-    ids, _ = top_k(u[users, :k], v[:, :k], RANK_K, exclude_indptr=ex_ptr,
-                   exclude_indices=ex_idx, item_offsets=offsets)
-    return ranking_sums(ids, rel_ptr, rel_idx, RANK_K).summary()['ndcg_at_k']
+    sums = rank_and_score(u[:, :k], v[:, :k], RANK_K, data.val_rows[relevant],
+                          data.val_cols[relevant], problem.by_row.indptr,
+                          problem.by_row.indices, item_offsets=offsets)
+    return sums.summary()['ndcg_at_k'] if sums.users else float('nan')
 
 
 def train_and_score(trial: dict, data: TuneData, settings: TrialSettings) -> dict:
@@ -168,14 +143,9 @@ def train_and_score(trial: dict, data: TuneData, settings: TrialSettings) -> dic
     value, error = None, None
     try:
         params = settings.params(trial['params'])
-        problem = Problem.build(data.train_rows, data.train_cols, data.train_values,
-                                data.num_users, data.num_items, params)
-        u0, v0 = initial_state(
-            initial_factors(data.user_hashes, params.latent_factors, settings.seed, 'row'),
-            initial_factors(data.item_hashes, params.latent_factors, settings.seed, 'col'),
-            params)
         with np.errstate(all='ignore'):   # divergence shows as a non-finite value
-            u, v = train(problem, params, u0, v0)
+            problem, u, v = fit(data.train_rows, data.train_cols, data.train_values,
+                                data.user_hashes, data.item_hashes, params, settings.seed)
         if not (np.all(np.isfinite(u)) and np.all(np.isfinite(v))):
             error = 'training diverged (non-finite factors)'
         elif settings.metric == 'rmse':
