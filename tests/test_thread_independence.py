@@ -3,7 +3,7 @@
 Every command runs twice in separate processes, under OPENBLAS_NUM_THREADS =
 OMP_NUM_THREADS = MKL_NUM_THREADS = 1 and = 2, and every output file is compared
 byte for byte (metrics.json, report.json and _SUCCESS without wall-clock fields and
-paths, by scripts/check_unchanged.py's hash_tree): the model files, the metrics with
+paths, as scripts/check_unchanged.py compares them): the model files, the metrics with
 the convergence history and the --tolerance stop, the comparison with a previous
 model and the gate, batch recommendations, and the tuner's trials and choice.
 
@@ -15,7 +15,6 @@ checks that premise on the machine at hand.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -26,22 +25,11 @@ import pandas as pd
 import pytest
 
 from pipeline.io.synth import generate_ratings, write_movielens
-from tests.conftest import ROOT
+from tests.conftest import ROOT, assert_same_outputs
 
 THREADS = (1, 2)
 TRAIN = ('--num_iters', '6', '--latent_factors', '4', '--tolerance', '2e-3',
          '--eval_every', '1')
-
-
-def _hash_tree():
-    spec = importlib.util.spec_from_file_location(
-        'check_unchanged', ROOT / 'scripts' / 'check_unchanged.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.hash_tree
-
-
-hash_tree = _hash_tree()
 
 
 def _env(threads: int) -> dict:
@@ -62,13 +50,8 @@ def run_both(argv_of, cwd) -> None:
 
 def assert_same_files(tmp_path, name: str) -> dict:
     """The two runs' outputs tmp_path/NAME-1, NAME-2 hash the same, file by file."""
-    trees = [hash_tree(tmp_path / f'{name}-{n}', str(tmp_path / f'{name}-{n}'))
-             for n in THREADS]
-    assert trees[0], f'{name}: no output'
-    differ = sorted(f for f in set(trees[0]) | set(trees[1])
-                    if trees[0].get(f) != trees[1].get(f))
-    assert not differ, f'{name}: differs between 1 and 2 BLAS threads: {differ}'
-    return trees[0]
+    one, two = (tmp_path / f'{name}-{n}' for n in THREADS)
+    return assert_same_outputs(one, two)
 
 
 @pytest.fixture(scope='module')

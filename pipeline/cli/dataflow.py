@@ -37,7 +37,6 @@ import json
 import logging
 import sys
 
-import apache_beam as beam
 from apache_beam.options.pipeline_options import (DebugOptions, GoogleCloudOptions,
                                                   PipelineOptions)
 from google.protobuf import json_format
@@ -52,6 +51,7 @@ from pipeline.store.publish import new_run_id, staging_path
 from pipeline.runners.cloud_launch import (DEFAULT_MACHINE_TYPE, MAX_WORKERS_CAP,  # noqa: F401
                                    MAX_WORKERS_UNKNOWN_INPUT, CloudOptions,
                                    add_cloud_arguments, cloud_options, default_max_workers)
+from pipeline.runners.factory import make_pipeline
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ def graph_bytes(config: TrainConfig) -> int:
     """Size of the job graph: the JSON form of the Runner API pipeline that Dataflow
     turns into its job graph (about a third larger than the binary form Beam stages,
     so the limits below are applied on the safe side)."""
-    pipeline = beam.Pipeline(options=PipelineOptions([]))
+    pipeline = make_pipeline(PipelineOptions([]))     # built, never run
     build_pipeline(pipeline, config, staging_path(config.output, 'size'))
     return len(json_format.MessageToJson(pipeline.to_runner_api(), indent=None))
 
@@ -279,8 +279,7 @@ def build_job(plan: Plan):
     args = list(plan.beam_args)
     if plan.dry_run:
         args.append('--dry_run=True')
-    options = PipelineOptions(args)
-    pipeline = beam.Pipeline(options=options)
+    pipeline = make_pipeline(PipelineOptions(args))
     build_pipeline(pipeline, plan.config, staging_path(plan.config.output, new_run_id()))
     return pipeline.run()
 

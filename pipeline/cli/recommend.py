@@ -15,7 +15,6 @@ import logging
 import sys
 import time
 
-import apache_beam as beam
 import numpy as np
 from apache_beam.options.pipeline_options import GoogleCloudOptions, PipelineOptions
 
@@ -24,6 +23,7 @@ from pipeline.errors import InputError
 from pipeline.io.id_lists import read_new_user_ratings
 from pipeline.options import ConfigError, WalsOptions
 from pipeline.runners import cloud_launch
+from pipeline.runners.factory import make_pipeline
 from pipeline.serving import batch as rb
 from pipeline.serving.batch_run import prepare, run_batch
 from pipeline.store.publish import OutputExists, UntrustedModel, new_run_id, staging_path
@@ -224,7 +224,7 @@ def launch_dataflow(argv: list[str]) -> int:
                         similar=args.similar_items, top_k=args.top_k,
                         include_seen=args.include_seen, fmt=args.fmt,
                         selected=False, kernel_threads=args.kernel_threads)
-    pipeline = beam.Pipeline(options=PipelineOptions(
+    pipeline = make_pipeline(PipelineOptions(
         options + (['--dry_run=True'] if args.dry_run else [])))
     rb.build_pipeline(pipeline, spec)
     result = pipeline.run()

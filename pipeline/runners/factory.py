@@ -28,18 +28,34 @@ def create_runner(name: str) -> PipelineRunner:
     """The runner for --runner NAME: ours where Beam's is known to be wrong, else
     Beam's own; ConfigError for a name Beam does not know."""
     if name.split('.')[-1] == 'DaskRunner':
-        try:
-            from pipeline.runners.dask_runner import DaskRunner
-        except ImportError as e:
-            raise ConfigError(f'--runner {name} needs the `dask` extra '
-                              f'(pip install .[dask]): {e}') from None
-        return DaskRunner()
+        return _dask_runner(name)
     try:
         return beam.runners.create_runner(name)
     except ValueError as e:   # Beam's message lists its runners' names
         raise ConfigError(f'--runner {name}: {e} (or DaskRunner)') from None
     except ImportError as e:
         raise ConfigError(f'--runner {name} cannot be loaded here: {e}') from None
+
+
+def _dask_runner(name: str) -> PipelineRunner:
+    """The corrected DaskRunner; ConfigError naming the cause when it cannot load:
+    the `dask` extra missing, or a Beam whose private names it uses have moved."""
+    try:
+        import dask  # noqa: F401
+        import distributed  # noqa: F401
+    except ImportError as e:
+        raise ConfigError(f'--runner {name} needs the `dask` extra '
+                          f'(pip install .[dask]): {e}') from None
+    from pipeline.runners import beam_private
+    missing = beam_private.missing_beam_names()
+    if missing:
+        raise ConfigError(
+            f'--runner {name}: the corrected DaskRunner is written for Beam '
+            f'{beam_private.BEAM_VERSION}, and Beam {beam_private.beam_version()} lacks '
+            f'the private names it uses: {", ".join(missing)} (docs/dask-runner.md: '
+            'upgrading Beam)')
+    from pipeline.runners.dask_runner import DaskRunner
+    return DaskRunner()
 
 
 def make_pipeline(options: PipelineOptions) -> beam.Pipeline:
