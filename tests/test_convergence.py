@@ -93,3 +93,32 @@ def test_previous_model_is_compared_on_the_same_pairs(tmp_path):
     assert changes['users_added'] == len(set(users[200:]) - set(users[:2000]))
     assert changes['users_removed'] == len(set(users[:2000]) - set(users[200:]))
     assert changes['warm_started_items'] == changes['items_kept']
+
+
+def test_two_runs_with_vocabularies_of_one_size_map_the_previous_model_each_its_own_way(
+        tmp_path):
+    """Two runs in one process (the in-memory DirectRunner) compare with the same
+    previous model; their user vocabularies have the same size but other IDs. The
+    second run's comparison must use its own ID mapping (a cache keyed by the
+    vocabulary sizes gave it the first run's: every user known)."""
+    rng = np.random.default_rng(5)
+    pairs = rng.choice(90 * 60, size=2500, replace=False)
+    users, items, ratings = pairs // 60 + 1, pairs % 60 + 1, rng.integers(1, 6, 2500)
+    args = ['--model', 'explicit', '--num_iters', '2', '--block_size', '32',
+            '--latent_factors', '3']
+    old = write_ratings(tmp_path / 'old.tsv', users, items, ratings)
+    run_pipeline(old, tmp_path / 'v1', *args)
+    renamed = np.where(users > 45, users + 1000, users)     # 90 users either way
+    same_ids = write_ratings(tmp_path / 'same.tsv', users, items, ratings)
+    other_ids = write_ratings(tmp_path / 'other.tsv', renamed, items, ratings)
+    beam_args = ['--direct_running_mode', 'in_memory']
+    extra = ['--previous_model', str(tmp_path / 'v1')]
+    first = run_pipeline(same_ids, tmp_path / 'a', *args, *extra, beam_args=beam_args)
+    second = run_pipeline(other_ids, tmp_path / 'b', *args, *extra, beam_args=beam_args)
+    assert first['users'] == second['users'] == 90
+    # Independently: the second run's warm test pairs whose user v1 knows.
+    want = train_in_memory(other_ids, make_config('--input', str(other_ids), *args))
+    test_users = want['user'][want['test_pairs'][0]]
+    known = int(np.isin(test_users, load_model(tmp_path / 'v1')['user']).sum())
+    assert 0 < known < first['comparison']['pairs']
+    assert second['comparison']['pairs'] == known
