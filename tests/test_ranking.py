@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from wals_core.ranking import RankingSums, ranking_sums
+from wals_core.ranking import RankingSums, rank_and_score, ranking_sums
 from wals_core.topk import top_k
 
 
@@ -145,3 +145,49 @@ def test_bad_arguments():
         RankingSums(k=3).add(RankingSums(k=4))
     with pytest.raises(ValueError):
         RankingSums(k=3).summary(4)
+
+
+def naive_top(u, v, k, seen, offsets=None):
+    """Top-k item lists by brute force: float64 scores, seen items left out, ties to
+    the smaller index."""
+    out = []
+    for q, excluded in zip(u.astype(np.float64), seen):
+        score = v.astype(np.float64) @ q + (0.0 if offsets is None else offsets)
+        order = sorted((j for j in range(len(v)) if j not in set(excluded.tolist())),
+                       key=lambda j: (-score[j], j))
+        out.append(order[:k])
+    return out
+
+
+@pytest.mark.parametrize('seed', range(4))
+def test_rank_and_score_is_the_naive_ranking_and_metrics(seed):
+    """The one ranking evaluation of the trainer, the comparison, the tuner and the
+    benchmark: users' unseen items ranked, hits scored against relevant pairs given
+    in any order (duplicates too); users without relevant items are not ranked."""
+    rng = np.random.default_rng(200 + seed)
+    n_users, n_items, d, k = 40, 25, 4, 5
+    u = rng.normal(size=(n_users, d)).astype(np.float32)
+    v = rng.normal(size=(n_items, d)).astype(np.float32)
+    offsets = rng.normal(size=n_items).astype(np.float32) if seed % 2 else None
+    seen = [rng.choice(n_items, int(rng.integers(0, 10)), replace=False)
+            for _ in range(n_users)]
+    rel_rows = rng.integers(0, n_users, 60)
+    rel_rows[rel_rows == 3] = 4                 # user 3 has no relevant item
+    rel_cols = rng.integers(0, n_items, 60)
+    got = rank_and_score(u, v, k, rel_rows, rel_cols, *to_csr(seen), item_offsets=offsets)
+    relevant = [rel_cols[rel_rows == i] for i in range(n_users)]
+    want = naive_metrics(naive_top(u, v, k, seen, offsets), relevant, k)
+    assert_metrics_equal(got.summary(k), want)
+    assert got.users == len(set(rel_rows.tolist()))
+    # Pairs in another order: the same sums, to the bit.
+    order = rng.permutation(len(rel_rows))
+    assert rank_and_score(u, v, k, rel_rows[order], rel_cols[order], *to_csr(seen),
+                          item_offsets=offsets) == got
+
+
+def test_rank_and_score_without_relevant_pairs_and_bad_rows():
+    u, v = np.ones((3, 2), np.float32), np.ones((4, 2), np.float32)
+    empty = rank_and_score(u, v, 2, [], [], *to_csr([[], [], []]))
+    assert empty == RankingSums(k=2)
+    with pytest.raises(ValueError, match='relevant_rows'):
+        rank_and_score(u, v, 2, [3], [0], *to_csr([[], [], []]))
