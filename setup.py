@@ -4,7 +4,7 @@
 container already has apache-beam); the `local` extra adds the pinned Beam used on
 the DirectRunner, `test` adds the test tools, `tune` the tuner's search library,
 `dask` the DaskRunner's engine and `serve` TensorFlow for the SavedModel export.
-run_local.sh / run_tests.sh install `.[local,test,tune,dask,serve]` into .venv.
+run_local.sh / run_tests.sh install `.[local,test,tune,dask,serve,docs]` into .venv.
 """
 import setuptools
 
@@ -30,7 +30,9 @@ setuptools.setup(
         # gcp-storage-emulator: a real Cloud Storage server on 127.0.0.1 for the gs://
         # tests; wheel: lets the packaging test build the staged sdist offline.
         'test': ['pytest>=8', 'hypothesis>=6', 'gcp-storage-emulator==2026.7.19',
-                 'wheel>=0.40'],
+                 'wheel>=0.40', 'byexample>=11'],   # byexample: the docs' examples run
+        # The documentation site (mkdocs.yml): mkdocs build --strict, mkdocs serve.
+        'docs': ['mkdocs-material>=9.5'],
         # python -m pipeline.tune (ask-and-tell batches, seeded TPE)
         'tune': ['optuna>=3.6'],
         # Beam's DaskRunner (pipeline/runners/dask_runner.py): what apache-beam[dask] 2.77 needs.
