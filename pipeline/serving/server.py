@@ -15,6 +15,7 @@ import argparse
 import ipaddress
 import logging
 import os
+import signal
 import sys
 
 from pipeline.serving.app import Limits, create_app
@@ -149,6 +150,11 @@ def main(argv: list[str] | None = None) -> int:
                             access_log=args.access_log, server_header=False,
                             timeout_graceful_shutdown=10, lifespan='on')
     server = uvicorn.Server(config)
+    # uvicorn handles SIGINT/SIGTERM (graceful shutdown: requests in flight finish),
+    # then raises the signal again with the handlers it found; these make that a
+    # no-op, so a clean shutdown exits 0 instead of dying by the signal.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: None)
     server.run()
     return 0 if server.started else 1
 
