@@ -36,10 +36,12 @@ setuptools.setup(
         'tune': ['optuna>=3.6'],
         # Beam's DaskRunner (pipeline/dask_runner.py): what apache-beam[dask] 2.77 needs.
         'dask': ['dask[distributed]>=2024.4.2', 'distributed>=2024.4.2'],
-        # python -m pipeline.serve (pipeline/serving/): the ASGI app, its server (uvloop
-        # and httptools: uvicorn's fast event loop and HTTP parser) and /metrics.
-        'serve': ['fastapi>=0.110', 'uvicorn>=0.30', 'uvloop>=0.19; sys_platform != "win32"',
-                  'httptools>=0.6', 'prometheus-client>=0.20'],
+        # python -m pipeline.serve (pipeline/serving/): the ASGI app (FastAPI, and the
+        # Starlette and pydantic it is built on, which the app imports too), its server
+        # (uvloop and httptools: uvicorn's fast event loop and HTTP parser), /metrics.
+        'serve': ['fastapi>=0.110', 'starlette>=0.37', 'pydantic>=2.6', 'uvicorn>=0.30',
+                  'uvloop>=0.19; sys_platform != "win32"', 'httptools>=0.6',
+                  'prometheus-client>=0.20'],
         # python -m pipeline.export (TensorFlow SavedModel for TF Serving); never imported
         # by training. 2.18 is the first TensorFlow built for numpy 2; the CPU-only
         # wheel on Linux (it has no macOS build).
