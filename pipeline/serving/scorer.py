@@ -3,10 +3,13 @@
 wals_core.topk.top_k has a fixed cost per call (it lays out the item matrix for its
 BLAS phase, about 1 ms for 10k items x 32 factors) and a small cost per query row,
 so scoring each request alone caps a server at about a thousand requests a second.
-The Scorer queues the requests that arrive while a batch is being scored and scores
-them together in the next call, on one worker thread (numpy releases the GIL there,
-so the event loop keeps reading requests meanwhile). There is no waiting for a batch
-to fill: an idle server scores a lone request at once.
+The Scorer queues the requests that the event loop has read and scores them together
+in one call, on the event loop's thread: a worker thread measured slower (the GIL
+passes back and forth between it and the loop for every batch; 30-40% fewer requests
+a second at 32 clients), and the kernel holds the GIL most of the time anyway. There
+is no waiting for a batch to fill: an idle server scores a lone request after one turn
+of the event loop; under load, the requests that arrive while one batch is scored
+form the next.
 
 Results do not depend on the batching: top_k's ranking of a row depends only on that
 row (its contract), and a row's top k is the first k of its top K for any K >= k (the
@@ -19,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
 import numpy as np
@@ -54,7 +56,7 @@ class SimilarJob:
 
 @dataclasses.dataclass(eq=False)
 class CallJob:
-    """Any other numpy work (fold-in solves), run on the scoring thread too."""
+    """Any other numpy work (fold-in solves), run in turn with the batches."""
     fn: Callable[[], Any]
 
 
@@ -62,18 +64,17 @@ Result = list[tuple[int, float]]   # (item row, score), best first
 
 
 class Scorer:
-    """Runs jobs on one worker thread, batching the RankJobs and SimilarJobs that
-    wait together into one top_k / similar_items call per model.
+    """Runs jobs on the event loop, batching the RankJobs and SimilarJobs that wait
+    together into one top_k / similar_items call per model.
 
     BLAS is held to one thread for the whole process: top_k asks for one thread per
-    call and restores the previous count after it, and from a thread other than the
-    main one, OpenBLAS waking its pool again after every call made each request ~10x
-    slower (measured: 20-40 ms instead of 2-4 ms for the 10m model). A server's
-    parallelism is across requests anyway."""
+    call and restores the previous count after it, and OpenBLAS waking its thread pool
+    again after every call made requests several times slower (measured on a worker
+    thread: 20-40 ms instead of 2-4 ms for the 10m model). A server's parallelism is
+    across requests anyway."""
 
     def __init__(self, on_batch: Callable[[int], None] | None = None):
         threadpool_limits(1, user_api='blas')
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix='wals-score')
         self._pending: list[tuple[Any, asyncio.Future]] = []
         self._draining = False
         self._on_batch = on_batch or (lambda n: None)
@@ -92,16 +93,14 @@ class Scorer:
         return await asyncio.gather(*(self.run(job) for job in jobs))
 
     async def _drain(self) -> None:
-        loop = asyncio.get_running_loop()
         try:
+            # One turn of the event loop first: the requests it has already read
+            # queue up behind this one and are scored in the same call.
+            await asyncio.sleep(0)
             while self._pending:
                 batch = self._pending[:MAX_ROWS_PER_CALL]
                 del self._pending[:MAX_ROWS_PER_CALL]
-                try:
-                    outcomes = await loop.run_in_executor(self._pool, self._score,
-                                                          [job for job, _ in batch])
-                except Exception as e:   # noqa: BLE001 - e.g. the pool shut down
-                    outcomes = [(False, e)] * len(batch)
+                outcomes = self._score([job for job, _ in batch])
                 for (_, future), (ok, value) in zip(batch, outcomes):
                     if future.done():       # the client went away
                         continue
@@ -109,6 +108,7 @@ class Scorer:
                         future.set_result(value)
                     else:
                         future.set_exception(value)
+                await asyncio.sleep(0)      # answer these before scoring the next batch
         finally:
             self._draining = False
 
@@ -144,7 +144,9 @@ class Scorer:
         return out
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        for _, future in self._pending:
+            future.cancel()
+        self._pending.clear()
 
 
 def _pairs(ids: np.ndarray, scores: np.ndarray, k: int, shift: float) -> Result:
