@@ -552,17 +552,20 @@ def _dockerfile_command() -> list[str]:
 
 
 def _guide_commands() -> list[list[str]]:
-    """Every `python -m pipeline.serve ...` command line in docs/serving.md's code blocks
-    (continuation lines joined), as arguments after the module name."""
+    """The server's arguments in every command line of docs/serving.md's code blocks
+    that runs it (continuation lines joined): after `python -m pipeline.serve`, and
+    after the image name in `docker run ... wals-serve ARGS`."""
     text = (ROOT / 'docs' / 'serving.md').read_text()
     blocks = re.findall(r'```(?:bash|sh|console)?\n(.*?)```', text, re.S)
     out = []
     for block in blocks:
         joined = block.replace('\\\n', ' ')
         for line in joined.splitlines():
-            if 'pipeline.serve' in line:
-                words = shlex.split(line.split('#', 1)[0])
+            words = shlex.split(line.split('#', 1)[0]) if line.strip() else []
+            if 'pipeline.serve' in words:
                 out.append(words[words.index('pipeline.serve') + 1:])
+            elif words[:2] == ['docker', 'run']:
+                out.append(words[words.index('wals-serve') + 1:])
     return out
 
 
@@ -578,12 +581,14 @@ def test_dockerfile_runs_the_documented_entry_point_with_real_options():
     assert command[:3] == ['python', '-m', 'pipeline.serve'], command
     _check_options(command[3:])
     guide = _guide_commands()
-    assert len(guide) >= 4                  # local, model root, key, Cloud Run
+    assert len(guide) >= 6                  # local, root, key, docker (x2)
+    assert ['--model_root', 'gs://my-bucket/models', '--poll_interval', '60'] in guide
     for args in guide:
         _check_options(args)
     gcloud = (ROOT / 'docs' / 'serving.md').read_text()
     # The Cloud Run deploy passes the same entry point's options through --args.
     for args in re.findall(r'--args[= ]"?([^"\n]+)"?', gcloud):
         _check_options([a for a in args.replace(',', ' ').split() if a.startswith('--')])
-    # The image installs the serve extra.
-    assert re.search(r'pip install[^\n]*\.\[serve\]', (ROOT / 'Dockerfile').read_text())
+    # The image installs the serve extra (and Beam, to read models).
+    extras = re.search(r'pip install "?\.\[([^\]]*)\]', (ROOT / 'Dockerfile').read_text())
+    assert extras and {'serve', 'local'} <= set(extras.group(1).split(','))
