@@ -135,6 +135,19 @@ class Server:
             time.sleep(0.2)
         raise SystemExit(f'{self.name} server not ready after {timeout} s; see {self.log}')
 
+    def cpu_seconds(self) -> float:
+        """User + system CPU of every process in the server's process group (gunicorn's
+        workers too), from /proc."""
+        ticks = 0
+        for stat in pathlib.Path('/proc').glob('[0-9]*/stat'):
+            try:
+                fields = stat.read_text().rsplit(')', 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[2]) == self.proc.pid:        # field 5: process group
+                ticks += int(fields[11]) + int(fields[12])   # fields 14, 15: utime, stime
+        return ticks / os.sysconf('SC_CLK_TCK')
+
     @property
     def url(self) -> str:
         return f'http://127.0.0.1:{self.port}'
@@ -252,13 +265,15 @@ def main(argv: list[str] | None = None) -> int:
         for c in levels:
             for server in (ours, base):
                 wrk(server.url, paths_[server.name], users, c, 2)          # warm-up
-                load = _load()
+                load, cpu = _load(), server.cpu_seconds()
                 r = wrk(server.url, paths_[server.name], users, c, args.seconds)
                 r['load'] = load
+                r['cpu_us'] = (server.cpu_seconds() - cpu) / max(r['requests'], 1) * 1e6
                 results[(server.name, c)] = r
                 print(f'[{server.name}] {c:4d} clients: {r["rps"]:8.0f} req/s  p50 '
                       f'{r["p50_us"] / 1e3:7.2f} ms  p99 {r["p99_us"] / 1e3:8.2f} ms  '
-                      f'errors {r["errors"]}  (load {load:.1f})', flush=True)
+                      f'errors {r["errors"]}  CPU {r["cpu_us"]:.0f} us/req  (load {load:.1f})',
+                      flush=True)
         base.stop()
         for i in range(args.reload_runs):
             r = wrk(ours.url, paths_['ours'], users, 32, args.reload_seconds)
@@ -306,18 +321,23 @@ def report(args, argv, results, reload, levels, model) -> str:
         f'loopback, {args.seconds:g} s per level after a 2 s warm-up. Baseline: the original '
         f"app's logic in Flask under gunicorn, {args.baseline_workers} sync worker(s). "
         '`load`: 1-minute load average before the run (other jobs share the machine: the '
-        'numbers are provisional; the ratios are from the same run).', '',
-        '| clients | server | req/s | p50 ms | p99 ms | errors | load |',
-        '|---:|---|---:|---:|---:|---:|---:|',
+        'latencies and rates are provisional; the ratios are from the same run). `CPU/req`: '
+        "user + system CPU of the server's processes during the run, per request answered "
+        '(what a request costs, whatever else runs on the machine).', '',
+        '| clients | server | req/s | p50 ms | p99 ms | errors | CPU/req µs | load |',
+        '|---:|---|---:|---:|---:|---:|---:|---:|',
     ]
     for c in levels:
         for name in ('ours', 'baseline'):
             r = results[(name, c)]
             lines.append(f'| {c} | {name} | {r["rps"]:,.0f} | {r["p50_us"] / 1e3:.2f} | '
-                         f'{r["p99_us"] / 1e3:.2f} | {r["errors"]} | {r["load"]:.1f} |')
-    lines += ['', '| clients | throughput ours / baseline |', '|---:|---:|']
+                         f'{r["p99_us"] / 1e3:.2f} | {r["errors"]} | {r["cpu_us"]:,.0f} | '
+                         f'{r["load"]:.1f} |')
+    lines += ['', '| clients | throughput ours / baseline | CPU per request baseline / ours |',
+              '|---:|---:|---:|']
     for c in levels:
-        lines.append(f'| {c} | {results[("ours", c)]["rps"] / results[("baseline", c)]["rps"]:.1f}× |')
+        o, b = results[('ours', c)], results[('baseline', c)]
+        lines.append(f'| {c} | {o["rps"] / b["rps"]:.1f}× | {b["cpu_us"] / o["cpu_us"]:.1f}× |')
     if 32 in levels:
         p99 = results[('ours', 32)]['p99_us'] / 1e3
         ratio = results[('ours', 32)]['rps'] / results[('baseline', 32)]['rps']
