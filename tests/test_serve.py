@@ -7,10 +7,13 @@ logic; reloads are driven by promotions into a model root while clients keep ask
 (local root, and gs:// on the local Cloud Storage emulator)."""
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import pathlib
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import threading
@@ -19,15 +22,16 @@ import httpx
 import numpy as np
 import pandas as pd
 import pytest
+from apache_beam.io.filesystems import FileSystems
 
-from pipeline.model_root import read_latest, version_path
-from pipeline.publish import SUCCESS, _checksum
+from pipeline.model_root import promote, read_latest, version_path
+from pipeline.publish import SUCCESS
 from pipeline.recommender import Recommender
 from pipeline.serving.server import build_parser
 from tests.conftest import ROOT
 from tests.gcs_support import gcs_emulator
-from tests.serve_support import (Server, add_version, int_id_ratings, running,
-                                 str_id_ratings, train, wait_for)
+from tests.serve_support import (add_version, int_id_ratings, running, str_id_ratings,
+                                 train, wait_for)
 
 KEY = 'test-key-0123456789abcdef'
 VERSION = 'X-Model-Version'
@@ -326,7 +330,6 @@ def test_model_info_probes_and_metrics(models, recs, wals_server):
 # ---------------------------------------------------------------- security, options, exits
 
 def _serve(*args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
-    import os
     return subprocess.run([sys.executable, '-m', 'pipeline.serve', *map(str, args)], cwd=ROOT,
                           env=dict(os.environ, PYTHONPATH=str(ROOT), **(env or {})),
                           capture_output=True, text=True, timeout=timeout)
@@ -382,7 +385,6 @@ def test_exit_codes_and_one_line_errors(models, tmp_path):
     # A model changed after publishing (checksum mismatch) and one with a NaN factor
     # whose manifest was rewritten to match it: both refused with one line.
     corrupt = tmp_path / 'corrupt'
-    import shutil
     shutil.copytree(models['wals'][0], corrupt)
     col = np.load(corrupt / 'model' / 'col.npy')
     np.save(corrupt / 'model' / 'col.npy', col * 2)
@@ -391,7 +393,9 @@ def test_exit_codes_and_one_line_errors(models, tmp_path):
     col[1, 1] = np.nan
     np.save(corrupt / 'model' / 'col.npy', col)
     manifest = json.loads((corrupt / SUCCESS).read_text())
-    manifest['files']['model/col.npy'] = _checksum(str(corrupt / 'model' / 'col.npy'))
+    data = (corrupt / 'model' / 'col.npy').read_bytes()
+    manifest['files']['model/col.npy'] = {'bytes': len(data),
+                                          'sha256': hashlib.sha256(data).hexdigest()}
     (corrupt / SUCCESS).write_text(json.dumps(manifest))
     p = _serve('--model', corrupt)
     assert p.returncode == 1 and 'non-finite values in col' in p.stderr, p.stderr
@@ -476,13 +480,11 @@ def _reload_under_load(root: str, models: dict, log: pathlib.Path,
 
         v3 = add_version(root, 3, models['wals'][0], promote_it=False)
         col = version_path(root, v3) + '/model/col.npy'
-        from apache_beam.io.filesystems import FileSystems
         with FileSystems.open(col) as f:
             data = bytearray(f.read())
         data[-1] ^= 0xFF                      # one factor changed after publishing
         with FileSystems.create(col) as f:
             f.write(bytes(data))
-        from pipeline.model_root import promote
         promote(root, v3, {})
         assert read_latest(root)['version'] == v3
 

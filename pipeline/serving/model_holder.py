@@ -224,9 +224,9 @@ class ModelHolder:
                 keeping = f'still serving {current.version}' if current else 'not ready'
                 log.error('%s under %s failed to load or verify (%s); %s; next try in '
                           '%.0f s unless LATEST moves', what, self.model_root,
-                          _one_line(e), keeping, wait)
+                          one_line(e), keeping, wait)
                 if current is None:
-                    self.not_ready_reason = f'{what} failed to load: {_one_line(e)}'
+                    self.not_ready_reason = f'{what} failed to load: {one_line(e)}'
                 self.listener('failed', version=version, error=e)
                 return False
             self._failed.pop(key, None)
@@ -234,9 +234,9 @@ class ModelHolder:
             return True
 
     def _report_poll_error(self, e: Exception) -> None:
-        log.error('reading %s/LATEST failed: %s', self.model_root, _one_line(e))
+        log.error('reading %s/LATEST failed: %s', self.model_root, one_line(e))
         if self.current is None:
-            self.not_ready_reason = f'reading LATEST failed: {_one_line(e)}'
+            self.not_ready_reason = f'reading LATEST failed: {one_line(e)}'
         self.listener('poll_error', error=e)
 
     def _swap(self, served: ServedModel) -> None:
@@ -269,6 +269,6 @@ class ModelHolder:
             self._thread = None
 
 
-def _one_line(e: BaseException) -> str:
+def one_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return f'{type(e).__name__}: {text[0] if text else ""}'

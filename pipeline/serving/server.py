@@ -19,7 +19,7 @@ import signal
 import sys
 
 from pipeline.serving.app import Limits, create_app
-from pipeline.serving.model_holder import ModelHolder, _one_line
+from pipeline.serving.model_holder import ModelHolder, one_line
 
 API_KEY_ENV = 'WALS_SERVE_API_KEY'
 MIN_KEY_LENGTH = 16
@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             holder.load_fixed()
         except Exception as e:   # noqa: BLE001 - one clear line, no traceback
-            print(f'error: --model {args.model}: {_one_line(e)}', file=sys.stderr)
+            print(f'error: --model {args.model}: {one_line(e)}', file=sys.stderr)
             return 1
     else:
         holder.poll_once()
