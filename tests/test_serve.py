@@ -296,6 +296,9 @@ def test_model_info_probes_and_metrics(models, recs, wals_server):
         assert info['trained_at'] == manifest['published']
         assert info['run_id'] == manifest['run_id']
         assert info['metrics']['test_rmse'] == metrics['test_rmse']
+        report = json.loads((models['wals'][0] / 'report.json').read_text())
+        assert info['gate']['passed'] is True and info['gate'] == {
+            k: report['gate'][k] for k in ('passed', 'metric', 'max_regression', 'reason')}
         assert c.get('/healthz').json() == {'status': 'ok'}
         ready = c.get('/readyz')
         assert ready.status_code == 200 and ready.json()['model_version'] == info['version']

@@ -218,6 +218,13 @@ class ScoredItem(BaseModel):
                                 'model)')
 
 
+class Gate(BaseModel):
+    passed: bool | None
+    metric: str | None
+    max_regression: float | None
+    reason: str | None
+
+
 class CompatResponse(BaseModel):
     articles: list[str]
 
@@ -290,6 +297,7 @@ def _models(limits: Limits):
         items: int
         seen_pairs: int
         metrics: dict[str, float | int | None]
+        gate: Gate | None = Field(description="the promotion gate's verdict (report.json)")
 
     return dict(Id=Id, IdList=IdList, K=K, RecommendResponse=RecommendResponse,
                 BatchRequest=BatchRequest, BatchResponse=BatchResponse,

@@ -52,6 +52,7 @@ class ServedModel:
     manifest_sha256: str
     loaded_at: float
     metrics: dict
+    gate: dict | None = None
 
     @property
     def info(self) -> dict:
@@ -68,6 +69,7 @@ class ServedModel:
             'items': int(len(rec.items)),
             'seen_pairs': int(rec.seen_indptr[-1]),
             'metrics': self.metrics,
+            'gate': self.gate,
         }
 
 
@@ -139,6 +141,17 @@ def _metrics(rec: Recommender, latest: dict | None) -> dict:
     return {k: _json_safe(v) for k, v in out.items()}
 
 
+def _gate(rec: Recommender) -> dict | None:
+    """The promotion gate's verdict from the model's report.json (None without one)."""
+    manifest = rec.files.manifest
+    if 'report.json' not in manifest.get('files', {}):
+        return None
+    gate = json.loads(read_verified(rec.files.path, manifest, 'report.json')).get('gate')
+    if not isinstance(gate, dict):
+        return None
+    return {k: _json_safe(gate.get(k)) for k in ('passed', 'metric', 'max_regression', 'reason')}
+
+
 def load_model(path: str, version: str | None = None, manifest_sha256: str | None = None,
                latest: dict | None = None) -> ServedModel:
     """Loads and verifies the model at `path` (a model folder, or a model root: its
@@ -156,7 +169,7 @@ def load_model(path: str, version: str | None = None, manifest_sha256: str | Non
         run_id = rec.files.manifest.get('run_id')
         version = version_name(run_id) if run_id and '-' in run_id else sha[:16]
     return ServedModel(rec=rec, version=version, path=folder, manifest_sha256=sha,
-                       loaded_at=time.time(), metrics=_metrics(rec, latest))
+                       loaded_at=time.time(), metrics=_metrics(rec, latest), gate=_gate(rec))
 
 
 class ModelHolder:
