@@ -30,6 +30,7 @@ from pipeline.model_files import read_verified
 from pipeline.model_root import LATEST_METRICS, read_latest, version_name, version_path
 from pipeline.publish import read_manifest_bytes
 from pipeline.recommender import Recommender
+from wals_core.topk import ItemLayout, top_k
 
 log = logging.getLogger('pipeline.serving')
 
@@ -53,6 +54,7 @@ class ServedModel:
     loaded_at: float
     metrics: dict
     gate: dict | None = None
+    layout: ItemLayout | None = None   # the item side laid out once for top_k
 
     @property
     def info(self) -> dict:
@@ -165,11 +167,15 @@ def load_model(path: str, version: str | None = None, manifest_sha256: str | Non
     if json.loads(raw) != rec.files.manifest:
         raise ModelInvalid(f'{folder}/_SUCCESS changed while the model was loading')
     verify(rec)
+    layout = ItemLayout(rec.col, rec.col_bias)
+    # Its padded copy for the default k made now, not by the first request.
+    top_k(rec.row[:1], layout, 10, num_threads=1)
     if version is None:
         run_id = rec.files.manifest.get('run_id')
         version = version_name(run_id) if run_id and '-' in run_id else sha[:16]
     return ServedModel(rec=rec, version=version, path=folder, manifest_sha256=sha,
-                       loaded_at=time.time(), metrics=_metrics(rec, latest), gate=_gate(rec))
+                       loaded_at=time.time(), metrics=_metrics(rec, latest), gate=_gate(rec),
+                       layout=layout)
 
 
 class ModelHolder:

@@ -1,8 +1,9 @@
 """Top-K scoring for the server: concurrent requests batched into one kernel call.
 
-wals_core.topk.top_k has a fixed cost per call (it lays out the item matrix for its
-BLAS phase, about 1 ms for 10k items x 32 factors) and a small cost per query row,
-so scoring each request alone caps a server at about a thousand requests a second.
+wals_core.topk.top_k has a fixed cost per call and a small cost per query row, so
+scoring each request alone caps a server at about a thousand requests a second. Part
+of the fixed cost (laying out the item matrix for the BLAS phase: about 1 ms for 10k
+items x 32 factors) is paid once per model: each ServedModel carries an ItemLayout.
 The Scorer queues the requests that the event loop has read and scores them together
 in one call, on the event loop's thread: a worker thread measured slower (the GIL
 passes back and forth between it and the loop for every batch; 30-40% fewer requests
@@ -170,8 +171,13 @@ def _rank(jobs: list[RankJob]) -> list[Result]:
     np.cumsum(counts, out=indptr[1:])
     indices = np.concatenate([j.exclude for j in jobs]) if indptr[-1] else _EMPTY
     kmax = max(j.k for j in jobs)
-    ids, scores = top_k(queries, rec.col, kmax, exclude_indptr=indptr, exclude_indices=indices,
-                        item_offsets=rec.col_bias, num_threads=1)
+    layout = jobs[0].model.layout
+    if layout is not None:     # the same bits as (rec.col, rec.col_bias), less work
+        ids, scores = top_k(queries, layout, kmax, exclude_indptr=indptr,
+                            exclude_indices=indices, num_threads=1)
+    else:
+        ids, scores = top_k(queries, rec.col, kmax, exclude_indptr=indptr,
+                            exclude_indices=indices, item_offsets=rec.col_bias, num_threads=1)
     return [_pairs(ids[r], scores[r], j.k, _shift(j.model, j.query))
             for r, j in enumerate(jobs)]
 
