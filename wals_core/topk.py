@@ -57,6 +57,10 @@ kc = k + max(_EXTRA_MIN, k / 16) items by those scores:
 When grouping cannot pay (kc·G > n_items / 2) every row takes the whole-row path.
 Batches are spread over `num_threads` Python threads (numpy's matmul, reductions and
 partitions release the GIL) with OpenBLAS on one thread (wals_core.solve's helper).
+
+Many calls on the same items (a server): ItemLayout(items, offsets) does the
+per-items work once (the float32 copy, non-finite items, norm bounds, the padded
+transposed copy per group size); top_k(queries, layout, k) then gives the same bits.
 """
 from __future__ import annotations
 

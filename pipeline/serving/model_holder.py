@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import gc
 import hashlib
 import json
 import logging
@@ -261,6 +262,9 @@ class ModelHolder:
     def _swap(self, served: ServedModel) -> None:
         old = self.current
         self.current = served          # the atomic step: one reference assignment
+        # The new model's objects out of the cyclic collector's sight, as the
+        # server's own at start (server.py); refcounting still frees the old model.
+        gc.freeze()
         log.info('serving model version %s (%s)%s', served.version, served.path,
                  f', replacing {old.version}' if old else '')
         self.listener('loaded', model=served, previous=old)

@@ -12,6 +12,7 @@ version is loaded. docs/serving.md documents every option.
 from __future__ import annotations
 
 import argparse
+import gc
 import ipaddress
 import logging
 import os
@@ -155,6 +156,11 @@ def main(argv: list[str] | None = None) -> int:
     # no-op, so a clean shutdown exits 0 instead of dying by the signal.
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: None)
+    # Everything alive now (Beam, FastAPI, the model: ~200k objects) lives as long as
+    # the process: out of the cyclic collector's sight, a full collection takes
+    # microseconds instead of ~80 ms, a pause every request in flight would wait out.
+    gc.collect()
+    gc.freeze()
     server.run()
     return 0 if server.started else 1
 
