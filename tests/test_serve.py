@@ -14,6 +14,7 @@ import pathlib
 import re
 import shlex
 import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -382,6 +383,12 @@ def test_exit_codes_and_one_line_errors(models, tmp_path):
     p = _serve('--model', models['wals'][0], '--model_root', tmp_path)
     assert p.returncode == 2 and 'not allowed with' in p.stderr
     assert _serve().returncode == 2
+    with socket.socket() as taken:         # a port another process holds
+        taken.bind(('127.0.0.1', 0))
+        taken.listen()
+        p = _serve('--model', models['wals'][0], '--port', taken.getsockname()[1])
+    assert p.returncode == 1 and 'address already in use' in p.stderr, p.stderr
+    assert p.stderr.strip().splitlines()[-1].startswith('error: cannot serve on 127.0.0.1:')
     p = _serve('--model', tmp_path / 'nothing')
     assert p.returncode == 1 and 'Traceback' not in p.stderr, p.stderr
     assert p.stderr.strip().count('\n') == 0 and p.stderr.startswith('error: --model')

@@ -161,7 +161,14 @@ def main(argv: list[str] | None = None) -> int:
     # microseconds instead of ~80 ms, a pause every request in flight would wait out.
     gc.collect()
     gc.freeze()
-    server.run()
+    try:
+        server.run()
+    except SystemExit as e:      # uvicorn's exit when it cannot bind (its code 3)
+        if e.code not in (None, 0):
+            print(f'error: cannot serve on {args.host}:{args.port} (the reason is logged '
+                  'above)', file=sys.stderr)
+            return 1
+        raise
     return 0 if server.started else 1
 
 
