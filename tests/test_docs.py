@@ -63,3 +63,14 @@ def test_examples_run_and_print_what_the_page_shows(page, tmp_path):
     assert proc.returncode == 0, f'{page.name}: its examples do not run as shown:\n' \
         + proc.stdout[-6000:] + proc.stderr[-2000:]
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def test_the_package_picture_in_the_architecture_page_is_the_code_s():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location('architecture',
+                                                  ROOT / 'scripts' / 'architecture.py')
+    architecture = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(architecture)
+    assert architecture.current() == architecture.section(), \
+        'docs/architecture.md is stale: run python scripts/architecture.py --write'
+    assert '0 running up or sideways' in architecture.section()
