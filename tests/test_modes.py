@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from pipeline.options import ConfigError
-from tests.conftest import write_ratings
+from tests.conftest import assert_same_outputs, write_ratings
 from tests.pipeline_support import (load_metrics, load_model, make_config, run_pipeline,
                                     train_in_memory)
 from tests.test_pipeline import MULTI, assert_same_factors
@@ -82,9 +82,19 @@ def test_mode_matches_in_memory_trainer_and_naive_ranking(ml100k, tmp_path, mode
 
 @pytest.mark.parametrize('mode', ['implicit', 'explicit'])
 def test_mode_runs_are_byte_identical_across_direct_runner_modes(small_ratings, tmp_path, mode):
-    args = ['--model', mode, '--num_iters', '3', '--block_size', '16', '--latent_factors', '4']
+    """in_memory, multi_threading and multi_processing: every output file (metrics
+    with the history, the test metrics of every iteration and the --tolerance test,
+    to the last bit; JSON without wall-clock fields)."""
+    args = ['--model', mode, '--num_iters', '3', '--block_size', '16', '--latent_factors', '4',
+            '--tolerance', '1e-9', '--eval_every', '1']
     a = run_pipeline(small_ratings, tmp_path / 'a', *args)
+    run_pipeline(small_ratings, tmp_path / 'b', *args,
+                 beam_args=['--direct_running_mode', 'multi_threading',
+                            '--direct_num_workers', '2'])
     c = run_pipeline(small_ratings, tmp_path / 'c', *args, beam_args=MULTI)
+    for other in ('b', 'c'):
+        assert_same_outputs(tmp_path / 'a', tmp_path / other)
+    assert len(a['history']) == 3 and 'test' in a['history'][0]
     model = tmp_path / 'a' / 'model'
     files = sorted(str(p.relative_to(model)) for p in model.rglob('*') if p.is_file())
     assert len([f for f in files if f.endswith('.npy')]) == (8 if mode == 'explicit' else 5)
