@@ -123,11 +123,25 @@ def _merge_each(rows, cols, values, test, how: str):
     return (*out, flags, parts[0][4] + parts[1][4])
 
 
+# Element counters at both ends of the column-block shuffle (namespace 'blocks'):
+# what the row-block stage sends must be what the column-block stage receives.
+# bench/stress_multiprocessing.py reads them; on Dataflow they are in the console.
+COUNTERS = ('row_blocks_built', 'row_block_train_ratings', 'col_pieces_sent',
+            'col_piece_ratings_sent', 'col_pieces_received', 'col_piece_ratings_received',
+            'col_blocks_built', 'col_block_train_ratings')
+
+
+def _counter(name: str):
+    return Metrics.counter('blocks', name)
+
+
 class _BuildRowBlock(beam.DoFn):
     def __init__(self, config: BlockConfig, folder: str):
         self._config = config
         self._folder = folder
         self._merged = Metrics.counter('wals', 'duplicates_merged')
+        self._built = _counter('row_blocks_built')
+        self._train = _counter('row_block_train_ratings')
 
     def process(self, keyed, users: Vocabulary):
         block_id, pieces = keyed
@@ -144,6 +158,8 @@ class _BuildRowBlock(beam.DoFn):
         start = block_id * cfg.block_size
         n = min(cfg.block_size, len(users) - start)
         train = ~test
+        self._built.inc()
+        self._train.inc(int(train.sum()))
         yield save_block(RatingBlock(
             block_id=block_id, start=start, total_rows=len(users),
             train=csr_from_sorted(rows[train] - start, cols[train], values[train], n),
@@ -158,20 +174,34 @@ def _training_by_col_block(ref: BlockRef, block_size: int):
     t = block.train
     rows = t.row_of_entry() + block.start
     cols = t.indices.astype(np.int64)
-    yield from _key_by_block(cols, rows, t.values, np.zeros(len(cols), bool), block_size)
+    for key, piece in _key_by_block(cols, rows, t.values, np.zeros(len(cols), bool),
+                                    block_size):
+        _counter('col_pieces_sent').inc()
+        _counter('col_piece_ratings_sent').inc(len(piece[0]))
+        yield key, piece
 
 
 class _BuildColBlock(beam.DoFn):
     def __init__(self, config: BlockConfig, folder: str):
         self._config = config
         self._folder = folder
+        self._pieces = _counter('col_pieces_received')
+        self._ratings = _counter('col_piece_ratings_received')
+        self._built = _counter('col_blocks_built')
+        self._train = _counter('col_block_train_ratings')
 
     def process(self, keyed, items: Vocabulary):
         block_id, pieces = keyed
+        pieces = list(pieces)
+        sizes = [len(p[0]) for p in pieces]
+        self._pieces.inc(sum(1 for n in sizes if n))   # not the ColKeys placeholders
+        self._ratings.inc(sum(sizes))
         cols, rows, values, _ = _concat(pieces)
         start = block_id * self._config.block_size
         n = min(self._config.block_size, len(items) - start)
         empty = np.zeros(0, np.int32)
+        self._built.inc()
+        self._train.inc(len(values))
         yield save_block(RatingBlock(
             block_id=block_id, start=start, total_rows=len(items),
             train=csr_from_triples(cols - start, rows, values, n),
