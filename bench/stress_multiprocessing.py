@@ -23,9 +23,10 @@ Modes (--mode):
           k = 32, --rank_k 0, as bench/bench_exchange.py ran it); a reproduction is
           the guard's error (exit 1 naming the column blocks)
 
-Memory pressure (optional): --cache_mb sets WALS_BLOCK_CACHE_MB for the run (a small
-cache makes every stage re-read blocks from disk); --hog_gib N keeps N GiB of
-touched memory in a separate process during each run.
+Pressure (optional): --cache_mb sets WALS_BLOCK_CACHE_MB for the run (a small cache
+makes every stage re-read blocks from disk); --hog_gib N keeps N GiB of touched
+memory in a separate process during each run; --cpu_hogs N runs N processes that
+burn CPU (the original loss was seen at load 5-7).
 
     python bench/stress_multiprocessing.py                      # 20m, 3 block runs
     python bench/stress_multiprocessing.py --sizes 1m 20m --runs 5 --cache_mb 64
@@ -210,20 +211,46 @@ def _hog(gib: float) -> subprocess.Popen | None:
     return hog
 
 
+def _spinners(n: int) -> list:
+    """n processes that only burn CPU (the original loss was seen at load 5-7)."""
+    return [subprocess.Popen([sys.executable, '-c', 'while True: pass']) for _ in range(n)]
+
+
+def code_root(rev: str | None) -> pathlib.Path:
+    """The tree the runs execute: this checkout, or `git archive REV` unpacked once
+    under output/ (to stress an earlier design of the stages, e.g. the column
+    shuffle before docs/multiprocessing-loss.md; REV must have this harness)."""
+    if not rev:
+        return ROOT
+    sha = subprocess.run(['git', 'rev-parse', '--short', rev], cwd=ROOT, text=True,
+                         capture_output=True, check=True).stdout.strip()
+    out = WORK / f'code-{sha}'
+    if not out.exists():
+        tmp = WORK / f'code-{sha}.tmp'
+        subprocess.run(['rm', '-rf', str(tmp)], check=True)
+        tmp.mkdir(parents=True)
+        archive = subprocess.run(['git', 'archive', sha], cwd=ROOT, capture_output=True,
+                                 check=True).stdout
+        subprocess.run(['tar', '-x', '-C', str(tmp)], input=archive, check=True)
+        tmp.rename(out)
+    return out
+
+
 def run_once(args, size: str, index: int, expected: np.ndarray) -> dict:
     from prepare_data import paths
     data = paths(size)['raw']
+    code = code_root(args.code)
     run_dir = WORK / 'runs' / f'{size}-{args.mode}-{index:03d}'
     if run_dir.exists():
         subprocess.run(['rm', '-rf', str(run_dir)], check=True)
     run_dir.mkdir(parents=True)
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env = dict(os.environ, PYTHONPATH=str(code))
     if args.cache_mb:
         env['WALS_BLOCK_CACHE_MB'] = str(args.cache_mb)
     mp = ['--direct_running_mode', 'multi_processing', '--direct_num_workers',
           str(args.workers)]
     if args.mode == 'blocks':
-        cmd = [sys.executable, str(pathlib.Path(__file__).resolve()), '--child',
+        cmd = [sys.executable, str(code / 'bench' / 'stress_multiprocessing.py'), '--child',
                '--input', str(data), '--run_dir', str(run_dir),
                '--block_size', str(args.block_size), '--workers', str(args.workers),
                '--running_mode', 'multi_processing']
@@ -234,10 +261,11 @@ def run_once(args, size: str, index: int, expected: np.ndarray) -> dict:
                '--rank_k', '0', '--block_size', str(args.block_size),
                '--exchange', 'broadcast', *mp]
     hog = _hog(args.hog_gib)
+    spinners = _spinners(args.cpu_hogs)
     peak, stop = [0], threading.Event()
     started = time.time()
     try:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+        proc = subprocess.Popen(cmd, cwd=code, env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True)
         sampler = threading.Thread(target=_sample_rss, args=(proc, peak, stop), daemon=True)
         sampler.start()
@@ -245,9 +273,9 @@ def run_once(args, size: str, index: int, expected: np.ndarray) -> dict:
         stop.set()
         sampler.join()
     finally:
-        if hog is not None:
-            hog.kill()
-            hog.wait()
+        for q in ([hog] if hog is not None else []) + spinners:
+            q.kill()
+            q.wait()
     (run_dir / 'log.txt').write_text(log)
     r = {'size': size, 'run': index, 'mode': args.mode, 'exit': proc.returncode,
          'wall': round(time.time() - started, 1), 'peak_gib': peak[0] / 2**30,
@@ -317,7 +345,8 @@ def table(args, runs: list, command: str, load0: float, load1: float) -> str:
     import apache_beam
     mem = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30
     lines = [
-        f'## {datetime.datetime.utcnow():%Y-%m-%d %H:%M} UTC, commit {_commit()}', '',
+        f'## {datetime.datetime.utcnow():%Y-%m-%d %H:%M} UTC, commit {_commit()}'
+        + (f', stages of {args.code}' if args.code else ''), '',
         f'Command: `{command}`', '',
         f'Machine: {os.cpu_count()} CPUs, {mem:.0f} GiB, load average {load0:.1f} at start, '
         f'{load1:.1f} at end (shared); python {platform.python_version()}, apache-beam '
@@ -325,7 +354,7 @@ def table(args, runs: list, command: str, load0: float, load1: float) -> str:
         f'--block_size {args.block_size}; mode {args.mode}'
         + (f' (--num_iters {args.num_iters})' if args.mode == 'train' else '')
         + f'; WALS_BLOCK_CACHE_MB {args.cache_mb or "default (4096)"}; memory hog '
-        f'{args.hog_gib:g} GiB.', '',
+        f'{args.hog_gib:g} GiB; CPU-burning processes {args.cpu_hogs}.', '',
         '| size | run | exit | wall s | peak RSS GiB (all processes) | expected training '
         'ratings | rows | sent | received | cols | counted | pieces sent / received | '
         'lost or repeated |',
@@ -367,6 +396,10 @@ def main(argv=None) -> int:
     ap.add_argument('--workers', type=int, default=2)
     ap.add_argument('--cache_mb', type=int, default=0, help='WALS_BLOCK_CACHE_MB (0: default)')
     ap.add_argument('--hog_gib', type=float, default=0.0)
+    ap.add_argument('--cpu_hogs', type=int, default=0,
+                    help='processes that burn CPU during each run (load)')
+    ap.add_argument('--code', help='run the stages of this git revision (default: the '
+                    'working tree)')
     ap.add_argument('--until_lost', action='store_true', help='stop at the first reproduction')
     ap.add_argument('--keep', action='store_true', help='keep the block files of good runs')
     ap.add_argument('--no_write', action='store_true', help='print, do not write results')
