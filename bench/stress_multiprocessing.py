@@ -45,7 +45,6 @@ import pathlib
 import platform
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 
