@@ -23,6 +23,7 @@ from apache_beam.pvalue import AsList, AsSingleton
 
 from pipeline.block_store import (BlockRef, RatingBlock, load_arrays, save_arrays,
                                   save_block)
+from pipeline.errors import RunnerError
 from pipeline.parse import ParsedChunk
 from wals_core.hashing import is_test
 from wals_core.sparse import (csr_from_sorted, csr_from_triples, merge_duplicates,
@@ -223,10 +224,10 @@ def check_col_pieces(index: list) -> list:
     if ids != expected:
         missing = sorted(set(expected) - set(ids))
         repeated = sorted({i for i in ids if ids.count(i) > 1})
-        raise RuntimeError(f'the column blocks were given the pieces of {len(ids)} row '
-                           f'blocks where there are {len(expected)} (missing {missing[:10]}, '
-                           f'repeated {repeated[:10]}): the runner lost or repeated '
-                           'elements; nothing was published')
+        raise RunnerError(f'the column blocks were given the pieces of {len(ids)} row '
+                          f'blocks where there are {len(expected)} (missing {missing[:10]}, '
+                          f'repeated {repeated[:10]}): the runner lost or repeated '
+                          'elements; nothing was published')
     return index
 
 
@@ -242,8 +243,8 @@ def read_col_pieces(folder: str, col_block: int, index: list):
             path = piece_path(folder, col_block, p.row_block)
             arrays = load_arrays(path)
             if len(arrays['cols']) != n:
-                raise RuntimeError(f'{path} holds {len(arrays["cols"]):,} ratings where '
-                                   f'{n:,} were written; nothing was published')
+                raise RunnerError(f'{path} holds {len(arrays["cols"]):,} ratings where '
+                                  f'{n:,} were written; nothing was published')
             parts.append((arrays['cols'], arrays['rows'], arrays['values']))
     return tuple(np.concatenate([part[f] for part in parts]) for f in range(3)), len(parts) - 1
 

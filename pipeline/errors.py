@@ -52,3 +52,12 @@ def user_message(exc: BaseException) -> str | None:
             return found
         exc = exc.__cause__ or exc.__context__
     return None
+
+
+class RunnerError(RuntimeError):
+    """The runner lost or repeated elements (an accounting check between stages failed):
+    the run stops, publishing nothing, with this one line."""
+
+    def __init__(self, message: str):
+        self.plain = message
+        super().__init__(f'{_START}{message}{_END}')

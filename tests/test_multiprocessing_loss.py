@@ -47,11 +47,10 @@ def _message_holds_ratings(coder_impl, data: bytes) -> bool:
     return False
 
 
-@pytest.fixture
-def lossy_runner(monkeypatch):
-    """The in-process FnApiRunner, made to lose the first message holding ratings that
-    the row-block stage sends to the runner (what the multi_processing run lost: one
-    data-plane message of rating pieces between that stage and the column shuffle)."""
+def _lose_a_message(monkeypatch, stage: str) -> dict:
+    """Makes the in-process FnApiRunner lose the first message holding ratings that a
+    stage whose name contains `stage` sends to the runner (what the multi_processing
+    run lost: one data-plane message of rating pieces on the way to a shuffle)."""
     seen = {'stage': '', 'messages': 0, 'dropped': 0}
     execute_bundle = fn_runner.FnApiRunner._execute_bundle
 
@@ -61,7 +60,7 @@ def lossy_runner(monkeypatch):
 
     def lossy(append, coder_of):
         def append_or_drop(self, data):
-            if 'RowBlock' in seen['stage']:
+            if stage in seen['stage']:
                 seen['messages'] += 1
                 if not seen['dropped'] and _message_holds_ratings(coder_of(self), data):
                     seen['dropped'] += 1
@@ -77,6 +76,11 @@ def lossy_runner(monkeypatch):
     return seen
 
 
+@pytest.fixture
+def lossy_runner(monkeypatch):
+    return _lose_a_message(monkeypatch, 'RowBlock')
+
+
 def test_a_lost_shuffle_message_after_the_row_blocks_loses_no_rating(small_ratings, tmp_path,
                                                                    lossy_runner):
     out = tmp_path / 'out'
@@ -87,6 +91,31 @@ def test_a_lost_shuffle_message_after_the_row_blocks_loses_no_rating(small_ratin
     assert lossy_runner['dropped'] == 0
     counts = load_model(out)['col_counts']
     assert counts.sum() == load_metrics(out)['train_ratings'] > 0
+
+
+def test_a_lost_message_before_the_row_blocks_stops_the_run(small_ratings, tmp_path,
+                                                           monkeypatch):
+    """Ratings still reach the row blocks through a shuffle: a message lost there
+    fails the run with one line (the row-count check), instead of a smaller model."""
+    seen = _lose_a_message(monkeypatch, 'Blocks-Index')
+    with pytest.raises(Exception, match=r'the row blocks hold [\d,]+ ratings \(duplicates '
+                                        r'included\) where the input has 3,000'):
+        run_pipeline(small_ratings, tmp_path / 'out', '--num_iters', '1')
+    assert seen['dropped'] == 1
+    assert not (tmp_path / 'out').exists()
+
+
+def test_row_count_check_counts_test_input_cold_start_and_merged_duplicates():
+    from collections import Counter
+
+    from pipeline.read_summary import ReadSummary
+    from pipeline.train_graph import _check_row_counts
+    reads = ReadSummary(Counter(kept=10), 0.0, {}, [], [])
+    test = ReadSummary(Counter(kept=4), 0.0, {}, [], [])
+    assert _check_row_counts('r', 10, reads, None, 0) == 'r'
+    assert _check_row_counts('r', 12, reads, test, 2) == 'r'
+    with pytest.raises(RuntimeError, match='hold 11 ratings .* where the input has 12'):
+        _check_row_counts('r', 11, reads, test, 2)
 
 
 def _index(folder, pieces: dict) -> list:
