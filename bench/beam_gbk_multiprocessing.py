@@ -4,8 +4,9 @@ DirectRunner's multi_processing mode, counted on both sides of the second shuffl
 The shape copies the trainer's block build at 20m (bench/stress_multiprocessing.py):
 R keys are grouped (the row blocks), each group emits C pieces of about P int32/
 int32/float64/bool entries keyed by column (17 bytes an entry, so the worker's
-10 MiB data-plane flushes carry 8-9 pieces), and a second GroupByKey gathers them by
-column. Every run checks that the entries received equal the entries sent.
+10 MiB data-plane flushes carry 8-9 pieces), flattened with one empty placeholder
+per column, and a second GroupByKey gathers them by column. Every run checks that
+the entries received equal the entries sent.
 
     python bench/beam_gbk_multiprocessing.py --runs 20
     python bench/beam_gbk_multiprocessing.py --rows 34 --cols 7 --piece 75000 --runs 5
@@ -48,7 +49,7 @@ def emit_pieces(keyed, cols: int, piece: int):
 
 def receive(keyed):
     col, pieces = keyed
-    pieces = list(pieces)
+    pieces = [p for p in pieces if len(p[0])]
     rows = sorted(int(p[0][0]) for p in pieces)
     Metrics.counter('gbk', 'pieces_received').inc(len(pieces))
     Metrics.counter('gbk', 'entries_received').inc(sum(len(p[0]) for p in pieces))
@@ -60,10 +61,15 @@ def run_once(rows: int, cols: int, piece: int, workers: int, mode: str, out: str
                                '--direct_num_workers', str(workers)])
     started = time.time()
     p = beam.Pipeline(options=options)
-    got = (p | beam.Create(list(range(rows)))
-           | 'KeyRows' >> beam.FlatMap(seed_pieces)
-           | 'GroupRows' >> beam.GroupByKey()
-           | 'Pieces' >> beam.FlatMap(emit_pieces, cols, piece)
+    pieces = (p | beam.Create(list(range(rows)))
+              | 'KeyRows' >> beam.FlatMap(seed_pieces)
+              | 'GroupRows' >> beam.GroupByKey()
+              | 'Pieces' >> beam.FlatMap(emit_pieces, cols, piece))
+    # An empty placeholder per column from a second source, flattened in (as the
+    # trainer did): the Flatten becomes a stage of its own between the two.
+    keys = (p | 'Cols' >> beam.Create(list(range(cols)))
+            | 'ColKeys' >> beam.Map(lambda c: (c, (np.zeros(0, np.int32),))))
+    got = ((pieces, keys) | 'AllPieces' >> beam.Flatten()
            | 'GroupCols' >> beam.GroupByKey()
            | 'Receive' >> beam.FlatMap(receive))
     _ = (got | beam.combiners.ToList()

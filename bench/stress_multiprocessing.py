@@ -40,6 +40,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import logging
 import os
 import pathlib
 import platform
@@ -51,8 +52,10 @@ import time
 import numpy as np
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+# The stages under test: this tree, or a snapshot of another revision (--code).
+CODE = pathlib.Path(os.environ.get('STRESS_CODE_ROOT', ROOT))
 sys.path.insert(0, str(ROOT / 'bench'))
+sys.path.insert(0, str(CODE))
 
 WORK = ROOT / 'output' / 'stress-mp'
 RESULTS = ROOT / 'bench' / 'results' / 'stress_multiprocessing.md'
@@ -130,13 +133,20 @@ def child(args) -> int:
     from pipeline.vocabulary import UniqueIds
 
     tune_malloc()
+    # What the data plane says when it drops or waits (INFO), in the log of the run,
+    # from the runner and (--default_sdk_harness_log_level) from the workers.
+    logging.basicConfig(level=logging.WARNING)
+    logging.getLogger('apache_beam.runners.worker.data_plane').setLevel(logging.INFO)
+    logging.getLogger('apache_beam.runners.portability.fn_api_runner').setLevel(logging.INFO)
+    logging.getLogger('apache_beam.runners.portability.local_job_service').setLevel(logging.INFO)
     run_dir = pathlib.Path(args.run_dir)
     ledger = run_dir / 'ledger'
     ledger.mkdir(parents=True, exist_ok=True)
     argv = ['--input', args.input, '--output', str(run_dir / 'model'),
             '--block_size', str(args.block_size),
             '--direct_running_mode', args.running_mode,
-            '--direct_num_workers', str(args.workers)]
+            '--direct_num_workers', str(args.workers),
+            '--default_sdk_harness_log_level', 'INFO']
     options = PipelineOptions(argv)
     options.view_as(TypeOptions).pipeline_type_check = False
     cfg = config_from_options(options)
@@ -218,7 +228,8 @@ def _spinners(n: int) -> list:
 def code_root(rev: str | None) -> pathlib.Path:
     """The tree the runs execute: this checkout, or `git archive REV` unpacked once
     under output/ (to stress an earlier design of the stages, e.g. the column
-    shuffle before docs/multiprocessing-loss.md; REV must have this harness)."""
+    shuffle before docs/multiprocessing-loss.md; REV must have the 'blocks'
+    counters of pipeline/blocks.py)."""
     if not rev:
         return ROOT
     sha = subprocess.run(['git', 'rev-parse', '--short', rev], cwd=ROOT, text=True,
@@ -243,13 +254,13 @@ def run_once(args, size: str, index: int, expected: np.ndarray) -> dict:
     if run_dir.exists():
         subprocess.run(['rm', '-rf', str(run_dir)], check=True)
     run_dir.mkdir(parents=True)
-    env = dict(os.environ, PYTHONPATH=str(code))
+    env = dict(os.environ, PYTHONPATH=str(code), STRESS_CODE_ROOT=str(code))
     if args.cache_mb:
         env['WALS_BLOCK_CACHE_MB'] = str(args.cache_mb)
     mp = ['--direct_running_mode', 'multi_processing', '--direct_num_workers',
           str(args.workers)]
     if args.mode == 'blocks':
-        cmd = [sys.executable, str(code / 'bench' / 'stress_multiprocessing.py'), '--child',
+        cmd = [sys.executable, str(pathlib.Path(__file__).resolve()), '--child',
                '--input', str(data), '--run_dir', str(run_dir),
                '--block_size', str(args.block_size), '--workers', str(args.workers),
                '--running_mode', 'multi_processing']
