@@ -172,6 +172,9 @@ def child(args) -> int:
                                             str(run_dir / 'ratings.json'))
     _ = counts | 'SaveCounts' >> beam.Map(lambda c, path: _save(int(c.sum()), path, 'sum'),
                                           str(run_dir / 'counts.json'))
+    if args.trace_runner:
+        import runner_trace
+        runner_trace.install(str(run_dir / 'runner_trace.jsonl'))
     result = p.run()
     result.wait_until_finish()
     counters = {}
@@ -263,7 +266,8 @@ def run_once(args, size: str, index: int, expected: np.ndarray) -> dict:
         cmd = [sys.executable, str(pathlib.Path(__file__).resolve()), '--child',
                '--input', str(data), '--run_dir', str(run_dir),
                '--block_size', str(args.block_size), '--workers', str(args.workers),
-               '--running_mode', 'multi_processing']
+               '--running_mode', 'multi_processing'] + (['--trace_runner'] if args.trace_runner
+                                                        else [])
     else:
         cmd = [sys.executable, '-m', 'pipeline.train', '--input', str(data),
                '--output', str(run_dir / 'model'), '--overwrite',
@@ -411,6 +415,9 @@ def main(argv=None) -> int:
     ap.add_argument('--code', help='run the stages of this git revision (default: the '
                     'working tree)')
     ap.add_argument('--until_lost', action='store_true', help='stop at the first reproduction')
+    ap.add_argument('--trace_runner', action='store_true',
+                    help='blocks mode: count elements in the runner\'s buffers '
+                         '(bench/runner_trace.py; slower)')
     ap.add_argument('--keep', action='store_true', help='keep the block files of good runs')
     ap.add_argument('--no_write', action='store_true', help='print, do not write results')
     # the child process
