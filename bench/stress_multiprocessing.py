@@ -172,6 +172,14 @@ def child(args) -> int:
                                             str(run_dir / 'ratings.json'))
     _ = counts | 'SaveCounts' >> beam.Map(lambda c, path: _save(int(c.sum()), path, 'sum'),
                                           str(run_dir / 'counts.json'))
+    # As the trainer does (pipeline/train.py), unless asked not to; a revision from
+    # before the fix (--code) has no pipeline/beam_fixes.py.
+    try:
+        from pipeline import beam_fixes
+    except ImportError:
+        beam_fixes = None
+    if beam_fixes is not None and not args.no_beam_fix:
+        beam_fixes.apply()
     if args.trace_runner:
         import runner_trace
         runner_trace.install(str(run_dir / 'runner_trace.jsonl'))
@@ -184,6 +192,7 @@ def child(args) -> int:
         counters[name] = sum((c.committed if c.committed is not None else c.attempted)
                              for c in found)
     out = {'seconds': round(time.time() - started, 1), 'counters': counters,
+           'beam_fix': beam_fixes is not None and not args.no_beam_fix,
            'ratings': json.loads((run_dir / 'ratings.json').read_text())['count'],
            'counted': json.loads((run_dir / 'counts.json').read_text())['sum']}
     (run_dir / 'result.json').write_text(json.dumps(out))
@@ -267,7 +276,8 @@ def run_once(args, size: str, index: int, expected: np.ndarray) -> dict:
                '--input', str(data), '--run_dir', str(run_dir),
                '--block_size', str(args.block_size), '--workers', str(args.workers),
                '--running_mode', 'multi_processing'] + (['--trace_runner'] if args.trace_runner
-                                                        else [])
+                                                        else []) \
+            + (['--no_beam_fix'] if args.no_beam_fix else [])
     else:
         cmd = [sys.executable, '-m', 'pipeline.train', '--input', str(data),
                '--output', str(run_dir / 'model'), '--overwrite',
@@ -295,7 +305,8 @@ def run_once(args, size: str, index: int, expected: np.ndarray) -> dict:
          'wall': round(time.time() - started, 1), 'peak_gib': peak[0] / 2**30,
          'expected': int(expected.sum())}
     if args.mode == 'train':
-        guard = 'the column blocks hold' in log
+        r['beam_fix'] = (code / 'pipeline' / 'beam_fixes.py').exists()
+        guard = 'the column blocks hold' in log or 'the row blocks hold' in log
         r['lost'] = guard
         r['error'] = ('' if proc.returncode == 0 else
                       next((ln for ln in log.splitlines() if ln.startswith('error:')),
@@ -320,6 +331,7 @@ def run_once(args, size: str, index: int, expected: np.ndarray) -> dict:
     r['blocks_built'] = {'rows': c['row_blocks_built'], 'cols': c['col_blocks_built'],
                          'expected_rows': expected.shape[0], 'expected_cols': expected.shape[1]}
     r['ratings_summary'] = res['ratings']
+    r['beam_fix'] = res.get('beam_fix', False)
     diff = disk['col_pieces'] - expected
     r['missing_pieces'] = [(int(a), int(b), int(diff[a, b]))
                            for a, b in zip(*np.nonzero(diff))]
@@ -369,10 +381,10 @@ def table(args, runs: list, command: str, load0: float, load1: float) -> str:
         + (f' (--num_iters {args.num_iters})' if args.mode == 'train' else '')
         + f'; WALS_BLOCK_CACHE_MB {args.cache_mb or "default (4096)"}; memory hog '
         f'{args.hog_gib:g} GiB; CPU-burning processes {args.cpu_hogs}.', '',
-        '| size | run | exit | wall s | peak RSS GiB (all processes) | expected training '
-        'ratings | rows | sent | received | cols | counted | pieces sent / received | '
-        'lost or repeated |',
-        '|---|---|---|---|---|---|---|---|---|---|---|---|---|']
+        '| size | run | exit | wall s | peak RSS GiB (all processes) | data-plane fix | '
+        'expected training ratings | rows | sent | received | cols | counted | '
+        'pieces sent / received | lost or repeated |',
+        '|---|---|---|---|---|---|---|---|---|---|---|---|---|---|']
     for r in runs:
         seen = r.get('seen') or {}
         cells = [f'{seen[s]:,}' if seen.get(s) is not None else '' for s in STAGES]
@@ -381,8 +393,9 @@ def table(args, runs: list, command: str, load0: float, load1: float) -> str:
         lost = {True: '**YES**', False: 'no', None: 'error'}[r.get('lost')]
         if r.get('error'):
             lost += f' ({r["error"][:120]})'
+        fix = {True: 'on', False: 'off'}.get(r.get('beam_fix'), '')
         lines.append(f'| {r["size"]} | {r["run"]} | {r["exit"]} | {r["wall"]:.0f} | '
-                     f'{r["peak_gib"]:.1f} | {r["expected"]:,} | ' + ' | '.join(cells)
+                     f'{r["peak_gib"]:.1f} | {fix} | {r["expected"]:,} | ' + ' | '.join(cells)
                      + f' | {ps} | {lost} |')
     lines.append('')
     by_size: dict = {}
@@ -418,6 +431,8 @@ def main(argv=None) -> int:
     ap.add_argument('--trace_runner', action='store_true',
                     help='blocks mode: count elements in the runner\'s buffers '
                          '(bench/runner_trace.py; slower)')
+    ap.add_argument('--no_beam_fix', action='store_true',
+                    help='blocks mode: do not apply pipeline/beam_fixes.py (the trainer does)')
     ap.add_argument('--keep', action='store_true', help='keep the block files of good runs')
     ap.add_argument('--no_write', action='store_true', help='print, do not write results')
     # the child process

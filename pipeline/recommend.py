@@ -21,7 +21,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import (GoogleCloudOptions, PipelineOptions,
                                                   StandardOptions, TypeOptions)
 
-from pipeline import cloud_launch
+from pipeline import beam_fixes, cloud_launch
 from pipeline import recommend_batch as rb
 from pipeline.errors import InputError, QuietMarkedErrors, user_message
 from pipeline.model_files import load_model_files
@@ -212,6 +212,7 @@ def run_batch(args, options: PipelineOptions) -> dict:
             with FileSystems.create(
                     f'{staging}/errors/unknown_{side}-00000-of-00001.txt') as f:
                 f.write(''.join(f'{s}\n' for s in unknown).encode('utf-8'))
+        beam_fixes.apply()
         pipeline = beam.Pipeline(options=options)
         rb.build_pipeline(pipeline, spec)
         built = time.time()

@@ -23,6 +23,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions, TypeOptions
 
+from pipeline import beam_fixes
 from pipeline.errors import QuietMarkedErrors, user_message
 from pipeline.memory_tuning import tune_malloc
 from pipeline.model_files import (LATEST, PreviousModel, load_model_files,
@@ -157,6 +158,7 @@ def run(config: TrainConfig, options: PipelineOptions, overwrite: bool = False) 
     standard.runner = standard.runner or 'DirectRunner'
     # The graph declares no type hints; checking them costs seconds per build.
     options.view_as(TypeOptions).pipeline_type_check = False
+    beam_fixes.apply()
     pipeline = beam.Pipeline(runner=_runner(standard.runner), options=options)
     previous = resolve_previous(config)
     work_dir = build_pipeline(pipeline, config, staging, previous)

@@ -26,6 +26,7 @@ from apache_beam.options.pipeline_options import (DirectOptions, PipelineOptions
                                                   StandardOptions, TypeOptions)
 from apache_beam.pvalue import AsSingleton
 
+from pipeline import beam_fixes
 from pipeline.errors import QuietMarkedErrors, user_message
 from pipeline.options import ConfigError, add_input_options, parse_delimiter
 from pipeline.publish import discard
@@ -191,6 +192,7 @@ def run_batch(trials: list[dict], data_path: str, settings: TrialSettings, folde
               options: PipelineOptions) -> list[dict]:
     """Runs the trials ({'number', 'params'}) as the elements of one Beam pipeline;
     returns their results in trial-number order."""
+    beam_fixes.apply()
     with beam.Pipeline(options=options) as p:
         data = p | 'Data' >> beam.Create([data_path]) | 'Load' >> beam.Map(load_data)
         _ = (p | 'Trials' >> beam.Create(trials)
@@ -234,6 +236,7 @@ def run(config: TuneConfig, beam_args: list[str]) -> dict:
     data_path = f'{work}/data.npz'
     options = beam_options(beam_args, config.parallel)
     s = config.settings
+    beam_fixes.apply()
     try:
         with beam.Pipeline(options=beam_options(beam_args, 1) if not beam_args
                            else options) as p:
