@@ -60,6 +60,7 @@ sys.path.insert(0, str(CODE))
 WORK = ROOT / 'output' / 'stress-mp'
 RESULTS = ROOT / 'bench' / 'results' / 'stress_multiprocessing.md'
 STAGES = ('rows', 'sent', 'received', 'cols', 'counted')
+STARTED = time.strftime('%Y%m%dT%H%M%S')
 
 
 # --- expected counts, without Beam ------------------------------------------------
@@ -262,7 +263,8 @@ def run_once(args, size: str, index: int, expected: np.ndarray) -> dict:
     from prepare_data import paths
     data = paths(size)['raw']
     code = code_root(args.code)
-    run_dir = WORK / 'runs' / f'{size}-{args.mode}-{index:03d}'
+    # One folder per script run and run: a lost run's blocks and logs are kept.
+    run_dir = WORK / 'runs' / f'{STARTED}-{size}-{args.mode}-{index:03d}'
     if run_dir.exists():
         subprocess.run(['rm', '-rf', str(run_dir)], check=True)
     run_dir.mkdir(parents=True)
