@@ -337,13 +337,17 @@ def run_once(args, size: str, index: int, expected: np.ndarray) -> dict:
     diff = disk['col_pieces'] - expected
     r['missing_pieces'] = [(int(a), int(b), int(diff[a, b]))
                            for a, b in zip(*np.nonzero(diff))]
+    if (run_dir / 'runner_trace.jsonl').exists():
+        import runner_trace
+        r['flatten_bundles'] = runner_trace.flatten_bundles(str(run_dir / 'runner_trace.jsonl'))
     ledger = _read_ledger(run_dir / 'ledger')
     r['duplicate_blocks'] = {side: sorted(k for k, n in ledger[side].items() if n > 1)
                              for side in ('row', 'col')}
     r['lost'] = (any(v != r['expected'] for v in r['seen'].values())
                  or r['pieces']['sent'] != r['pieces']['received']
                  or bool(r['missing_pieces'])
-                 or any(r['duplicate_blocks'].values()))
+                 or any(r['duplicate_blocks'].values())
+                 or bool(r.get('flatten_bundles', (0, 0))[1]))
     if not r['lost'] and not args.keep:
         subprocess.run(['rm', '-rf', str(run_dir / 'blocks')], check=True)
     return r
@@ -406,7 +410,11 @@ def table(args, runs: list, command: str, load0: float, load1: float) -> str:
     for size, rs in by_size.items():
         hits = [r['run'] for r in rs if r.get('lost')]
         first = f'first at run {hits[0]}' if hits else 'not reproduced'
-        lines.append(f'- {size}: {len(rs)} run(s), {len(hits)} reproduction(s) ({first}).')
+        traced = [r['flatten_bundles'] for r in rs if 'flatten_bundles' in r]
+        trace = (f'; traced: {sum(t[1] for t in traced)} of {sum(t[0] for t in traced)} '
+                 'bundles of data-only stages stored other than they were sent'
+                 if traced else '')
+        lines.append(f'- {size}: {len(rs)} run(s), {len(hits)} reproduction(s) ({first}){trace}.')
     for r in runs:
         if r.get('lost'):
             lines.append(f'- {r["size"]} run {r["run"]}: missing pieces (row block, column '
