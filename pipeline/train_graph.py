@@ -222,9 +222,9 @@ def _check_col_counts(counts: np.ndarray, ratings) -> np.ndarray:
 def _check_row_counts(ratings, entries: int, reads: ReadSummary,
                       test_reads: ReadSummary | None, cold_start: int):
     """The row blocks must hold every kept line of --input and --test_input (less the
-    cold-start test pairs), counting the duplicates merged away: the shuffle that
-    groups the ratings by user block runs on the same data plane that once lost a
-    message on the way to the column blocks (docs/multiprocessing-loss.md)."""
+    cold-start test pairs), counting the duplicates merged away: the ratings still
+    reach the row blocks through a shuffle, and a runner that drops part of a stage's
+    input (Beam's FnApiRunner did: docs/multiprocessing-loss.md) fails here."""
     kept = reads.counts['kept'] + (test_reads.counts['kept'] if test_reads else 0)
     if entries != kept - cold_start:
         raise RunnerError(f'the row blocks hold {entries:,} ratings (duplicates included) '
