@@ -12,7 +12,7 @@ drop what is written while a flush is under way (docs/multiprocessing-loss.md).
    queue is made slow for large messages (as when it is full) and the flush timer
    is shortened from Beam's 1000 ms to --tick_ms, so that a tick lands inside the
    write loop on most runs instead of by chance. With --fixed, the timer is off
-   (pipeline/beam_fixes.py does this, here by hand). Counts the elements a
+   (pipeline/runners/beam_fixes.py does this, here by hand). Counts the elements a
    GroupByKey after the Flatten received.
 
     python bench/beam_flush_race.py                  # both, stock Beam: loses data

@@ -52,7 +52,7 @@ TARGET = 3.0
 # ---------------------------------------------------------------------------------
 
 def data_file(preset: str) -> pathlib.Path:
-    from pipeline.synth import ensure_sample
+    from pipeline.io.synth import ensure_sample
     return pathlib.Path(ensure_sample(str(CACHE / f'{preset}.data'), preset, seed=0))
 
 
@@ -330,7 +330,7 @@ def versions() -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    ap.add_argument('--preset', default='ml-1m', help='pipeline/synth.py preset. Default: ml-1m.')
+    ap.add_argument('--preset', default='ml-1m', help='pipeline/io/synth.py preset. Default: ml-1m.')
     ap.add_argument('--num_iters', type=int, default=10)
     ap.add_argument('--keep', action='store_true', help='keep the runs\' folder')
     ap.add_argument('--no_write', action='store_true', help='print only; BENCHMARKS.md untouched')

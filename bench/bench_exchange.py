@@ -45,7 +45,7 @@ MODEL = ('user.npy', 'item.npy', 'row.npy', 'col.npy')
 def data(size: str) -> pathlib.Path:
     path = WORK / f'{size}.data'
     if not path.exists():
-        from pipeline.synth import PRESETS as SYNTH, generate_ratings, write_movielens
+        from pipeline.io.synth import PRESETS as SYNTH, generate_ratings, write_movielens
         WORK.mkdir(parents=True, exist_ok=True)
         write_movielens(str(path), *generate_ratings(**SYNTH[PRESETS[size]], seed=0))
     return path
@@ -135,7 +135,7 @@ def main(argv=None) -> int:
         f'--k {args.k} --block_size {args.block_size}` on {datetime.datetime.utcnow():%Y-%m-%d %H:%M} UTC, one script run; '
         f'{os.cpu_count()} CPUs, load average {load0:.1f} at start, {load1:.1f} at end '
         f'(1 min; the machine is shared, so seconds are indicative and ratios come from '
-        f'this one run). Data: pipeline/synth.py preset {PRESETS[args.size]}, seed 0 '
+        f'this one run). Data: pipeline/io/synth.py preset {PRESETS[args.size]}, seed 0 '
         f'({base["users"]:,} users, {base["items"]:,} items); --model wals, '
         f'--latent_factors {args.k}, --block_size {args.block_size}, --rank_k 0. python {platform.python_version()}.',
         '',

@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT / 'bench'))
 from bench_topk import agreement, implicit_recommend, timed  # noqa: E402
 from prepare_data import paths, prepare  # noqa: E402
 from run_bench import write_section  # noqa: E402
-from pipeline.model_files import load_model_files  # noqa: E402
+from pipeline.store.model_files import load_model_files  # noqa: E402
 from wals_core.topk import top_k  # noqa: E402
 
 CACHE = ROOT / 'output' / 'bench-recommend'

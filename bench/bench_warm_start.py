@@ -46,7 +46,7 @@ def dumps(name: str) -> tuple[pathlib.Path, pathlib.Path]:
     if name == 'ml-100k':
         data = np.loadtxt(ML100K, dtype=np.int64, delimiter='\t')
     else:
-        from pipeline.synth import PRESETS, generate_ratings
+        from pipeline.io.synth import PRESETS, generate_ratings
         u, i, r, t = generate_ratings(**PRESETS[name], seed=0)
         data = np.stack([u, i, r.astype(np.int64), t], axis=1)
     data = data[np.argsort(data[:, 3], kind='stable')]       # by timestamp

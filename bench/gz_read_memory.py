@@ -1,4 +1,4 @@
-"""Peak memory of reading a large .gz input: streamed (pipeline.read.iter_range_bytes,
+"""Peak memory of reading a large .gz input: streamed (pipeline.io.read.iter_range_bytes,
 what the pipeline does, each piece parsed as _ParseRange parses it) against reading
 the decompressed file whole (what the reader did before).
 
@@ -27,8 +27,8 @@ BLOCK_BYTES = 32 << 20
 
 MEASURE = r'''
 import json, resource, sys, time
-from pipeline.parse import LineFormat, parse_range
-from pipeline.read import FileRange, iter_range_bytes
+from pipeline.io.parse import LineFormat, parse_range
+from pipeline.io.read import FileRange, iter_range_bytes
 from apache_beam.io.filesystems import FileSystems
 path, mode = sys.argv[1], sys.argv[2]
 t = time.time()

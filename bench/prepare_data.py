@@ -1,7 +1,7 @@
 """Data sets of the benchmark, made once and cached (python bench/prepare_data.py NAME...).
 
 NAME is 100k (MovieLens 100k read in place from ../shared, never copied) or a
-preset of pipeline/synth.py: 1m, 10m, 20m (ml-1m, ml-10m, ml-20m shapes, seed 0).
+preset of pipeline/io/synth.py: 1m, 10m, 20m (ml-1m, ml-10m, ml-20m shapes, seed 0).
 For every data set two files live in the cache folder (default
 output/bench-data/, which git ignores):
 
@@ -58,7 +58,7 @@ def _recipe(name: str) -> dict:
     if name == '100k':
         out['source'] = str(ML100K)
     else:
-        out.update(source='pipeline/synth.py', preset=SYNTH_PRESETS[name], seed=SYNTH_SEED,
+        out.update(source='pipeline/io/synth.py', preset=SYNTH_PRESETS[name], seed=SYNTH_SEED,
                    synth_sha256=_sha(synth))
     return out
 
@@ -110,14 +110,14 @@ def prepare(name: str, cache: pathlib.Path = DEFAULT_CACHE, force: bool = False)
               flush=True)
     t0 = time.time()
     if name != '100k':
-        from pipeline.synth import PRESETS, generate_ratings, write_movielens
+        from pipeline.io.synth import PRESETS, generate_ratings, write_movielens
         arrays = generate_ratings(**PRESETS[SYNTH_PRESETS[name]], seed=SYNTH_SEED)
         write_movielens(str(p['raw']), *arrays)
         del arrays
     t1 = time.time()
     users, items, ratings = read_ratings(p['raw'])
     ui, ii, test, n_users, n_items = split_indices(users, items)
-    from pipeline.synth import _format_lines   # fast integer formatting (no Beam import)
+    from pipeline.io.synth import format_lines   # fast integer formatting (no Beam import)
     tmp = p['split'].with_suffix('.tmp')
     with open(tmp, 'wb') as f:
         step = 1 << 20
@@ -125,7 +125,7 @@ def prepare(name: str, cache: pathlib.Path = DEFAULT_CACHE, force: bool = False)
             cols = [ui[lo:lo + step], ii[lo:lo + step],
                     np.rint(ratings[lo:lo + step] * 1000).astype(np.int64),  # milli-ratings
                     test[lo:lo + step].astype(np.int64)]
-            f.write(_format_lines(cols))
+            f.write(format_lines(cols))
     os.replace(tmp, p['split'])
     pairs = np.unique(ui * n_items + ii).size
     meta = {'recipe': recipe, 'ratings': int(len(ui)), 'users': int(n_users),

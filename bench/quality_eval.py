@@ -5,7 +5,7 @@ The split is NAME.split.tsv (bench/prepare_data.py: wals_core.hashing.is_test on
 the IDs' hashes, split_seed 0, 10 %, exactly the trainer's). Repeated (user, item)
 pairs are merged by their mean rating, as the trainer does for ratings.
 
-Ranking (`ranking`), as pipeline/evaluate.py does it: wals_core.topk.top_k over
+Ranking (`ranking`), as pipeline/training/evaluate.py does it: wals_core.topk.top_k over
 every item not in the user's training pairs, then wals_core.ranking.ranking_sums at
 K (implicit.evaluation's conventions). Relevant items: the user's warm test items
 (user and item both have a training rating, the pipeline's cold-start rule) with

@@ -160,7 +160,7 @@ def run_inmem(args) -> dict:
     from wals_core.params import WalsParams
     from wals_core.train import Problem, initial_state, train
     from wals_core.vocab import Vocabulary
-    from pipeline.memory_tuning import tune_malloc
+    from pipeline.runners.memory_tuning import tune_malloc
     tune_malloc()                  # as the Beam command line does
     ready = time.time()
     split = qe.Split.load(args.data)

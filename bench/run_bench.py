@@ -363,7 +363,7 @@ def targets(results) -> list[list[str]]:
     else:
         # The 20m case is its own run (see the module docstring): say where it is.
         rows.append(['4', 'beam_inmem k=32, 10 it, 20m',
-                     'not in this run: [BENCHMARKS-scale.md](BENCHMARKS-scale.md) '
+                     'not in this run: `BENCHMARKS-scale.md` '
                      '(`--sizes 1m,10m,20m --methods beam_inmem@32`)', '≤ 8 GiB',
                      'SEPARATE RUN'])
     c = _find(results, '100k', 'beam_cli', 5)
@@ -464,7 +464,7 @@ def datasets_rows(sizes):
             continue
         rec = meta['recipe']
         src = ('MovieLens 100k (../shared/data/ml-100k/u.data)' if s == '100k' else
-               f'pipeline/synth.py preset {rec["preset"]}, seed {rec["seed"]} '
+               f'pipeline/io/synth.py preset {rec["preset"]}, seed {rec["seed"]} '
                f'(synth.py sha256 {rec["synth_sha256"][:12]})')
         rows.append([s, src, f'{meta["ratings"]:,}', f'{meta["users"]:,}', f'{meta["items"]:,}',
                      f'{meta["test_ratings"]:,}'])
@@ -529,7 +529,7 @@ NOTES = """\
   project's solve kernel (Beam, wals_core) runs 2 Python threads with BLAS pinned
   to 1 thread; numpy floor uses numpy's default BLAS threads (see versions).
 * **Allocator** — the Beam command line raises glibc's mmap/trim thresholds
-  (`pipeline/memory_tuning.py`); the wals_core case applies the same setting, so
+  (`pipeline/runners/memory_tuning.py`); the wals_core case applies the same setting, so
   the pipeline-vs-wals_core ratio compares like with like. Peers run as shipped.
 * **Peers read a pre-split file** (`output/bench-data/NAME.split.tsv`: dense indices,
   rating, test flag), so they do not pay for the ID hashing/split; the pipeline and

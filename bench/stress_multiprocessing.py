@@ -7,7 +7,7 @@ split file (dense indices and the project's test flags):
 
   rows      the row blocks: training ratings in them (block files on disk)
   sent      pieces and ratings the row-block stage sends to the column shuffle
-            (the 'blocks' counters of pipeline/blocks.py)
+            (the 'blocks' counters of pipeline/training/blocks.py)
   received  pieces and ratings the column-block stage receives from it
   cols      the column blocks: ratings in them (counter, and the files on disk)
   counted   the column counts the trainer's guard sums (_AssembleCounts)
@@ -68,9 +68,13 @@ STARTED = time.strftime('%Y%m%dT%H%M%S')
 def expected_pieces(name: str, block_size: int) -> np.ndarray:
     """Training ratings per (row block, column block) after duplicates are merged,
     from NAME.split.tsv (int64 matrix; cached next to the run folders)."""
-    from prepare_data import prepare, read_split
-    cache = WORK / f'expected-{name}-{block_size}.npy'
+    import hashlib
+
+    from prepare_data import paths, prepare, read_split
     prepare(name)
+    # Keyed by what made the data (a changed generator rebuilds the data set).
+    recipe = hashlib.sha256(paths(name)['meta'].read_bytes()).hexdigest()[:12]
+    cache = WORK / f'expected-{name}-{block_size}-{recipe}.npy'
     if cache.exists():
         return np.load(cache)
     u, i, _, t, n_users, n_items = read_split(name)
@@ -125,13 +129,21 @@ def child(args) -> int:
     from apache_beam.options.pipeline_options import PipelineOptions, TypeOptions
     from apache_beam.pvalue import AsSingleton
 
-    from pipeline.blocks import COUNTERS, BlockConfig, BuildBlocks
-    from pipeline.memory_tuning import tune_malloc
     from pipeline.options import config_from_options
-    from pipeline.rating_stats import SummarizeTraining
-    from pipeline.read_summary import ReadAndCheck
-    from pipeline.train_graph import _AssembleCounts, _count_vocab, _read_config
-    from pipeline.vocabulary import UniqueIds
+    try:      # the package layout since the runners/ and training/ split
+        from pipeline.io.read_summary import ReadAndCheck
+        from pipeline.io.vocabulary import UniqueIds
+        from pipeline.runners.memory_tuning import tune_malloc
+        from pipeline.training.blocks import COUNTERS, BlockConfig, BuildBlocks
+        from pipeline.training.graph import _AssembleCounts, _count_vocab, _read_config
+        from pipeline.training.rating_stats import SummarizeTraining
+    except ImportError:   # an earlier revision (--code), flat pipeline/
+        from pipeline.blocks import COUNTERS, BlockConfig, BuildBlocks
+        from pipeline.memory_tuning import tune_malloc
+        from pipeline.rating_stats import SummarizeTraining
+        from pipeline.read_summary import ReadAndCheck
+        from pipeline.train_graph import _AssembleCounts, _count_vocab, _read_config
+        from pipeline.vocabulary import UniqueIds
 
     tune_malloc()
     # What the data plane says when it drops or waits (INFO), in the log of the run,
@@ -173,10 +185,10 @@ def child(args) -> int:
                                             str(run_dir / 'ratings.json'))
     _ = counts | 'SaveCounts' >> beam.Map(lambda c, path: _save(int(c.sum()), path, 'sum'),
                                           str(run_dir / 'counts.json'))
-    # As the trainer does (pipeline/train.py), unless asked not to; a revision from
-    # before the fix (--code) has no pipeline/beam_fixes.py.
+    # As every command does (pipeline/runners/factory.py), unless asked not to; a
+    # revision from before the fix (--code) has no pipeline/runners/beam_fixes.py.
     try:
-        from pipeline import beam_fixes
+        from pipeline.runners import beam_fixes
     except ImportError:
         beam_fixes = None
     if beam_fixes is not None and not args.no_beam_fix:
@@ -242,7 +254,7 @@ def code_root(rev: str | None) -> pathlib.Path:
     """The tree the runs execute: this checkout, or `git archive REV` unpacked once
     under output/ (to stress an earlier design of the stages, e.g. the column
     shuffle before docs/multiprocessing-loss.md; REV must have the 'blocks'
-    counters of pipeline/blocks.py)."""
+    counters of the block build)."""
     if not rev:
         return ROOT
     sha = subprocess.run(['git', 'rev-parse', '--short', rev], cwd=ROOT, text=True,
@@ -307,7 +319,7 @@ def run_once(args, size: str, index: int, expected: np.ndarray) -> dict:
          'wall': round(time.time() - started, 1), 'peak_gib': peak[0] / 2**30,
          'expected': int(expected.sum())}
     if args.mode == 'train':
-        r['beam_fix'] = (code / 'pipeline' / 'beam_fixes.py').exists()
+        r['beam_fix'] = (code / 'pipeline' / 'runners' / 'beam_fixes.py').exists()
         guard = 'the column blocks hold' in log or 'the row blocks hold' in log
         r['lost'] = guard
         r['error'] = ('' if proc.returncode == 0 else
@@ -442,7 +454,8 @@ def main(argv=None) -> int:
                     help='blocks mode: count elements in the runner\'s buffers '
                          '(bench/runner_trace.py; slower)')
     ap.add_argument('--no_beam_fix', action='store_true',
-                    help='blocks mode: do not apply pipeline/beam_fixes.py (the trainer does)')
+                    help='blocks mode: do not apply pipeline/runners/beam_fixes.py (every '
+                         'command does)')
     ap.add_argument('--keep', action='store_true', help='keep the block files of good runs')
     ap.add_argument('--no_write', action='store_true', help='print, do not write results')
     # the child process

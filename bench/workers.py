@@ -51,7 +51,7 @@ def run_wals_core(args) -> dict:
     from wals_core.sparse import merge_duplicates
     from wals_core.train import Problem, train
     from wals_core.vocab import Vocabulary
-    from pipeline.memory_tuning import tune_malloc
+    from pipeline.runners.memory_tuning import tune_malloc
     tune_malloc()                  # as the Beam command line does (see run_bench NOTES)
     ready = time.time()
 
@@ -88,7 +88,7 @@ def run_wals_core(args) -> dict:
         np.save(out / fname, arr)
     t_written = time.time()
 
-    # RMSE exactly as pipeline/evaluate.py: train entries, and warm test entries
+    # RMSE exactly as pipeline/training/evaluate.py: train entries, and warm test entries
     # (user and item both have a training rating).
     pr = problem.by_row
     train_sse = squared_error(pr.row_of_entry(), pr.indices, pr.values, u, v)

@@ -54,6 +54,14 @@ def user_message(exc: BaseException) -> str | None:
     return None
 
 
+# Exit codes, the same for every command (pipeline.cli.common; README "Exit codes").
+EXIT_OK = 0
+EXIT_FAILED = 1      # the work failed; the message says why (nothing was published)
+EXIT_USAGE = 2       # refused before any work: an option or a path (argparse's code)
+EXIT_GATE = 3        # train: the gate kept the previous model (the new one is published)
+EXIT_INTERNAL = 70   # a bug (EX_SOFTWARE): the traceback is printed
+
+
 class RunnerError(RuntimeError):
     """The runner lost or repeated elements (an accounting check between stages failed):
     the run stops, publishing nothing, with this one line."""

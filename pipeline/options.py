@@ -264,7 +264,7 @@ class TrainConfig:
     block_size: int
     max_bad_fraction: float = 0.001
     max_id_length: int = DEFAULT_MAX_ID_LENGTH
-    vocabulary: str = 'local'   # 'distributed': pipeline/distributed_vocab.py
+    vocabulary: str = 'local'   # 'distributed': pipeline/training/distributed_vocab.py
     test_input: str | None = None
     rank_k: int = 10
     relevance_threshold: float | None = None   # None: by the data (EvalConfig.threshold)

@@ -8,7 +8,7 @@ import numpy as np
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipeline.options import config_from_options
-from pipeline.train import run
+from pipeline.training.run import run
 from wals_core.hashing import is_test
 from wals_core.init import initial_factors
 from wals_core.metrics import rmse, squared_error

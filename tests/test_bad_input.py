@@ -15,9 +15,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pipeline.parse import LineFormat, _parse_columnar, parse_lines, parse_range
-from pipeline.model_files import read_model
-from pipeline.publish import SUCCESS, OutputExists, UntrustedModel
+from pipeline.io.parse import LineFormat, _parse_columnar, parse_lines, parse_range
+from pipeline.store.model_files import read_model
+from pipeline.store.publish import SUCCESS, OutputExists, UntrustedModel
 from tests.conftest import ROOT
 from tests.pipeline_support import load_metrics, run_pipeline
 from wals_core.hashing import id_hashes, is_test
@@ -173,8 +173,8 @@ def test_line_numbers_are_exact_across_byte_ranges(tmp_path):
     from apache_beam.testing.util import assert_that, equal_to
     import apache_beam as beam
     from apache_beam.pvalue import AsSingleton
-    from pipeline.read_summary import SummarizeReads, number_bad_lines
-    from pipeline.read import ReadConfig, ReadRatings
+    from pipeline.io.read_summary import SummarizeReads, number_bad_lines
+    from pipeline.io.read import ReadConfig, ReadRatings
     lines = [f'{n}\t{n % 9}\t{"bad" if n % 37 == 0 else 3}' for n in range(1, 1500)]
     (tmp_path / 'r.tsv').write_text('\n'.join(lines) + '\n')
     with BeamTestPipeline() as p:
@@ -346,16 +346,16 @@ def test_a_model_published_during_the_run_is_not_replaced(small_ratings, tmp_pat
     """--overwrite is checked again at publish time: here another run's model lands
     in --output after this run has started (between its pipeline and its publish)."""
     import shutil
-    from pipeline import train
+    from pipeline.training import run as training_run
     out = tmp_path / 'out'
     run_pipeline(small_ratings, tmp_path / 'other', '--num_iters', '1')
-    real_remove_tree = train.remove_tree
+    real_remove_tree = training_run.remove_tree
 
     def remove_work_dir_while_another_run_publishes(path):
         real_remove_tree(path)
         shutil.copytree(tmp_path / 'other', out)
 
-    monkeypatch.setattr(train, 'remove_tree', remove_work_dir_while_another_run_publishes)
+    monkeypatch.setattr(training_run, "remove_tree", remove_work_dir_while_another_run_publishes)
     with pytest.raises(OutputExists, match='already holds a published model'):
         run_pipeline(small_ratings, out, '--num_iters', '2')
     assert json.loads((out / SUCCESS).read_text())['parameters']['num_iters'] == 1
@@ -366,7 +366,7 @@ def test_a_model_published_during_the_run_is_not_replaced(small_ratings, tmp_pat
 
 @pytest.mark.parametrize('existing', ['nothing', 'empty folder', 'a file'])
 def test_publish_without_overwrite_claims_the_folder_in_one_rename(tmp_path, existing):
-    from pipeline.publish import publish
+    from pipeline.store.publish import publish
     out = tmp_path / 'out'
     if existing == 'empty folder':
         out.mkdir()

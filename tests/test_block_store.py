@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline import block_store
-from pipeline.block_store import RatingBlock, save_block
+from pipeline.training import block_store
+from pipeline.training.block_store import RatingBlock, save_block
 from wals_core.solve import RowSolver, gramian
 from wals_core.sparse import csr_from_triples
 

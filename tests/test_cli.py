@@ -107,3 +107,40 @@ def test_movielens_100k_mode_defaults_meet_the_issue_bars(ml100k, tmp_path, mode
         assert metrics['test_rmse'] is None
         assert metrics['precision_at_k'] >= 0.25 and metrics['ndcg_at_k'] >= 0.25, metrics
     assert len(metrics['phase_seconds']['per_iteration']) == 15
+
+
+# ---------------------------------------------------------------- the `wals` command
+
+def wals(*args: str) -> subprocess.CompletedProcess:
+    """The installed console command (setup.py's entry point), else its module."""
+    exe = os.path.join(os.path.dirname(sys.executable), 'wals')
+    argv = [exe] if os.path.exists(exe) else [sys.executable, '-m', 'pipeline.cli.main']
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.run([*argv, *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+
+
+def test_wals_lists_its_subcommands_and_refuses_an_unknown_one():
+    listing = wals('--help')
+    assert listing.returncode == 0
+    for name in ('train', 'recommend', 'tune', 'export', 'dataflow', 'synth'):
+        assert f'  {name} ' in listing.stdout
+    assert wals().returncode == 2
+    typo = wals('trian')
+    assert typo.returncode == 2 and "unknown subcommand 'trian'" in typo.stderr
+
+
+def test_wals_train_is_python_m_pipeline_train(small_ratings, tmp_path):
+    """The subcommand and the alias run the same code: same help, same model."""
+    help_text = wals('train', '--help').stdout
+    assert help_text.startswith('usage: wals train') and '--latent_factors' in help_text
+    same = lambda text: ' '.join(text.split())   # usage lines wrap by the name's length
+    assert same(train_cli('--help').stdout.replace('python -m pipeline.train', 'wals train')) \
+        == same(help_text)
+    a, b = tmp_path / 'a', tmp_path / 'b'
+    assert wals('train', '--input', str(small_ratings), '--output', str(a), '--num_iters',
+                '1').returncode == 0
+    train_cli('--input', str(small_ratings), '--output', str(b), '--num_iters', '1')
+    for name in ('row', 'col', 'user', 'item'):
+        assert (a / 'model' / f'{name}.npy').read_bytes() == \
+            (b / 'model' / f'{name}.npy').read_bytes()

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.parse import LineFormat, _parse_columnar, parse_lines, parse_range
+from pipeline.io.parse import LineFormat, _parse_columnar, parse_lines, parse_range
 from tests.pipeline_support import load_model, run_pipeline
 
 HEADER = ['visitId', 'clientId', 'contentId', 'timeOnPage']

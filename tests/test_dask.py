@@ -105,7 +105,7 @@ def test_cluster_run_is_byte_identical_to_the_direct_runner(dask_cluster, blocky
 
 @pytest.mark.parametrize('flag', ['--dask_client_address', '--dask_scheduler_file'])
 def test_remote_runner_refuses_a_local_work_folder(blocky_ratings, tmp_path, flag, capsys):
-    from pipeline import train
+    from pipeline.cli import train
     out = tmp_path / 'out'
     with pytest.raises(SystemExit) as exit_:
         train.main(['--input', str(blocky_ratings), '--output', str(out), *ARGS,
@@ -119,7 +119,7 @@ def test_remote_runner_refuses_a_local_work_folder(blocky_ratings, tmp_path, fla
 def test_beam_dask_bundles_still_share_one_receiver():
     """Beam's apply_dofn_to_bundle (2.77) returns every output its receiver ever got,
     so a second bundle handed the same receiver re-emits the first one's outputs.
-    pipeline/dask_runner.py works around it; when this fails, Beam has fixed it and
+    pipeline/runners/dask_runner.py works around it; when this fails, Beam has fixed it and
     the workaround (and the README note) can go."""
     import apache_beam as beam
     from apache_beam.runners.dask import transform_evaluator as te

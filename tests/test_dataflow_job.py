@@ -16,9 +16,11 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.portability.api import beam_runner_api_pb2
 
-from pipeline import dataflow, train
-from pipeline.options import ConfigError
-from pipeline.publish import staging_path
+from pipeline.cli import dataflow, train
+from pipeline.cli.common import split_beam_args
+from pipeline.training import run as training_run
+from pipeline.options import ConfigError, config_from_options
+from pipeline.store.publish import staging_path
 from tests.conftest import ROOT, write_ratings
 from tests.gcs_support import PROJECT, gcs_emulator, write_credentials
 
@@ -98,13 +100,13 @@ def test_defaults_yield_to_the_options_given():
     for flag in ('--job_name', '--machine_type', '--max_num_workers', '--temp_location'):
         assert flags.count(flag) == 1, flag
     assert f'--staging_location=gs://{BUCKET}/staging' in p.beam_args
-    # pipeline.train gets the model options, the Beam options and the filled-in paths,
+    # pipeline.cli.train gets the model options, the Beam options and the filled-in paths,
     # and none of the launcher's own flags.
     assert '--num_iters' in p.train_argv
     assert '--bucket' not in p.train_argv and '--dry_run' not in p.train_argv
     parsed, rest = train.build_parser().parse_known_args(p.train_argv)
     assert parsed.output == p.config.output and parsed.num_iters == 2
-    assert train.split_beam_args(rest) == rest
+    assert split_beam_args(rest) == rest
 
 
 def test_worker_count_follows_the_input_size():
@@ -116,8 +118,8 @@ def test_worker_count_follows_the_input_size():
 
 
 def test_the_dry_run_job_is_the_job_pipeline_train_runs(tmp_path, small_ratings, monkeypatch):
-    """The launcher builds dry runs and templates itself (pipeline.train.run waits and
-    publishes): its graph must stay the one train.run submits."""
+    """The launcher builds dry runs and templates itself (pipeline.training.run.run waits and
+    publishes): its graph must stay the one training.run.run submits."""
     captured = []
 
     class Captured(Exception):
@@ -130,9 +132,9 @@ def test_the_dry_run_job_is_the_job_pipeline_train_runs(tmp_path, small_ratings,
     monkeypatch.setattr(beam.Pipeline, 'run', capture)
     options = PipelineOptions(['--input', str(small_ratings), '--output',
                                str(tmp_path / 'out'), '--num_iters', '2'])
-    config = train.config_from_options(options)
+    config = config_from_options(options)
     with pytest.raises(Captured):
-        train.run(config, PipelineOptions([]))
+        training_run.run(config, PipelineOptions([]))
     ours = beam.Pipeline(options=PipelineOptions([]))
     dataflow.build_pipeline(ours, config, staging_path(config.output, 'x'))
     names = lambda p: sorted(t.unique_name for t in p.components.transforms.values())
@@ -226,8 +228,8 @@ def test_template_job_description(emulator, tmp_path, monkeypatch, capsys):
         assert staged.startswith(f'gs://{BUCKET}/staging/wals-template-{n}.')
         with tarfile.open(fileobj=io.BytesIO(_read(staged))) as tar:
             names = {m.name.split('/', 1)[1] for m in tar.getmembers() if '/' in m.name}
-        for module in ('setup.py', 'pipeline/train.py', 'pipeline/dataflow.py',
-                       'pipeline/train_graph.py', 'wals_core/solve.py', 'wals_core/__init__.py'):
+        for module in ('setup.py', 'pipeline/cli/train.py', 'pipeline/cli/dataflow.py',
+                       'pipeline/training/graph.py', 'wals_core/solve.py', 'wals_core/__init__.py'):
             assert module in names
         assert options['setup_file'] == str(ROOT / 'setup.py')
         # Runner v2 on the SDK container of this Python and Beam version.

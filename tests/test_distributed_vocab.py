@@ -12,12 +12,12 @@ from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.testing.util import assert_that
 
-from pipeline import distributed_vocab
-from pipeline.blocks import BlockConfig
-from pipeline.distributed_vocab import DistributedVocabulary, plan_ranges
-from pipeline.parse import ParsedChunk, factorize
-from pipeline.publish import staging_path
-from pipeline.train_graph import build_pipeline
+from pipeline.training import distributed_vocab
+from pipeline.training.blocks import BlockConfig
+from pipeline.training.distributed_vocab import DistributedVocabulary, plan_ranges
+from pipeline.io.parse import ParsedChunk, factorize
+from pipeline.store.publish import staging_path
+from pipeline.training.graph import build_pipeline
 from tests.conftest import write_ratings
 from tests.pipeline_support import load_metrics, load_model, make_config, run_pipeline
 from wals_core.vocab import _is_int64, canonical_int64, finalize_ids, lookup

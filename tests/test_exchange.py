@@ -1,4 +1,4 @@
-"""The routed factor exchange (pipeline/routed.py): the same model, bit for bit, as
+"""The routed factor exchange (pipeline/training/routed.py): the same model, bit for bit, as
 the broadcast exchange, while no block solve holds the whole other side."""
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from pipeline.block_store import RatingBlock
-from pipeline.routed import routes
+from pipeline.training.block_store import RatingBlock
+from pipeline.training.routed import routes
 from tests.conftest import write_ratings
 from tests.test_cli import train_cli
 from wals_core import objectives
@@ -143,8 +143,8 @@ def test_routed_and_auto_are_bit_identical_to_broadcast(sparse_ratings, tmp_path
 
 
 def test_column_blocks_that_lost_ratings_stop_the_run():
-    from pipeline.rating_stats import RatingStats
-    from pipeline.train_graph import _check_col_counts
+    from pipeline.training.rating_stats import RatingStats
+    from pipeline.training.graph import _check_col_counts
     counts = np.array([3, 0, 2], np.int64)
     assert _check_col_counts(counts, RatingStats(5, 15.0, 1.0, 5.0)) is counts
     with pytest.raises(RuntimeError, match='hold 5 training ratings where the row blocks hold 6'):

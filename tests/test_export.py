@@ -1,9 +1,9 @@
 """python -m pipeline.export: the SavedModel loads with tf.saved_model.load and its
-signatures answer as the numpy API (pipeline.recommender) does, for 20 users and
+signatures answer as the numpy API (pipeline.serving.recommender) does, for 20 users and
 20 items of models trained by the pipeline; unknown IDs, padding, k limits, ties;
 and training never imports TensorFlow.
 
-TensorFlow comes with the `serve` extra, which run_tests.sh installs: in CI a
+TensorFlow comes with the `export` extra, which run_tests.sh installs: in CI a
 missing TensorFlow is a failure, not a skip."""
 from __future__ import annotations
 
@@ -23,14 +23,15 @@ if os.environ.get('CI'):
 else:
     tf = pytest.importorskip('tensorflow')
 
-from pipeline.export import ServingModule, export, main  # noqa: E402 (needs TF)
-from pipeline.recommender import Recommender  # noqa: E402
+from pipeline.cli.export import main  # noqa: E402 (needs TF)
+from pipeline.serving.export import ServingModule, export  # noqa: E402
+from pipeline.serving.recommender import Recommender  # noqa: E402
 
 K = 10
 
 
 def test_training_never_imports_tensorflow():
-    code = ('import sys, pipeline.train, pipeline.train_graph, pipeline.recommender\n'
+    code = ('import sys, pipeline.cli.train, pipeline.training.graph, pipeline.serving.recommender\n'
             'bad = sorted(m for m in sys.modules if m.split(".")[0] in '
             '("tensorflow", "keras"))\n'
             'assert not bad, bad\n')

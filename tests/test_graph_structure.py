@@ -5,8 +5,8 @@ from __future__ import annotations
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from pipeline.publish import staging_path
-from pipeline.train_graph import TrainedModel, build_pipeline
+from pipeline.store.publish import staging_path
+from pipeline.training.graph import TrainedModel, build_pipeline
 from tests.pipeline_support import make_config
 
 

@@ -1,4 +1,4 @@
-"""The allocator thresholds the command line sets (pipeline/memory_tuning.py),
+"""The allocator thresholds the command line sets (pipeline/runners/memory_tuning.py),
 checked in fresh processes through glibc's own accounting (mallinfo2)."""
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from tests.conftest import ROOT
 PROBE = """
 import ctypes, json, os, sys
 import numpy as np
-from pipeline.memory_tuning import tune_malloc
+from pipeline.runners.memory_tuning import tune_malloc
 
 class MallInfo2(ctypes.Structure):
     _fields_ = [(n, ctypes.c_size_t) for n in (

@@ -2,7 +2,7 @@
 
 The cause is in Beam: the FnApiRunner's timer-flushed data-plane streams clear
 what is written while a flush is under way, so a chunk of a stage's input can miss
-its worker. pipeline/beam_fixes.py turns the timer off; these tests show the race
+its worker. pipeline/runners/beam_fixes.py turns the timer off; these tests show the race
 with Beam alone and that the fix removes it. Besides, the column blocks are cut from
 the saved row blocks through piece files (no ratings cross the runner after the row
 blocks) and two counts stop a run whose blocks lost ratings; the other tests drop a
@@ -24,9 +24,9 @@ from apache_beam.coders.coders import FastPrimitivesCoder
 from apache_beam.runners.portability.fn_api_runner import execution, fn_runner
 from apache_beam.utils.windowed_value import WindowedValue
 
-from pipeline import beam_fixes
-from pipeline.blocks import ColPieces, check_col_pieces, piece_path, read_col_pieces
-from pipeline.block_store import save_arrays
+from pipeline.runners import beam_fixes
+from pipeline.training.block_store import save_arrays
+from pipeline.training.blocks import ColPieces, check_col_pieces, piece_path, read_col_pieces
 from tests.pipeline_support import load_metrics, load_model, run_pipeline
 
 
@@ -119,8 +119,8 @@ def test_a_lost_message_before_the_row_blocks_stops_the_run(small_ratings, tmp_p
 def test_row_count_check_counts_test_input_cold_start_and_merged_duplicates():
     from collections import Counter
 
-    from pipeline.read_summary import ReadSummary
-    from pipeline.train_graph import _check_row_counts
+    from pipeline.io.read_summary import ReadSummary
+    from pipeline.training.graph import _check_row_counts
     reads = ReadSummary(Counter(kept=10), 0.0, {}, [], [])
     test = ReadSummary(Counter(kept=4), 0.0, {}, [], [])
     assert _check_row_counts('r', 10, reads, None, 0) == 'r'
@@ -194,7 +194,7 @@ def _written_and_delivered(time_limit_ms: int) -> tuple[int, int]:
 
 def test_beams_timer_flushed_stream_drops_what_is_written_during_a_flush():
     """Beam's race itself. If this fails, a Beam upgrade fixed it: see
-    docs/multiprocessing-loss.md before removing pipeline/beam_fixes.py."""
+    docs/multiprocessing-loss.md before removing pipeline/runners/beam_fixes.py."""
     written, delivered = _written_and_delivered(20)
     assert delivered < written
     assert _written_and_delivered(0) == (written, written)   # what the fix makes

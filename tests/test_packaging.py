@@ -30,7 +30,7 @@ STAGED_NAME = 'workflow.tar.gz'     # what Dataflow workers pip install
 
 
 def source_files() -> set[str]:
-    """Every file of the packages in the source tree ('pipeline/train.py', ...)."""
+    """Every file of the packages in the source tree ('pipeline/cli/train.py', ...)."""
     out = set()
     for package in PACKAGES:
         for path in (ROOT / package).rglob('*'):
@@ -158,12 +158,16 @@ def test_every_third_party_import_is_declared(sdist):
     undeclared = {m: sorted(p) for m, p in imports.items()
                   if not p & (runtime | set(NOT_REQUIRED)) and not _launcher_only(m, files[m])}
     assert not undeclared, f'imports whose distribution setup.py does not declare: {undeclared}'
-    assert set().union(*LAUNCHER_ONLY.values()) <= extras
+    assert {_dist(m) for m in set().union(*LAUNCHER_ONLY.values())} <= extras
 
 
 # Imports of code that never runs on a training worker, provided by a setup.py extra.
-LAUNCHER_ONLY = {'pipeline/tune.py': {'optuna'}, 'pipeline/export.py': {'tensorflow'},
-                 'pipeline/dask_runner.py': {'dask'}}
+LAUNCHER_ONLY = {'pipeline/tuning/search.py': {'optuna'}, 'pipeline/serving/export.py': {'tensorflow'},
+                 'pipeline/runners/dask_runner.py': {'dask'},
+                 # the HTTP server (python -m pipeline.serve): the serve extra
+                 'pipeline/serving/app.py': {'fastapi', 'starlette', 'pydantic',
+                                             'prometheus_client'},
+                 'pipeline/serving/server.py': {'uvicorn'}}
 
 
 def _launcher_only(module: str, importers: list[str]) -> bool:
@@ -225,7 +229,7 @@ def test_the_staged_package_installs_imports_and_trains_in_a_fresh_environment(
     found = json.loads(proc.stdout.strip().splitlines()[-1])
     for path in found['files']:
         assert pathlib.Path(path).is_relative_to(fresh_site), path
-    assert 'pipeline.train' in found['modules'] and 'wals_core.solve' in found['modules']
+    assert 'pipeline.cli.train' in found['modules'] and 'wals_core.solve' in found['modules']
 
     ratings = write_ratings(work / 'ratings.tsv', [u % 40 + 1 for u in range(600)],
                             [(u * 7) % 30 + 1 for u in range(600)],

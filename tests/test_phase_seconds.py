@@ -8,8 +8,8 @@ import apache_beam as beam
 import pytest
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from pipeline.train_graph import TrainWals
-from pipeline.write_model import WriteModel, phase_seconds
+from pipeline.training.graph import TrainWals
+from pipeline.training.write_model import WriteModel, phase_seconds
 from tests.pipeline_support import make_config
 
 ITERATIONS = 1001

@@ -9,7 +9,7 @@ import pytest
 from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
-from pipeline.read import ReadConfig, ReadRatings
+from pipeline.io.read import ReadConfig, ReadRatings
 from tests.pipeline_support import (load_metrics, load_model, make_config, run_pipeline,
                                     train_in_memory)
 

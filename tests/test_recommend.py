@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from apache_beam.io.filesystems import FileSystems
 
-from pipeline import recommend
-from pipeline.model_files import load_model_files
+from pipeline.cli import recommend
+from pipeline.store.model_files import load_model_files
 from tests.pipeline_support import run_pipeline
 
 K = 10
@@ -305,7 +305,7 @@ def test_gcs_model_in_and_recommendations_out(models, emulator, tmp_path):
 
 
 def test_single_user_mode_prints_the_batch_line(models, tmp_path, capsys):
-    pytest.importorskip('pipeline.recommender')
+    pytest.importorskip('pipeline.serving.recommender')
     out = tmp_path / 'recs'
     assert run('--model', models['explicit'], '--output', out) == 0
     by_user = {line['user']: line for line in read_jsonl(out)}
@@ -346,7 +346,7 @@ def test_run_dataflow_sh_launches_recommend(tmp_path):
 
 def test_dataflow_dry_run_reads_nothing(tmp_path, monkeypatch, capsys):
     """The dry run builds the job without reading the model (no server listens)."""
-    from pipeline import dataflow
+    from pipeline.cli import dataflow
     from tests.conftest import ROOT
     from tests.test_dataflow_job import BASE, BUCKET, _loopback_only_env
     for key, value in _loopback_only_env(tmp_path).items():
@@ -373,7 +373,7 @@ def test_dataflow_dry_run_reads_nothing(tmp_path, monkeypatch, capsys):
     (['--model', 'gs://b/m', '--num_iters', '3'], 'unknown option'),
 ])
 def test_dataflow_launcher_refuses_bad_command_lines(argv, message, capsys):
-    from pipeline import dataflow
+    from pipeline.cli import dataflow
     from tests.test_dataflow_job import BASE
     with pytest.raises(SystemExit):
         dataflow.launch(['recommend', *BASE, '--dry_run', *argv])
@@ -381,7 +381,7 @@ def test_dataflow_launcher_refuses_bad_command_lines(argv, message, capsys):
 
 
 def test_dataflow_template_job_description(models, emulator, tmp_path, capsys):
-    from pipeline import dataflow
+    from pipeline.cli import dataflow
     from tests.conftest import ROOT
     from tests.gcs_support import PROJECT
     from tests.test_dataflow_job import REGION, _read, _staged_pipeline
@@ -403,8 +403,8 @@ def test_dataflow_template_job_description(models, emulator, tmp_path, capsys):
     staged = 'gs://' + packages['workflow.tar.gz'].split('storage.googleapis.com/', 1)[1]
     with tarfile.open(fileobj=io.BytesIO(_read(staged))) as tar:
         names = {m.name.split('/', 1)[1] for m in tar.getmembers() if '/' in m.name}
-    for module in ('pipeline/recommend.py', 'pipeline/recommend_batch.py',
-                   'pipeline/model_files.py', 'wals_core/topk.py'):
+    for module in ('pipeline/cli/recommend.py', 'pipeline/serving/batch.py',
+                   'pipeline/store/model_files.py', 'wals_core/topk.py'):
         assert module in names
     assert env['sdkPipelineOptions']['options']['setup_file'] == str(ROOT / 'setup.py')
     _, pipeline = _staged_pipeline(job)

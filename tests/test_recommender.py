@@ -1,4 +1,4 @@
-"""pipeline.recommender on models trained by the real pipeline (wals and explicit on
+"""pipeline.serving.recommender on models trained by the real pipeline (wals and explicit on
 MovieLens 100k, implicit on synthetic string IDs): recommendations and similar items
 against brute-force numpy, ID lookups, and fold-in against a dense np.linalg.solve
 of the same row written out from each mode's objective."""
@@ -11,9 +11,9 @@ import shutil
 import numpy as np
 import pytest
 
-from pipeline.model_files import ModelFiles
-from pipeline.publish import UntrustedModel
-from pipeline.recommender import Recommender
+from pipeline.store.model_files import ModelFiles
+from pipeline.store.publish import UntrustedModel
+from pipeline.serving.recommender import Recommender
 from tests.conftest import write_ratings
 from tests.pipeline_support import run_pipeline
 from wals_core.hashing import id_hashes, is_test
@@ -286,7 +286,7 @@ def test_fold_in_unknown_items(rec, caplog):
     known = [(rec.item_id(1), 4.0), (rec.item_id(2), 3.0)]
     with pytest.raises(KeyError, match='1 rated item'):
         rec.fold_in(known + [('no-such-item', 5.0)])
-    with caplog.at_level(logging.WARNING, logger='pipeline.recommender'):
+    with caplog.at_level(logging.WARNING, logger='pipeline.serving.recommender'):
         skipped = rec.fold_in(known + [('no-such-item', 5.0)], on_unknown='skip')
     assert 'no-such-item' in caplog.text
     np.testing.assert_array_equal(skipped, rec.fold_in(known))

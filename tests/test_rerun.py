@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 from apache_beam.io.filesystems import FileSystems
 
-from pipeline.model_files import load_model_files, resolve_model_path
-from pipeline.model_root import promote, read_latest, update_gcs, version_path
-from pipeline.model_files import read_model
-from pipeline.publish import SUCCESS, list_files
+from pipeline.store.model_files import load_model_files, resolve_model_path
+from pipeline.store.model_root import promote, read_latest, update_gcs, version_path
+from pipeline.store.model_files import read_model
+from pipeline.store.publish import SUCCESS, list_files
 from tests.conftest import ROOT
 from tests.gcs_support import gcs_emulator
 

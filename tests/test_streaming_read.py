@@ -10,9 +10,9 @@ from apache_beam.pvalue import AsSingleton
 from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
 from apache_beam.testing.util import BeamAssertException, assert_that, equal_to
 
-from pipeline.parse import LineFormat
-from pipeline.read import FileRange, ReadConfig, ReadRatings, iter_range_bytes
-from pipeline.read_summary import SummarizeReads, number_bad_lines
+from pipeline.io.parse import LineFormat
+from pipeline.io.read import FileRange, ReadConfig, ReadRatings, iter_range_bytes
+from pipeline.io.read_summary import SummarizeReads, number_bad_lines
 
 
 def more_than(n: int):

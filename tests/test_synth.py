@@ -1,4 +1,4 @@
-"""Tests of pipeline.synth: the synthetic MovieLens-shaped ratings generator."""
+"""Tests of pipeline.io.synth: the synthetic MovieLens-shaped ratings generator."""
 from __future__ import annotations
 
 import gzip
@@ -12,8 +12,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.synth import PRESETS, ensure_sample, generate_ratings, write_movielens
-from pipeline.synth import main as synth_main
+from pipeline.io.synth import PRESETS, ensure_sample, generate_ratings, write_movielens
+from pipeline.cli.synth import main as synth_main
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = dict(num_users=943, num_items=1682, num_ratings=100_000)  # MovieLens 100k's shape

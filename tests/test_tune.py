@@ -17,12 +17,14 @@ import pandas as pd
 import pytest
 from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions
 
-from pipeline import tune
-from pipeline.synth import main as synth_main
-from pipeline.train import build_parser as train_parser, split_beam_args
+from pipeline.cli import tune
+from pipeline.tuning import search
+from pipeline.cli.synth import main as synth_main
+from pipeline.cli.common import split_beam_args
+from pipeline.cli.train import build_parser as train_parser
 from pipeline.options import config_from_options
-from pipeline.tune_data import DataConfig, PrepareTuning, load_data
-from pipeline.tune_trials import (MODE_DEFAULTS, SPACES, TrialSettings, search_space,
+from pipeline.tuning.data import DataConfig, PrepareTuning, load_data
+from pipeline.tuning.trials import (MODE_DEFAULTS, SPACES, TrialSettings, search_space,
                                   validation_ndcg)
 from tests.conftest import write_ratings
 from wals_core.hashing import id_hashes, is_test
@@ -79,7 +81,7 @@ def test_four_trials_table_and_best(explicit_run):
     assert best['params'] == {'latent_factors': int(row['latent_factors']),
                               'regularization': row['regularization']}
     assert best['data']['users'] == 200 and best['data']['validation_ratings'] > 0
-    assert not (out / tune.WORK).exists()
+    assert not (out / search.WORK).exists()
 
 
 def test_an_earlier_search_is_kept_without_overwrite(explicit_run, synth, capsys):
@@ -128,11 +130,11 @@ def test_same_seed_same_trials_other_seed_other_trials(synth, tmp_path):
 
 def test_default_runner_runs_trials_in_threads_with_the_same_results(explicit_run, synth,
                                                                     tmp_path):
-    direct = tune.beam_options([], 4).view_as(DirectOptions)
+    direct = search.beam_options([], 4).view_as(DirectOptions)
     assert (direct.direct_running_mode, direct.direct_num_workers) == \
         ('multi_threading', min(4, os.cpu_count()))
-    assert tune.beam_options([], 1).view_as(DirectOptions).direct_running_mode == 'in_memory'
-    assert tune.beam_options(IN_MEMORY, 4).view_as(DirectOptions).direct_num_workers == 1
+    assert search.beam_options([], 1).view_as(DirectOptions).direct_running_mode == 'in_memory'
+    assert search.beam_options(IN_MEMORY, 4).view_as(DirectOptions).direct_num_workers == 1
     out, _ = explicit_run
     run_tune(synth, tmp_path / 'threads', '--model', 'explicit', '--metric', 'rmse',
              '--trials', '4', '--parallel', '2', '--search_seed', '1', beam_args=())

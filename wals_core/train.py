@@ -1,5 +1,5 @@
 """In-memory trainer (the numpy reference, no Beam): the same kernel as the Beam
-pipeline, on one array. pipeline/train.py is the command line that runs the Beam
+pipeline, on one array. pipeline/cli/train.py is the command line that runs the Beam
 job; this module trains small data in one process (tests, the tuner).
 
 Factors are stored in float32 between half-steps, exactly as the pipeline does.

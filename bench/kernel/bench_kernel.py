@@ -10,7 +10,7 @@ previous implementation (kept below as `old_solve_rows`), in the same process.
     /tmp/impl-venv/bin/python bench/kernel/bench_kernel.py --implicit --cg
 
 Data: 10M synthetic ratings, 69,878 users × 10,677 items (MovieLens-10M shaped), from
-pipeline/synth.py's generate_ratings when it exists, else a power-law generator here.
+pipeline/io/synth.py's generate_ratings when it exists, else a power-law generator here.
 One "iteration" = all rows then all columns (two half-steps), the same inputs fed to
 both kernels so their results can be compared. The machine may be shared: compare the
 ratios printed for one run, not absolute times across runs. Timings are the best of
@@ -126,11 +126,11 @@ def power_law_ratings(num_users, num_items, num_ratings, seed=0):
 
 def load_ratings(num_users, num_items, num_ratings, seed):
     try:
-        from pipeline.synth import generate_ratings
+        from pipeline.io.synth import generate_ratings
     except ImportError:
         return power_law_ratings(num_users, num_items, num_ratings, seed), 'bench power-law'
     u, i, r, _ = generate_ratings(num_users, num_items, num_ratings, seed=seed)
-    return (u - 1, i - 1, r.astype(np.float64)), 'pipeline.synth.generate_ratings'
+    return (u - 1, i - 1, r.astype(np.float64)), 'pipeline.io.synth.generate_ratings'
 
 
 # ----------------------------------------------------------------------------------

@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 DAG_ID = 'wals_retrain'
 HERE = os.path.dirname(os.path.abspath(__file__))
 LAUNCHER = os.path.join(HERE, 'wals_train_launcher.py')
-EXIT_GATE = 3          # pipeline.train: the gate kept the previous model
+EXIT_GATE = 3          # pipeline.cli.train: the gate kept the previous model
 VARIABLE_PREFIX = 'wals_'
 REQUIRED = ('dumps_prefix', 'model_root', 'project')
 DEFAULTS = {
@@ -229,11 +229,11 @@ def find_newest_dump(params: dict, **_) -> dict:
 
 
 class WalsTrainOperator(BeamRunPythonPipelineOperator):
-    """The Beam operator for pipeline.train on Dataflow, with two changes:
+    """The Beam operator for pipeline.cli.train on Dataflow, with two changes:
 
     - It waits for the launcher process to exit. The stock operator stops reading the
       process once it has seen the Dataflow job id and then waits for the job through
-      the Dataflow API; but pipeline.train publishes the model, moves LATEST and writes
+      the Dataflow API; but pipeline.cli.train publishes the model, moves LATEST and writes
       report.json in the launcher after the job, so the launcher must finish and its
       exit code decides.
     - Exit code 3 (the gate kept the previous model) succeeds, with a log line; any

@@ -26,11 +26,11 @@ def project_dir(argv: list[str]) -> str:
 
 def main(argv: list[str]) -> int:
     sys.path.insert(0, project_dir(argv))
-    # pipeline.train quiets apache_beam to WARNING; keep the Dataflow runner's INFO
+    # The trainer quiets apache_beam to WARNING; keep the Dataflow runner's INFO
     # lines: "Created job with id: [...]" is how the operator learns the job id
     # (console link, cancel on kill).
     logging.getLogger('apache_beam.runners.dataflow').setLevel(logging.INFO)
-    from pipeline import train
+    from pipeline import train   # the documented entry point (pipeline/train.py)
     return train.main(argv)
 
 

@@ -1,0 +1,108 @@
+"""What every command shares: logging, the check that leftover arguments are Beam
+options, and the one mapping from errors to messages and exit codes.
+
+Exit codes (the same for every command; README "Exit codes"):
+  0  done                       3  the gate kept the previous model (train)
+  1  the work failed with a clear message (bad input, an untrusted model, ...)
+  2  refused before any work (a bad option or path; argparse's code)
+  70 an internal error (a bug: the traceback is printed)
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Callable
+
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from pipeline.errors import (EXIT_FAILED, EXIT_INTERNAL, QuietMarkedErrors, user_message)
+from pipeline.options import ConfigError
+
+log = logging.getLogger(__name__)
+
+# How the user started the command: `python -m pipeline` (each module's alias) or
+# `wals` (pipeline/cli/main.py sets it), for the usage lines of --help.
+COMMAND = 'python -m pipeline'
+
+
+def prog(subcommand: str) -> str:
+    """The command line's name in usage and error lines."""
+    return f'wals {subcommand}' if COMMAND == 'wals' else f'python -m pipeline.{subcommand}'
+
+
+def setup_logging(*, quiet: tuple[str, ...] = (), verbose: tuple[str, ...] = ()) -> None:
+    """INFO to stderr, Beam at WARNING (`verbose` loggers at INFO, `quiet` ones at
+    ERROR), and runner records that only repeat a marked error dropped (the command
+    prints it once, without a traceback)."""
+    logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(message)s')
+    logging.getLogger('apache_beam').setLevel(logging.WARNING)
+    for name in verbose:
+        logging.getLogger(name).setLevel(logging.INFO)
+    for name in quiet:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(QuietMarkedErrors())
+
+
+def unknown_options(argv: list[str]) -> list[str]:
+    """The --flags in argv that no PipelineOptions class (Beam's or ours) defines:
+    Beam keeps those only when asked to retain unknown options."""
+    try:   # DaskOptions (--dask_client_address ...) is defined with its runner
+        import apache_beam.runners.dask.dask_runner  # noqa: F401
+    except ImportError:   # the `dask` extra is not installed
+        pass
+    known = PipelineOptions([]).get_all_options()
+    retained = PipelineOptions(argv).get_all_options(retain_unknown_options=True)
+    unknown = set(retained) - set(known)
+    return [a for a in argv if a.startswith('--')
+            and a[2:].split('=', 1)[0].replace('-', '_') in unknown]
+
+
+def split_beam_args(rest: list[str], not_here: argparse.ArgumentParser | None = None
+                    ) -> list[str]:
+    """Checks that leftover arguments are all Beam options; ConfigError on a typo.
+    not_here: a parser whose flags are a mistake in this command (the trainer's
+    model options given to `recommend`, say), not something to pass on to Beam."""
+    bad = []
+    if not_here is not None:
+        flags = {s for a in not_here._actions for s in a.option_strings}
+        bad = [a for a in rest if a.startswith('--') and a.split('=', 1)[0] in flags]
+    bad += [a for a in unknown_options(rest) if a not in bad]
+    if bad:
+        raise ConfigError(f'unknown option(s): {" ".join(bad)} (see --help)')
+    if rest and not rest[0].startswith('-'):
+        raise ConfigError(f'unexpected argument {rest[0]!r} (see --help)')
+    return rest
+
+
+def fail(message: str, code: int = EXIT_FAILED) -> int:
+    """Prints `error: message` to stderr; returns the exit code."""
+    print(f'error: {message}', file=sys.stderr)
+    return code
+
+
+def run_command(body: Callable[[], int], parser: argparse.ArgumentParser,
+                refused: tuple[type[BaseException], ...] = (),
+                failed: tuple[type[BaseException], ...] = (),
+                after_failure: str = '') -> int:
+    """Runs a command's body and maps what it raises to a message and an exit code:
+    ConfigError and `refused` -> argparse's error (exit 2); `failed`, and errors a
+    runner carries out of a pipeline (pipeline.errors markers) -> `error: ...` and
+    after_failure on stderr (exit 1). Anything else is a bug: its traceback and 70."""
+    try:
+        return body()
+    except (ConfigError, *refused) as e:
+        parser.error(str(e))
+    except failed as e:
+        return fail(f'{getattr(e, "plain", e)}{after_failure}')
+    except KeyboardInterrupt:
+        print('interrupted', file=sys.stderr)
+        return 130
+    except Exception as e:   # noqa: BLE001 - runner-wrapped errors become a message
+        message = user_message(e)
+        if message is None:
+            log.exception('internal error (a bug): %s', e)
+            return EXIT_INTERNAL
+        return fail(f'{message}{after_failure}')
+    return EXIT_INTERNAL   # not reached: parser.error exits

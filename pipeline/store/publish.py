@@ -1,0 +1,261 @@
+"""The output folder contract: stage, then publish atomically with a _SUCCESS manifest.
+
+A run writes everything to a staging folder beside --output
+(`<output>.tmp-<run id>`). Only when the pipeline has finished does the launcher
+move the files into --output and write `_SUCCESS` last: a JSON manifest with the
+inputs (paths, sizes), parameters, counts, SHA-256 of every published file and
+the code version. A reader trusts a model folder only when `_SUCCESS` is there
+and the checksums match (pipeline.store.model_files.read_model). Works on any Beam filesystem (local, gs://).
+"""
+from __future__ import annotations
+
+import datetime
+import errno
+import hashlib
+import json
+import logging
+import os
+import time
+import uuid
+
+from apache_beam.io.filesystems import FileSystems
+
+SUCCESS = '_SUCCESS'
+MANIFEST_FORMAT = 'wals-model/1'
+CODE_VERSION = '0.1.0'
+
+log = logging.getLogger('pipeline.store.publish')
+
+
+class OutputExists(ValueError):
+    """--output already holds files and --overwrite was not given."""
+
+
+def new_run_id() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime('%Y%m%dT%H%M%S') + \
+        '-' + uuid.uuid4().hex[:8]
+
+
+def staging_path(output: str, run_id: str) -> str:
+    return f'{output.rstrip("/")}.tmp-{run_id}'
+
+
+def list_files(root: str) -> list[str]:
+    """Paths (relative to root, '/'-separated) of every file under root, sorted."""
+    root = root.rstrip('/')
+    result = FileSystems.match([f'{root}/**'])[0]
+    return sorted(m.path[len(root) + 1:].replace(os.sep, '/') for m in result.metadata_list)
+
+
+def check_output(output: str, overwrite: bool) -> None:
+    """Refuses an --output that already holds files unless overwrite is set."""
+    if not overwrite and list_files(output):
+        kind = 'a published model' if FileSystems.exists(f'{output.rstrip("/")}/{SUCCESS}') \
+            else 'files'
+        raise OutputExists(f'--output {output} already holds {kind}; pass --overwrite to '
+                           'replace it, or choose another folder')
+
+
+def _read(path: str) -> bytes:
+    with FileSystems.open(path) as f:
+        return f.read()
+
+
+def describe_inputs(pattern: str) -> list[dict]:
+    """[{path, size_bytes}] of the files a pattern matches (empty list: none)."""
+    metas = FileSystems.match([pattern])[0].metadata_list
+    return [{'path': m.path, 'size_bytes': m.size_in_bytes}
+            for m in sorted(metas, key=lambda m: m.path)]
+
+
+def step(name: str) -> None:
+    """Logs `publish: <name>` at each step of publishing and promotion (the crash
+    tests kill the launcher when they read a line). WALS_STEP_DELAY=<seconds> makes
+    it wait after each step, so a kill lands inside the step's window."""
+    log.info('publish: %s', name)
+    delay = os.environ.get('WALS_STEP_DELAY')
+    if delay:
+        time.sleep(float(delay))
+
+
+def publish(staging: str, output: str, manifest: dict, overwrite: bool = True,
+            run_id: str | None = None) -> dict:
+    """Publishes a staged model at output with its _SUCCESS manifest. Returns the
+    manifest written.
+
+    The staging folder first gets its own _SUCCESS: from then on it is a complete,
+    verifiable model too. Without overwrite, OutputExists if output has gained files
+    since the run started (another run published): checked atomically on a local
+    filesystem (one rename of the whole folder, which fails on a non-empty folder),
+    just before the move elsewhere (object stores have no atomic no-clobber move).
+    With overwrite, the old model survives a kill at any point (see _replace_local
+    and _replace_copying): at every instant output or output.old-<run id> holds a
+    complete model verified by its _SUCCESS, and readers (model_files.resolve_model_path)
+    fall back to the .old- copy while output has no _SUCCESS."""
+    staging, output = staging.rstrip('/'), output.rstrip('/')
+    run_id = run_id or new_run_id()
+    files = [f for f in list_files(staging) if f != SUCCESS]
+    manifest = dict(manifest, format=MANIFEST_FORMAT, code_version=CODE_VERSION,
+                    published=datetime.datetime.now(datetime.timezone.utc).isoformat(),
+                    files={f: _checksum(f'{staging}/{f}') for f in files})
+    _write_manifest(staging, manifest)
+    step('staged')
+    local = _local_path(output)
+    if local is not None and _local_path(staging) is not None:
+        if not overwrite:
+            return _publish_local_new(staging, local, manifest)
+        _replace_local(_local_path(staging), local, run_id)
+        return manifest
+    if not overwrite:
+        check_output(output, overwrite=False)
+    _replace_copying(staging, output, files, run_id)
+    return manifest
+
+
+def _write_manifest(folder: str, manifest: dict) -> None:
+    with FileSystems.create(f'{folder}/{SUCCESS}') as f:
+        f.write(json.dumps(manifest, indent=2, sort_keys=True).encode('utf-8'))
+
+
+def aside_path(output: str, run_id: str) -> str:
+    return f'{output.rstrip("/")}.old-{run_id}'
+
+
+def _replace_local(staging: str, output: str, run_id: str) -> None:
+    """Two renames of whole folders: the old model aside (output.old-<run id>, still
+    verified by its own _SUCCESS), the new one in; then the old one is deleted."""
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    aside = aside_path(output, run_id)
+    if os.path.isdir(output) and os.listdir(output):
+        os.rename(output, aside)
+        step('old-set-aside')
+    elif os.path.isdir(output):
+        os.rmdir(output)
+    os.rename(staging, output)
+    step('new-moved-in')
+    _remove_old_copies(output)
+
+
+def _replace_copying(staging: str, output: str, files: list[str], run_id: str) -> None:
+    """On object stores (gs://) a rename is a copy: the old model is first copied to
+    output.old-<run id> (its _SUCCESS copied last), then untrusted in place (its
+    _SUCCESS deleted) and deleted; the new files move in under their final names and
+    the new _SUCCESS is written last; then the copy is deleted."""
+    old = list_files(output)   # an object store has no folder to test for
+    if SUCCESS in old:
+        aside = aside_path(output, run_id)
+        rest = [f for f in old if f != SUCCESS]
+        if rest:
+            FileSystems.copy([f'{output}/{f}' for f in rest], [f'{aside}/{f}' for f in rest])
+        FileSystems.copy([f'{output}/{SUCCESS}'], [f'{aside}/{SUCCESS}'])
+        step('old-set-aside')
+        FileSystems.delete([f'{output}/{SUCCESS}'])
+        step('old-untrusted')
+        old = rest
+    if old:
+        FileSystems.delete([f'{output}/{f}' for f in old])
+    for folder in sorted({f.rsplit('/', 1)[0] for f in files if '/' in f}):
+        _mkdirs(f'{output}/{folder}')
+    _mkdirs(output)
+    FileSystems.rename([f'{staging}/{f}' for f in files], [f'{output}/{f}' for f in files])
+    step('new-files-moved')
+    FileSystems.copy([f'{staging}/{SUCCESS}'], [f'{output}/{SUCCESS}'])
+    step('new-moved-in')
+    remove_tree(staging)
+    _remove_old_copies(output)
+
+
+def old_copies(output: str, complete: bool = True) -> list[str]:
+    """The output.old-<run id> folders (newest first): copies of an earlier model set
+    aside by an --overwrite, left behind if it was killed. complete: only those
+    holding a _SUCCESS."""
+    output = output.rstrip('/')
+    pattern = f'{output}.old-*/{SUCCESS}' if complete else f'{output}.old-*/**'
+    try:
+        metas = FileSystems.match([pattern])[0].metadata_list
+    except Exception:   # noqa: BLE001 - nothing matches
+        return []
+    folders = {output + m.path[len(output):].split('/', 1)[0].split(os.sep, 1)[0]
+               for m in metas if m.path.startswith(output)}
+    return sorted(folders, reverse=True)
+
+
+def _remove_old_copies(output: str) -> None:
+    """Deletes the old model copies once the new model is in place (their _SUCCESS
+    first, so a kill while deleting leaves no partial trusted copy)."""
+    folders = old_copies(output, complete=False)
+    for folder in folders:
+        if FileSystems.exists(f'{folder}/{SUCCESS}'):
+            FileSystems.delete([f'{folder}/{SUCCESS}'])
+        remove_tree(folder)
+    if folders:
+        step('old-removed')
+
+
+def _local_path(path: str) -> str | None:
+    """The OS path of a local file system path, None for other file systems."""
+    if path.startswith('file://'):
+        return path[len('file://'):]
+    return None if '://' in path else path
+
+
+def _publish_local_new(staging: str, output: str, manifest: dict) -> dict:
+    """Renames the staging folder (with its _SUCCESS) to output in one step: the
+    rename fails, publishing nothing, if output holds any file."""
+    parent = os.path.dirname(os.path.abspath(output))
+    os.makedirs(parent, exist_ok=True)
+    try:
+        os.rename(_local_path(staging), output)   # onto nothing, or an empty folder
+    except OSError as e:
+        if e.errno in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR):
+            check_output(output, overwrite=False)  # says what is there
+        raise
+    step('new-moved-in')
+    return manifest
+
+
+def remove_tree(root: str) -> None:
+    """Deletes every file under root, and root itself where folders exist (object
+    stores such as gs:// have no folder to test or delete)."""
+    root = root.rstrip('/')
+    files = list_files(root)
+    if files:
+        FileSystems.delete([f'{root}/{f}' for f in files])
+    if FileSystems.exists(root):
+        FileSystems.delete([root])
+
+
+def discard(staging: str) -> None:
+    """Removes a failed run's staging folder (best effort)."""
+    try:
+        remove_tree(staging)
+    except Exception:   # noqa: BLE001 - cleanup must not hide the real error
+        pass
+
+
+def _mkdirs(path: str) -> None:
+    try:
+        FileSystems.mkdirs(path)
+    except IOError:
+        pass   # exists already (local); object stores have no folders
+
+
+def _checksum(path: str) -> dict:
+    data = _read(path)
+    return {'bytes': len(data), 'sha256': hashlib.sha256(data).hexdigest()}
+
+
+class UntrustedModel(ValueError):
+    """A model folder without a valid _SUCCESS manifest."""
+
+
+def read_manifest_bytes(output: str) -> bytes:
+    """The raw _SUCCESS of a model folder (LATEST records its SHA-256)."""
+    path = f'{output.rstrip("/")}/{SUCCESS}'
+    if not FileSystems.exists(path):
+        raise UntrustedModel(f'{output} has no {SUCCESS}: not a finished model')
+    return _read(path)
+
+
+def read_manifest(output: str) -> dict:
+    return json.loads(read_manifest_bytes(output))
