@@ -60,3 +60,12 @@ EXIT_FAILED = 1      # the work failed; the message says why (nothing was publis
 EXIT_USAGE = 2       # refused before any work: an option or a path (argparse's code)
 EXIT_GATE = 3        # train: the gate kept the previous model (the new one is published)
 EXIT_INTERNAL = 70   # a bug (EX_SOFTWARE): the traceback is printed
+
+
+class RunnerError(RuntimeError):
+    """The runner lost or repeated elements (an accounting check between stages failed):
+    the run stops, publishing nothing, with this one line."""
+
+    def __init__(self, message: str):
+        self.plain = message
+        super().__init__(f'{_START}{message}{_END}')

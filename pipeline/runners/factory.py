@@ -2,7 +2,8 @@
 
 Every entry point (train, recommend, tune, and any later command) gets its pipeline
 from make_pipeline, so a fix to a runner reaches all of them: today the DaskRunner
-is replaced by the corrected one in dask_runner.py, a misspelled --runner is a
+is replaced by the corrected one in dask_runner.py, the DirectRunner's FnApiRunner
+no longer drops data-plane writes (beam_fixes.py), a misspelled --runner is a
 ConfigError that lists the valid names, and the graph's type hints are not checked
 (the graph declares none; checking them costs seconds per build).
 """
@@ -14,6 +15,7 @@ from apache_beam.options.pipeline_options import (PipelineOptions, StandardOptio
 from apache_beam.runners.runner import PipelineRunner
 
 from pipeline.options import ConfigError
+from pipeline.runners import beam_fixes
 
 DEFAULT_RUNNER = 'DirectRunner'
 
@@ -59,7 +61,9 @@ def _dask_runner(name: str) -> PipelineRunner:
 
 
 def make_pipeline(options: PipelineOptions) -> beam.Pipeline:
-    """A Pipeline for these options (the runner defaulted, checked and chosen here)."""
+    """A Pipeline for these options (the runner defaulted, checked and chosen here;
+    the FnApiRunner's data-plane race turned off, beam_fixes.py)."""
+    beam_fixes.apply()
     name = runner_name(options)
     options.view_as(StandardOptions).runner = name
     options.view_as(TypeOptions).pipeline_type_check = False

@@ -71,25 +71,36 @@ class BlockRef:
         return _CACHE.get(self)
 
 
-def save_block(block: RatingBlock, folder: str) -> BlockRef:
-    """Writes the block (np.savez, no pickles) and keeps it in this process's cache."""
+def save_arrays(path: str, **arrays: np.ndarray) -> int:
+    """Writes named arrays to one .npz (local or gs://; no pickles); returns its size."""
     buf = io.BytesIO()
-    np.savez(buf, indptr=block.train.indptr, indices=block.train.indices,
-             values=block.train.values, test_rows=block.test_rows,
-             test_cols=block.test_cols, test_values=block.test_values)
-    path = f'{folder.rstrip("/")}/block-{block.block_id:06d}.npz'
+    np.savez(buf, **arrays)
     with FileSystems.create(path) as f:
         f.write(buf.getvalue())
+    return buf.tell()
+
+
+def load_arrays(path: str) -> dict[str, np.ndarray]:
+    """The arrays save_arrays wrote, by name."""
+    with FileSystems.open(path) as f:
+        data = np.load(io.BytesIO(f.read()), allow_pickle=False)
+        return {name: data[name] for name in data.files}
+
+
+def save_block(block: RatingBlock, folder: str) -> BlockRef:
+    """Writes the block (np.savez, no pickles) and keeps it in this process's cache."""
+    path = f'{folder.rstrip("/")}/block-{block.block_id:06d}.npz'
+    nbytes = save_arrays(path, indptr=block.train.indptr, indices=block.train.indices,
+                         values=block.train.values, test_rows=block.test_rows,
+                         test_cols=block.test_cols, test_values=block.test_values)
     ref = BlockRef(path, block.block_id, block.start, block.num_rows, block.total_rows,
-                   buf.tell(), block.merged, block.built_at)
+                   nbytes, block.merged, block.built_at)
     _CACHE.put(ref, block)
     return ref
 
 
 def _read_block(ref: BlockRef) -> RatingBlock:
-    with FileSystems.open(ref.path) as f:
-        data = np.load(io.BytesIO(f.read()), allow_pickle=False)
-        arrays = {name: data[name] for name in data.files}
+    arrays = load_arrays(ref.path)
     return RatingBlock(ref.block_id, ref.start, ref.total_rows,
                        Csr(arrays['indptr'], arrays['indices'], arrays['values']),
                        arrays['test_rows'], arrays['test_cols'], arrays['test_values'],

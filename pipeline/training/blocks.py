@@ -2,6 +2,14 @@
 
 After this step the pipeline never moves ratings again: each iteration moves
 factors to the blocks. A row block also holds its users' test ratings.
+
+The column blocks are cut from the saved row blocks through files, not through a
+shuffle: each row block writes its training ratings as one piece file per column
+block it touches and reports the pieces' sizes (ColPieces); each column block reads
+its pieces, checking every row block reported once and every piece holds what was
+written. Once, a 10 MiB data-plane message of such pieces went missing between the
+DirectRunner's multi_processing workers and its shuffle (docs/multiprocessing-loss.md);
+what crosses the runner now is a few numbers per block.
 """
 from __future__ import annotations
 
@@ -11,10 +19,12 @@ import time
 import apache_beam as beam
 import numpy as np
 from apache_beam.metrics import Metrics
-from apache_beam.pvalue import AsSingleton
+from apache_beam.pvalue import AsList, AsSingleton
 
-from pipeline.training.block_store import BlockRef, RatingBlock, save_block
+from pipeline.errors import RunnerError
 from pipeline.io.parse import ParsedChunk
+from pipeline.training.block_store import (BlockRef, RatingBlock, load_arrays, save_arrays,
+                                           save_block)
 from wals_core.hashing import is_test
 from wals_core.sparse import (csr_from_sorted, csr_from_triples, merge_duplicates,
                               pair_keys)
@@ -123,11 +133,25 @@ def _merge_each(rows, cols, values, test, how: str):
     return (*out, flags, parts[0][4] + parts[1][4])
 
 
+# Element counters at both ends of the column-block shuffle (namespace 'blocks'):
+# what the row-block stage sends must be what the column-block stage receives.
+# bench/stress_multiprocessing.py reads them; on Dataflow they are in the console.
+COUNTERS = ('row_blocks_built', 'row_block_train_ratings', 'col_pieces_sent',
+            'col_piece_ratings_sent', 'col_pieces_received', 'col_piece_ratings_received',
+            'col_blocks_built', 'col_block_train_ratings')
+
+
+def _counter(name: str):
+    return Metrics.counter('blocks', name)
+
+
 class _BuildRowBlock(beam.DoFn):
     def __init__(self, config: BlockConfig, folder: str):
         self._config = config
         self._folder = folder
         self._merged = Metrics.counter('wals', 'duplicates_merged')
+        self._built = _counter('row_blocks_built')
+        self._train = _counter('row_block_train_ratings')
 
     def process(self, keyed, users: Vocabulary):
         block_id, pieces = keyed
@@ -144,6 +168,8 @@ class _BuildRowBlock(beam.DoFn):
         start = block_id * cfg.block_size
         n = min(cfg.block_size, len(users) - start)
         train = ~test
+        self._built.inc()
+        self._train.inc(int(train.sum()))
         yield save_block(RatingBlock(
             block_id=block_id, start=start, total_rows=len(users),
             train=csr_from_sorted(rows[train] - start, cols[train], values[train], n),
@@ -152,26 +178,97 @@ class _BuildRowBlock(beam.DoFn):
             merged=merged, built_at=time.time()), self._folder)
 
 
-def _training_by_col_block(ref: BlockRef, block_size: int):
-    """A row block's training ratings, keyed by column block, as (col, row, value)."""
+@dataclasses.dataclass(frozen=True)
+class ColPieces:
+    """Where one row block's training ratings went: the column blocks it touches
+    and the ratings in each piece file (piece_path) it wrote for them."""
+    row_block: int
+    num_row_blocks: int
+    col_blocks: tuple[int, ...]
+    counts: tuple[int, ...]
+
+
+def piece_path(folder: str, col_block: int, row_block: int) -> str:
+    return f'{folder}/col-{col_block:06d}/row-{row_block:06d}.npz'
+
+
+def _save_col_pieces(ref: BlockRef, folder: str, block_size: int) -> ColPieces:
+    """Saves a row block's training ratings cut by column block, as (col, row,
+    value) piece files; returns which pieces there are and their sizes."""
     block = ref.load()
     t = block.train
     rows = t.row_of_entry() + block.start
     cols = t.indices.astype(np.int64)
-    yield from _key_by_block(cols, rows, t.values, np.zeros(len(cols), bool), block_size)
+    ids, counts = [], []
+    for col_block, (c, r, v, _) in _key_by_block(cols, rows, t.values,
+                                                 np.zeros(len(cols), bool), block_size):
+        save_arrays(piece_path(folder, col_block, ref.block_id), cols=c, rows=r, values=v)
+        ids.append(col_block)
+        counts.append(len(c))
+        _counter('col_pieces_sent').inc()
+        _counter('col_piece_ratings_sent').inc(len(c))
+    return ColPieces(ref.block_id, num_blocks(ref.total_rows, block_size), tuple(ids),
+                     tuple(counts))
+
+
+def _block_ids(_, vocab, block_size: int):
+    yield from range(num_blocks(len(vocab), block_size))
+
+
+def check_col_pieces(index: list) -> list:
+    """The ColPieces of every row block exactly once, sorted by row block; raises
+    (naming the row blocks) when the runner lost or repeated one."""
+    index = sorted(index, key=lambda p: p.row_block)
+    ids = [p.row_block for p in index]
+    expected = list(range(index[0].num_row_blocks)) if index else []
+    if ids != expected:
+        missing = sorted(set(expected) - set(ids))
+        repeated = sorted({i for i in ids if ids.count(i) > 1})
+        raise RunnerError(f'the column blocks were given the pieces of {len(ids)} row '
+                          f'blocks where there are {len(expected)} (missing {missing[:10]}, '
+                          f'repeated {repeated[:10]}): the runner lost or repeated '
+                          'elements; nothing was published')
+    return index
+
+
+def read_col_pieces(folder: str, col_block: int, index: list):
+    """(cols, rows, values) of one column block, from the piece files its row blocks
+    reported, in row-block order; a piece whose file does not hold what was written
+    raises, naming the file."""
+    parts = [_EMPTY[:3]]
+    for p in index:
+        for c, n in zip(p.col_blocks, p.counts):
+            if c != col_block:
+                continue
+            path = piece_path(folder, col_block, p.row_block)
+            arrays = load_arrays(path)
+            if len(arrays['cols']) != n:
+                raise RunnerError(f'{path} holds {len(arrays["cols"]):,} ratings where '
+                                  f'{n:,} were written; nothing was published')
+            parts.append((arrays['cols'], arrays['rows'], arrays['values']))
+    return tuple(np.concatenate([part[f] for part in parts]) for f in range(3)), len(parts) - 1
 
 
 class _BuildColBlock(beam.DoFn):
-    def __init__(self, config: BlockConfig, folder: str):
+    def __init__(self, config: BlockConfig, folder: str, pieces: str):
         self._config = config
         self._folder = folder
+        self._pieces_folder = pieces
+        self._pieces = _counter('col_pieces_received')
+        self._ratings = _counter('col_piece_ratings_received')
+        self._built = _counter('col_blocks_built')
+        self._train = _counter('col_block_train_ratings')
 
-    def process(self, keyed, items: Vocabulary):
-        block_id, pieces = keyed
-        cols, rows, values, _ = _concat(pieces)
+    def process(self, block_id: int, items: Vocabulary, index: list):
+        (cols, rows, values), pieces = read_col_pieces(
+            self._pieces_folder, block_id, check_col_pieces(index))
+        self._pieces.inc(pieces)
+        self._ratings.inc(len(values))
         start = block_id * self._config.block_size
         n = min(self._config.block_size, len(items) - start)
         empty = np.zeros(0, np.int32)
+        self._built.inc()
+        self._train.inc(len(values))
         yield save_block(RatingBlock(
             block_id=block_id, start=start, total_rows=len(items),
             train=csr_from_triples(cols - start, rows, values, n),
@@ -218,10 +315,14 @@ class BuildBlocks(beam.PTransform):
         row_blocks = (tuple(pieces) | 'AllRowPieces' >> beam.Flatten()
                       | 'GroupRows' >> beam.GroupByKey()
                       | 'RowBlock' >> beam.ParDo(_BuildRowBlock(cfg, f'{self._folder}/rows'), users))
-        col_keys = seed | 'ColKeys' >> beam.FlatMap(_all_block_keys, items, cfg.block_size)
-        col_pieces = row_blocks | 'ByColBlock' >> beam.FlatMap(_training_by_col_block,
-                                                                cfg.block_size)
-        col_blocks = ((col_pieces, col_keys) | 'AllColPieces' >> beam.Flatten()
-                      | 'GroupCols' >> beam.GroupByKey()
-                      | 'ColBlock' >> beam.ParDo(_BuildColBlock(cfg, f'{self._folder}/cols'), items))
+        # Column blocks from the saved row blocks through piece files (module doc);
+        # the side input also makes every column block wait for all the pieces.
+        pieces = f'{self._folder}/pieces'
+        index = row_blocks | 'ByColBlock' >> beam.Map(_save_col_pieces, pieces,
+                                                       cfg.block_size)
+        col_blocks = (seed | 'ColKeys' >> beam.FlatMap(_block_ids, items, cfg.block_size)
+                      | 'SpreadCols' >> beam.Reshuffle()
+                      | 'ColBlock' >> beam.ParDo(
+                          _BuildColBlock(cfg, f'{self._folder}/cols', pieces), items,
+                          AsList(index)))
         return row_blocks, col_blocks

@@ -21,7 +21,7 @@ from pipeline.training.compare import CompareWithPrevious
 from pipeline.training.distributed_vocab import DistributedVocabulary, initial_factors_by_range
 from pipeline.training.evaluate import EvalConfig, Evaluate
 from pipeline.training.alternate import alternate
-from pipeline.errors import InputError
+from pipeline.errors import InputError, RunnerError
 from pipeline.training.factors import Factors, factors_from_matrix
 from pipeline.store.model_files import PreviousModel, cached_model_files, index_map, stored_matrix
 from pipeline.options import TrainConfig
@@ -91,7 +91,11 @@ class TrainWals(beam.PTransform):
         cold_start = (build.cold_start if build.cold_start is not None
                       else pbegin | 'NoColdStart' >> beam.Create([]))
         cold_start = cold_start | 'CountColdStart' >> beam.CombineGlobally(sum)
-        ratings = row_blocks | 'TrainingRatings' >> beam.CombineGlobally(SummarizeTraining())
+        entries = row_blocks | 'RowEntries' >> beam.CombineGlobally(_CountEntries())
+        ratings = (row_blocks | 'TrainingRatings' >> beam.CombineGlobally(SummarizeTraining())
+                   | 'CheckRowCounts' >> beam.Map(
+                       _check_row_counts, AsSingleton(entries), AsSingleton(reads),
+                       AsSingleton(test_reads), AsSingleton(cold_start)))
         col_counts = (col_blocks | 'ColCounts' >> beam.CombineGlobally(_AssembleCounts())
                       | 'CheckColCounts' >> beam.Map(_check_col_counts, AsSingleton(ratings)))
 
@@ -206,13 +210,46 @@ def _check_col_counts(counts: np.ndarray, ratings) -> np.ndarray:
     """The column blocks must hold exactly the row blocks' training ratings: a
     runner that loses or repeats elements between the two fails here, loudly,
     instead of training on other data (seen once with the DirectRunner's
-    multi_processing mode at 20M ratings: README, "The factor exchange")."""
+    multi_processing mode at 20M ratings: docs/multiprocessing-loss.md)."""
     held = int(counts.sum())
     if held != ratings.count:
-        raise RuntimeError(f'the column blocks hold {held:,} training ratings where the '
-                           f'row blocks hold {ratings.count:,}: the runner lost or repeated '
-                           'elements while building the blocks; nothing was published')
+        raise RunnerError(f'the column blocks hold {held:,} training ratings where the '
+                          f'row blocks hold {ratings.count:,}: the runner lost or repeated '
+                          'elements while building the blocks; nothing was published')
     return counts
+
+
+def _check_row_counts(ratings, entries: int, reads: ReadSummary,
+                      test_reads: ReadSummary | None, cold_start: int):
+    """The row blocks must hold every kept line of --input and --test_input (less the
+    cold-start test pairs), counting the duplicates merged away: the ratings still
+    reach the row blocks through a shuffle, and a runner that drops part of a stage's
+    input (Beam's FnApiRunner did: docs/multiprocessing-loss.md) fails here."""
+    kept = reads.counts['kept'] + (test_reads.counts['kept'] if test_reads else 0)
+    if entries != kept - cold_start:
+        raise RunnerError(f'the row blocks hold {entries:,} ratings (duplicates included) '
+                          f'where the input has {kept - cold_start:,}: the runner lost or '
+                          'repeated elements while grouping the ratings; nothing was '
+                          'published')
+    return ratings
+
+
+class _CountEntries(beam.CombineFn):
+    """Row BlockRefs -> the ratings they were built from: training, test and the
+    duplicates merged away (an integer sum: any order gives the same)."""
+
+    def create_accumulator(self):
+        return 0
+
+    def add_input(self, acc: int, ref: BlockRef) -> int:
+        block = ref.load()
+        return acc + int(block.train.nnz) + len(block.test_values) + int(ref.merged)
+
+    def merge_accumulators(self, accs) -> int:
+        return sum(accs)
+
+    def extract_output(self, acc: int) -> int:
+        return acc
 
 
 class _AssembleCounts(InBlockOrder):
