@@ -269,10 +269,10 @@ def _export(model: str, base: str, top_k_max: int, version: int | None, run_id: 
     final = f'{base}/{version}'
     guard = OutputGuard(final, 'savedmodel', any_sibling=True)
     guard.check_target()
+    sha = hashlib.sha256(read_manifest_bytes(folder)).hexdigest()
+    rec = Recommender.load(folder)      # verified before anything is written
     staging = guard.start(run_id)
     try:
-        sha = hashlib.sha256(read_manifest_bytes(folder)).hexdigest()
-        rec = Recommender.load(folder)
         with tempfile.TemporaryDirectory(prefix='wals-export-') as tmp:
             os.makedirs(os.path.join(tmp, 'assets'))
             module = ServingModule(rec, top_k_max, os.path.join(tmp, 'assets'))

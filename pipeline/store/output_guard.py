@@ -38,7 +38,8 @@ from apache_beam.io.filesystems import FileSystems
 
 from pipeline.store import leases
 from pipeline.store.model_root import reclaim_root, lease_path as root_lease_path
-from pipeline.store.publish import (SUCCESS, OutputExists, OutputRefused, _local_path,
+from pipeline.store.publish import (SUCCESS, OutputExists, OutputRefused, PublishFailed,
+                                    _local_path,
                                     aside_path, list_files, old_copies, our_manifest,
                                     publish, remove_empty_dirs, remove_listed, remove_tree,
                                     staging_path, step)
@@ -84,24 +85,29 @@ class Place:
                 and other.parts[:len(self.parts)] == self.parts)
 
 
-def place(path: str) -> Place:
+def places(path: str) -> set[Place]:
+    """The forms of a path to compare: locally the resolved path (symlinks followed)
+    and the one as written (made absolute, `..` removed: a symlink that lies inside
+    the output but points elsewhere still lies inside it)."""
     local = _local_path(path)
     if local is not None:
-        real = os.path.realpath(os.path.abspath(os.path.expanduser(local)))
-        return Place('file', '', tuple(p for p in real.split(os.sep) if p))
+        given = os.path.abspath(os.path.expanduser(local))
+        return {Place('file', '', tuple(p for p in form.split(os.sep) if p))
+                for form in (os.path.realpath(given), os.path.normpath(given))}
     scheme, _, rest = path.partition('://')
     bucket, _, name = rest.partition('/')
     name = posixpath.normpath('/' + name)
-    return Place(scheme, bucket, tuple(p for p in name.split('/') if p))
+    return {Place(scheme, bucket, tuple(p for p in name.split('/') if p))}
 
 
-def relation(output: Place, read: Place) -> str | None:
+def relation(output: str, read: str) -> str | None:
     """'is', 'contains' or 'lies inside', or None when the paths are apart."""
-    if output == read:
+    pairs = [(a, b) for a in places(output) for b in places(read)]
+    if any(a == b for a, b in pairs):
         return 'is'
-    if output.contains(read):
+    if any(a.contains(b) for a, b in pairs):
         return 'contains'
-    if read.contains(output):
+    if any(b.contains(a) for a, b in pairs):
         return 'lies inside'
     return None
 
@@ -225,12 +231,11 @@ class OutputGuard:
         command reads: reads are (flag, path or glob); a flag in allow_equal may name
         the output itself (train --previous_model OUT --output OUT --overwrite: the
         previous model is read whole before it is replaced), not a path inside it."""
-        out = place(self.output)
         for flag, pattern in reads:
             if not pattern:
                 continue
             for path in expand(pattern):
-                how = relation(out, place(path))
+                how = relation(self.output, path)
                 if how is None or (how == 'is' and flag in allow_equal):
                     continue
                 what = path if path == pattern else f'{path} (matched by {pattern})'
@@ -372,8 +377,15 @@ class OutputGuard:
         if self.kind != 'model' and 'kind' not in manifest:
             manifest = dict(manifest, kind=self.kind)
         self.check_existing()
-        out = publish(staging, self.output, manifest, overwrite=self.overwrite,
-                      run_id=self.run_id, replaceable=self.replaceable)
+        try:
+            out = publish(staging, self.output, manifest, overwrite=self.overwrite,
+                          run_id=self.run_id, replaceable=self.replaceable)
+        except (OutputRefused, PublishFailed):
+            raise
+        except (OSError, IOError) as e:   # e.g. the parent became read-only meanwhile
+            raise PublishFailed(f'could not publish to {self.output}: {e}; the earlier '
+                                'output, if any, is unchanged (or readable through its '
+                                'set-aside copy until the next run)') from None
         self._made = []
         try:
             self.reclaim()
@@ -389,7 +401,7 @@ class OutputGuard:
         if self.lease is None:
             return
         left = []
-        if self.root is None and self.run_id is not None:
+        if self.run_id is not None:
             left = [p for p in (staging_path(self.output, self.run_id),
                                 aside_path(self.output, self.run_id))
                     if list_files(p) or FileSystems.exists(p)]

@@ -40,6 +40,11 @@ class OutputExists(OutputRefused):
     another run published there while this one ran)."""
 
 
+class PublishFailed(RuntimeError):
+    """The filesystem refused a step of publishing (exit 1): nothing new is
+    published, the earlier output is intact or readable through its set-aside copy."""
+
+
 def new_run_id() -> str:
     return datetime.datetime.now(datetime.timezone.utc).strftime('%Y%m%dT%H%M%S') + \
         '-' + uuid.uuid4().hex[:8]

@@ -101,7 +101,9 @@ def run(config: TrainConfig, options: PipelineOptions, overwrite: bool = False) 
     guard = OutputGuard(config.output, 'model', overwrite=overwrite, root=root,
                         flag='--model_root' if root else '--output')
     guard.check_target()
-    guard.check_reads([('--input', config.input), ('--test_input', config.test_input)])
+    guard.check_reads([('--input', config.input), ('--test_input', config.test_input),
+                       ('--previous_model', config.previous_model)],
+                      allow_equal=('--previous_model',))
     staging = guard.start(run_id)
     try:
         previous = resolve_previous(config, run_id)
