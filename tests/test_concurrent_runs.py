@@ -18,10 +18,9 @@ import numpy as np
 import pytest
 from apache_beam.io.filesystems import FileSystems
 
-from pipeline.store import leases, model_root
+from pipeline.store import model_root
 from pipeline.store.model_files import load_model_files
-from pipeline.store.model_root import (lease_path, promote, prune, read_latest,
-                                       version_path)
+from pipeline.store.model_root import promote, prune, read_latest, version_path
 from pipeline.store.publish import SUCCESS, list_files
 from tests.test_output_safety import SMALL, cli, finish, start, wait_for
 
@@ -86,9 +85,10 @@ def no_leftovers(root: str) -> None:
 # ---- a running job's version is not pruned ------------------------------------------
 
 def _pruned_under_a_warm_start(ratings, root: str, v1: str, extra_env=None) -> None:
-    """Run A warm-starts from v1 and is stopped while training; run B with
-    --keep_versions 1 publishes, promotes and prunes; A then continues."""
-    a = start(*train_args(ratings, root), extra_env=extra_env)
+    """Run A warm-starts from v1 (--previous_model ROOT, as the daily DAG runs it)
+    and is stopped while training; run B with --keep_versions 1 publishes, promotes
+    and prunes; A then continues."""
+    a = start(*train_args(ratings, root, '--previous_model', root), extra_env=extra_env)
     try:
         wait_for(a, f'Previous model: {version_path(root, v1)} (warm start of the item '
                     'factors)')
@@ -238,6 +238,8 @@ def test_gcs_a_running_jobs_version_is_kept_and_a_crashed_jobs_lease_is_not(
 
 def test_a_reader_that_names_a_version_while_it_is_pruned_keeps_it(root_v1, tmp_path,
                                                                    monkeypatch):
+    from pipeline.store import leases
+    from pipeline.store.model_root import lease_path
     root, v1 = fresh_root(root_v1, tmp_path / 'root')
     root = str(root)
     v2 = '29990101T000000Z-00000002'

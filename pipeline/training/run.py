@@ -20,8 +20,8 @@ from pipeline.runners.factory import make_pipeline
 from pipeline.store.files import save_json
 from pipeline.store.model_files import LATEST, PreviousModel, load_model_files, resolve_model_path
 from pipeline.store.model_root import (hold_model, promote, prune, read_latest, release_holds,
-                                       version_name, version_path)
-from pipeline.store.output_guard import OutputGuard
+                                       root_of, version_name, version_path)
+from pipeline.store.output_guard import OutputGuard, relation
 from pipeline.store.publish import (OutputExists, OutputRefused, UntrustedModel,
                                     describe_inputs, discard, new_run_id, remove_tree)
 from pipeline.store.report import (PLOT, build_report, gate_decision, plot_convergence,
@@ -101,8 +101,14 @@ def run(config: TrainConfig, options: PipelineOptions, overwrite: bool = False) 
     guard = OutputGuard(config.output, 'model', overwrite=overwrite, root=root,
                         flag='--model_root' if root else '--output')
     guard.check_target()
+    # A --previous_model that is a model root (ROOT itself with --model_root ROOT, as
+    # the daily DAG runs it) is compared by the version it resolves to, below.
+    previous_path = config.previous_model
+    if previous_path and (root_of(previous_path)[0] is not None or (
+            root is not None and relation(previous_path, root) == 'is')):
+        previous_path = None
     guard.check_reads([('--input', config.input), ('--test_input', config.test_input),
-                       ('--previous_model', config.previous_model)],
+                       ('--previous_model', previous_path)],
                       allow_equal=('--previous_model',))
     staging = guard.start(run_id)
     try:
