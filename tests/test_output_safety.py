@@ -93,6 +93,16 @@ def refused(proc: subprocess.CompletedProcess, *words: str) -> str:
     return last
 
 
+def refused_here(main, argv: list, capsys, *words: str) -> str:
+    """refused() for a command's main() called in this process (the same code as
+    its command line, without paying for a new interpreter and its imports)."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    return refused(subprocess.CompletedProcess(argv, e.value.code, '', err), *words)
+
+
 def leftovers(folder: pathlib.Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir()
                   if any(m in p.name for m in ('.tmp-', '.old-', '.lease-')))
@@ -309,14 +319,14 @@ def test_a_killed_runs_leftovers_are_reclaimed_and_a_live_runs_are_not(tmp_path,
     out = copy_model(model, tmp_path / 'out')
     args = ['train', '--input', ratings, '--output', out, '--overwrite', *SMALL]
     # Killed once its staging folder holds the complete new model.
-    killed = start(*args, extra_env={'WALS_STEP_DELAY': '3'})
+    killed = start(*args, extra_env={'WALS_STEP_DELAY': '1'})
     wait_for(killed, 'publish: staged')
     killed.send_signal(signal.SIGKILL)
     killed.wait()
     stale = leftovers(tmp_path)
     assert [n for n in stale if '.tmp-' in n] and [n for n in stale if '.lease-' in n]
     # Stopped (alive) with its staging complete: a run meanwhile must not touch it.
-    live = start(*args, extra_env={'WALS_STEP_DELAY': '3'})
+    live = start(*args, extra_env={'WALS_STEP_DELAY': '1'})
     try:
         wait_for(live, 'publish: staged')
         live.send_signal(signal.SIGSTOP)
@@ -343,7 +353,7 @@ def test_a_killed_runs_leftovers_in_a_model_root_are_reclaimed(tmp_path, ratings
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     def kill_at(step: str) -> list[str]:
-        run = start('train', *args, extra_env={'WALS_STEP_DELAY': '3'})
+        run = start('train', *args, extra_env={'WALS_STEP_DELAY': '1'})
         wait_for(run, f'publish: {step}')
         run.send_signal(signal.SIGKILL)
         run.wait()
@@ -369,7 +379,8 @@ def test_a_killed_runs_leftovers_in_a_model_root_are_reclaimed(tmp_path, ratings
 
 # ---- recommend -------------------------------------------------------------------
 
-def test_recommend_refuses_foreign_files_overlaps_and_files(tmp_path, model):
+def test_recommend_refuses_foreign_files_overlaps_and_files(tmp_path, model, capsys):
+    from pipeline.cli.recommend import main
     out = tmp_path / 'out'
     out.mkdir()
     (out / 'notes.txt').write_text('mine')
@@ -382,11 +393,11 @@ def test_recommend_refuses_foreign_files_overlaps_and_files(tmp_path, model):
     before = tree(tmp_path)
     refused(cli('recommend', '--model', model, '--output', out, '--overwrite'),
             '1 file(s) this tool did not write: notes.txt')
-    refused(cli('recommend', '--model', model, '--users', users, '--output', users.parent,
-                '--overwrite'), 'contains --users')
-    refused(cli('recommend', '--model', model, '--output', afile), 'is a file')
-    refused(cli('recommend', '--model', tmp_path / 'alias', '--output', model / 'recs'),
-            'lies inside --model')
+    refused_here(main, ['--model', model, '--users', users, '--output', users.parent,
+                        '--overwrite'], capsys, 'contains --users')
+    refused_here(main, ['--model', model, '--output', afile], capsys, 'is a file')
+    refused_here(main, ['--model', tmp_path / 'alias', '--output', model / 'recs'], capsys,
+                 'lies inside --model')
     assert tree(tmp_path) == before
     assert tree(model) == tree(tmp_path / 'alias')
 
@@ -437,20 +448,24 @@ def test_recommend_names_the_missing_or_forged_file(tmp_path, model, how):
 
 @pytest.mark.parametrize('how', ['col.npy missing', 'seen part missing',
                                  'forged object array'])
-def test_export_names_the_missing_or_forged_file(tmp_path, model, how):
+def test_export_names_the_missing_or_forged_file(tmp_path, model, how, capsys):
     pytest.importorskip('tensorflow')
+    from pipeline.cli.export import main
     bad = tmp_path / 'bad'
     rel = _damage(model, bad, how)
     word = 'is missing' if 'missing' in how else 'untrusted model'
-    _failed(cli('export', '--model', bad, '--output', tmp_path / 'exp'), f'{bad}/{rel}',
-            word)
+    capsys.readouterr()
+    code = main(['--model', str(bad), '--output', str(tmp_path / 'exp')])
+    _failed(subprocess.CompletedProcess([], code, '', capsys.readouterr().err),
+            f'{bad}/{rel}', word)
     assert not (tmp_path / 'exp').exists() and leftovers(tmp_path) == []
 
 
 # ---- export ----------------------------------------------------------------------
 
-def test_export_refusals_and_its_manifest(tmp_path, model):
+def test_export_refusals_and_its_manifest(tmp_path, model, capsys):
     pytest.importorskip('tensorflow')
+    from pipeline.cli.export import main
     afile = tmp_path / 'afile'
     afile.write_text('x')
     other = tmp_path / 'other'
@@ -459,21 +474,21 @@ def test_export_refusals_and_its_manifest(tmp_path, model):
     exp = tmp_path / 'exp'
     before = tree(tmp_path)
     refused(cli('export', '--model', model, '--output', afile), 'is a file')
-    refused(cli('export', '--model', model, '--output', other), 'notes.txt',
-            'not TF Serving version folders')
-    refused(cli('export', '--model', model, '--output', model), 'is --model', 'overlaps')
-    refused(cli('export', '--model', model, '--output', model / 'exp'), 'lies inside')
+    refused_here(main, ['--model', model, '--output', other], capsys, 'notes.txt',
+                 'not TF Serving version folders')
+    refused_here(main, ['--model', model, '--output', model], capsys, 'is --model',
+                 'overlaps')
+    refused_here(main, ['--model', model, '--output', model / 'exp'], capsys, 'lies inside')
     for version in ('0', '-1'):
-        refused(cli('export', '--model', model, '--output', exp, '--version', version),
-                '--version must be 1 or more')
+        refused_here(main, ['--model', model, '--output', exp, '--version', version], capsys,
+                     '--version must be 1 or more')
     assert tree(tmp_path) == before
-    proc = cli('export', '--model', model, '--output', exp, '--version', '3')
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert main(['--model', str(model), '--output', str(exp), '--version', '3']) == 0
     manifest = json.loads((exp / '3' / SUCCESS).read_text())
     assert manifest['kind'] == 'savedmodel' and 'saved_model.pb' in manifest['files']
     assert sorted(os.listdir(exp)) == ['3']                    # no staging, no lease
-    refused(cli('export', '--model', model, '--output', exp, '--version', '3'),
-            'immutable')
+    refused_here(main, ['--model', model, '--output', exp, '--version', '3'], capsys,
+                 'immutable')
 
 
 # ---- tune ------------------------------------------------------------------------
@@ -483,7 +498,8 @@ TUNE = ['--trials', '1', '--parallel', '1', '--num_iters', '1', '--direct_runnin
 
 
 def test_tune_refuses_a_model_folder_foreign_files_overlaps_and_files(tmp_path, model,
-                                                                      ratings):
+                                                                      ratings, capsys):
+    from pipeline.cli.tune import main
     m = copy_model(model, tmp_path / 'm')
     other = tmp_path / 'other'
     other.mkdir()
@@ -496,13 +512,13 @@ def test_tune_refuses_a_model_folder_foreign_files_overlaps_and_files(tmp_path, 
     before = tree(tmp_path)
     refused(cli('tune', '--input', ratings, '--output', m, '--overwrite', *TUNE),
             'holds a published model, not tuning output')
-    refused(cli('tune', '--input', ratings, '--output', m / 'tuning', *TUNE),
-            'lies inside', 'a published model')
-    refused(cli('tune', '--input', ratings, '--output', other, '--overwrite', *TUNE),
-            'notes.txt')
-    refused(cli('tune', '--input', f'{d}/*.tsv', '--output', d, '--overwrite', *TUNE),
-            'contains --input')
-    refused(cli('tune', '--input', ratings, '--output', afile, *TUNE), 'is a file')
+    for argv, words in (
+            (['--output', m / 'tuning'], ['lies inside', 'a published model']),
+            (['--output', other, '--overwrite'], ['notes.txt']),
+            (['--input', f'{d}/*.tsv', '--output', d, '--overwrite'], ['contains --input']),
+            (['--output', afile], ['is a file'])):
+        argv = argv if '--input' in argv else ['--input', ratings, *argv]
+        refused_here(main, [*argv, *TUNE], capsys, *words)
     assert tree(tmp_path) == before
 
 
@@ -566,7 +582,7 @@ def test_gcs_a_killed_overwrite_is_reclaimed_by_the_next(emulator, ratings, mode
     extra = emulator.env()
     _put_tree(model, f'{gs}/out')
     args = ['train', '--input', ratings, '--output', f'{gs}/out', '--overwrite', *SMALL]
-    run = start(*args, extra_env={**extra, 'WALS_STEP_DELAY': '3'})
+    run = start(*args, extra_env={**extra, 'WALS_STEP_DELAY': '1'})
     wait_for(run, 'publish: new-files-moved')     # new files in, no _SUCCESS yet
     run.send_signal(signal.SIGKILL)
     run.wait()
