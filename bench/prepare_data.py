@@ -117,7 +117,7 @@ def prepare(name: str, cache: pathlib.Path = DEFAULT_CACHE, force: bool = False)
     t1 = time.time()
     users, items, ratings = read_ratings(p['raw'])
     ui, ii, test, n_users, n_items = split_indices(users, items)
-    from pipeline.io.synth import _format_lines   # fast integer formatting (no Beam import)
+    from pipeline.io.synth import format_lines   # fast integer formatting (no Beam import)
     tmp = p['split'].with_suffix('.tmp')
     with open(tmp, 'wb') as f:
         step = 1 << 20
@@ -125,7 +125,7 @@ def prepare(name: str, cache: pathlib.Path = DEFAULT_CACHE, force: bool = False)
             cols = [ui[lo:lo + step], ii[lo:lo + step],
                     np.rint(ratings[lo:lo + step] * 1000).astype(np.int64),  # milli-ratings
                     test[lo:lo + step].astype(np.int64)]
-            f.write(_format_lines(cols))
+            f.write(format_lines(cols))
     os.replace(tmp, p['split'])
     pairs = np.unique(ui * n_items + ii).size
     meta = {'recipe': recipe, 'ratings': int(len(ui)), 'users': int(n_users),

@@ -363,7 +363,7 @@ def targets(results) -> list[list[str]]:
     else:
         # The 20m case is its own run (see the module docstring): say where it is.
         rows.append(['4', 'beam_inmem k=32, 10 it, 20m',
-                     'not in this run: [BENCHMARKS-scale.md](BENCHMARKS-scale.md) '
+                     'not in this run: `BENCHMARKS-scale.md` '
                      '(`--sizes 1m,10m,20m --methods beam_inmem@32`)', '≤ 8 GiB',
                      'SEPARATE RUN'])
     c = _find(results, '100k', 'beam_cli', 5)

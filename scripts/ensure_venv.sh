@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Sourced by run_local.sh and run_tests.sh: creates ./.venv with the project's
-# dependencies (setup.py extras `local`, `test`, `tune`, `dask` and `serve`) when
+# dependencies (setup.py extras `local`, `test`, `tune`, `dask`, `serve`, `export` and `docs`) when
 # it is missing or when setup.py changed since it was built, then puts it first on
 # PATH.
 # (sourced: the caller sets its own shell options)
@@ -13,7 +13,7 @@ if [[ ! -x "$_venv/bin/python" ]] || [[ "$(cat "$_stamp" 2>/dev/null)" != "$_wan
   "${PYTHON:-python3}" -m venv "$_venv"
   # pip's chatter goes to a log; it is shown only if the install fails.
   if ! { "$_venv/bin/python" -m pip install --upgrade pip &&
-         "$_venv/bin/python" -m pip install -e "$_root[local,test,tune,dask,serve]"; } > "$_venv/pip.log" 2>&1; then
+         "$_venv/bin/python" -m pip install -e "$_root[local,test,tune,dask,serve,export,docs]"; } > "$_venv/pip.log" 2>&1; then
     grep -v 'is ignored: it is neither' "$_venv/pip.log" | tail -40 >&2
     echo "pip install failed; full log: $_venv/pip.log" >&2
     exit 1

@@ -1,4 +1,11 @@
-"""Shared test fixtures: MovieLens 100k from ../shared and small rating files."""
+"""Shared test fixtures (MovieLens 100k from ../shared, small rating files) and the
+test tiers.
+
+Tiers: every test is in the full suite (`./run_tests.sh`, what CI runs); tests that
+are not marked `slow` form the fast tier (`./run_tests.sh -m "not slow"`, a few
+minutes: unit tests and small pipelines). A test is slow when it is marked
+@pytest.mark.slow or its module is in SLOW_MODULES below (whole-process runs,
+clusters, emulators, other venvs, MovieLens end to end)."""
 from __future__ import annotations
 
 import os
@@ -8,6 +15,45 @@ import numpy as np
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+SLOW_MODULES = {
+    'test_airflow_dag',       # its own venv, a real Airflow DagBag
+    'test_concurrent_runs',   # several real training processes on one model root
+    'test_dask',              # a dask scheduler and two workers
+    'test_dataflow_job',      # Dataflow job descriptions, staged packages
+    'test_distributed_vocab', # every mode twice through the pipeline
+    'test_exchange',          # routed vs broadcast, every mode
+    'test_export',            # TensorFlow
+    'test_fault_injection',   # SIGKILL / disk full / gs:// faults at every step
+    'test_gcs',               # the Cloud Storage emulator
+    'test_output_safety',     # refusals and kills of real command lines, local and gs://
+    'test_packaging',         # sdist and a fresh virtualenv
+    'test_rerun',             # two dumps, SIGKILLs while publishing
+    'test_serve',             # a real HTTP server under load
+    'test_serve_fuzz',        # schemathesis over every endpoint
+    'test_thread_independence',  # every mode under two BLAS thread counts
+}
+
+# Single slow tests of otherwise fast modules: (module, test function).
+SLOW_TESTS = {
+    ('test_cli', 'test_movielens_100k_end_to_end_meets_the_quality_bar'),
+    ('test_cli', 'test_movielens_100k_mode_defaults_meet_the_issue_bars'),
+    ('test_cli', 'test_wals_train_is_python_m_pipeline_train'),
+    ('test_bad_input', 'test_model_from_messy_file_equals_model_from_its_good_lines'),
+    ('test_bad_input', 'test_killed_run_leaves_the_earlier_model_untouched'),
+    ('test_convergence', 'test_tolerance_passes_the_factors_through_once_converged'),
+    ('test_pipeline', 'test_runs_are_byte_identical_across_runs_and_direct_runner_modes'),
+    ('test_modes', 'test_mode_runs_are_byte_identical_across_direct_runner_modes'),
+    ('test_tune', 'test_reads_and_writes_gcs'),
+    ('test_docs', 'test_examples_run_and_print_what_the_page_shows'),
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.path.stem in SLOW_MODULES or \
+                (item.path.stem, getattr(item, 'originalname', item.name)) in SLOW_TESTS:
+            item.add_marker(pytest.mark.slow)
 ML100K = ROOT.parent / 'shared' / 'data' / 'ml-100k' / 'u.data'
 
 

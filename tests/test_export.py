@@ -3,7 +3,7 @@ signatures answer as the numpy API (pipeline.serving.recommender) does, for 20 u
 20 items of models trained by the pipeline; unknown IDs, padding, k limits, ties;
 and training never imports TensorFlow.
 
-TensorFlow comes with the `serve` extra, which run_tests.sh installs: in CI a
+TensorFlow comes with the `export` extra, which run_tests.sh installs: in CI a
 missing TensorFlow is a failure, not a skip."""
 from __future__ import annotations
 

@@ -94,7 +94,7 @@ def test_every_package_says_what_it_owns_and_may_import(package):
     assert 'May import' in doc and len(doc.split()) > 20, doc
 
 
-@pytest.mark.parametrize('alias', sorted(ALIASES - {'serve'}))
+@pytest.mark.parametrize('alias', sorted(ALIASES))
 def test_the_python_m_aliases_only_hand_over(alias):
     tree = ast.parse((ROOT / 'pipeline' / f'{alias}.py').read_text())
     froms = [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from wals_core import topk as topk_module
-from wals_core.topk import similar_items, top_k
+from wals_core.topk import ItemLayout, similar_items, top_k
 
 
 def brute_force(queries, items, k, exclude=None, offsets=None):
@@ -179,6 +179,43 @@ def test_rows_do_not_depend_on_batching_or_threads(spread, k):
                             item_offsets=offsets, num_threads=3)
         np.testing.assert_array_equal(ids, full[0][rows])
         np.testing.assert_array_equal(scores, full[1][rows])
+
+
+@pytest.mark.parametrize('offsets_kind', ['none', 'finite', 'with -inf'])
+def test_an_item_layout_gives_the_same_bits_as_the_arrays(offsets_kind):
+    """ItemLayout (the item side prepared once, for a server) changes nothing: the
+    same ids and score bits for grouped and whole-row k, batches of every size, NaN and
+    inf items, exclusions; its padded copies are reused across calls; it keeps its own
+    copy of the items."""
+    rng = np.random.default_rng(12)
+    q, v, seen = random_case(rng, 300, 2000, 16, 10**6, seen_max=60)
+    q, v = q / np.float32(3.7e6), v / np.float32(1.3e6)
+    v[7] = np.nan
+    v[11, 3] = np.inf
+    offsets = None
+    if offsets_kind != 'none':
+        offsets = rng.standard_normal(2000).astype(np.float32)
+        if offsets_kind == 'with -inf':
+            offsets[[0, 5, 1999]] = -np.inf
+    layout = ItemLayout(v, offsets)
+    indptr, indices = csr(seen)
+    for k in (1, 10, 40, 700, 2500):
+        want = top_k(q, v, k, exclude_indptr=indptr, exclude_indices=indices,
+                     item_offsets=offsets, num_threads=1)
+        for rows in (np.arange(300), np.array([17]), np.arange(0, 300, 9)):
+            sp, si = csr([seen[r] for r in rows])
+            got = top_k(q[rows], layout, k, exclude_indptr=sp, exclude_indices=si,
+                        num_threads=2)
+            np.testing.assert_array_equal(got[0], want[0][rows])
+            np.testing.assert_array_equal(got[1].view(np.int32), want[1][rows].view(np.int32))
+    assert 1 <= len(layout._padded) <= 5
+    v[:] = 0.0                      # the caller's array changes; the layout does not
+    again = top_k(q[:3], layout, 10, num_threads=1)
+    assert not (again[1] == 0).all()
+    with pytest.raises(ValueError, match='item_offsets must be None'):
+        top_k(q, layout, 5, item_offsets=np.zeros(2000, np.float32))
+    with pytest.raises(ValueError, match='same number of columns'):
+        top_k(q[:, :3], layout, 5)
 
 
 def test_similar_items():

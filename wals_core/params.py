@@ -9,7 +9,6 @@ import dataclasses
 
 LOG_RATINGS = 0      # the original's constant: log weights, C_j = (1/n_j) ** feature_wt_exp
 LINEAR_RATINGS = 1   # the original's constant: linear weights, C_j = feature_wt_factor / n_j
-WT_TYPE_NAMES = {LOG_RATINGS: 'log', LINEAR_RATINGS: 'linear'}
 
 DATA_TYPES = ('ratings', 'web_views')
 MODELS = ('wals', 'implicit', 'explicit')

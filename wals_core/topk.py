@@ -57,6 +57,10 @@ kc = k + max(_EXTRA_MIN, k / 16) items by those scores:
 When grouping cannot pay (kc·G > n_items / 2) every row takes the whole-row path.
 Batches are spread over `num_threads` Python threads (numpy's matmul, reductions and
 partitions release the GIL) with OpenBLAS on one thread (wals_core.solve's helper).
+
+Many calls on the same items (a server): ItemLayout(items, offsets) does the
+per-items work once (the float32 copy, non-finite items, norm bounds, the padded
+transposed copy per group size); top_k(queries, layout, k) then gives the same bits.
 """
 from __future__ import annotations
 
@@ -126,14 +130,75 @@ def _largest(keys: np.ndarray, k: int) -> np.ndarray:
     return keys[:, ::-1]
 
 
-def top_k(queries: np.ndarray, items: np.ndarray, k: int, *,
+class ItemLayout:
+    """The item side of top_k prepared once for many calls (a server answering many
+    requests from one model): the float32 items and offsets, the items with a
+    non-finite value, the largest item norm and offset, and per group size the padded
+    transposed copy the BLAS phase multiplies by. top_k(queries, layout, k, ...) gives
+    bit for bit what top_k(queries, items, k, item_offsets=offsets, ...) gives, without
+    redoing that O(n_items x d) work on every call. The items must not change
+    afterwards (the layout keeps copies)."""
+
+    def __init__(self, items: np.ndarray, item_offsets: np.ndarray | None = None):
+        v = np.array(items, dtype=np.float32, order='C')    # a copy: nobody changes it
+        if v.ndim != 2:
+            raise ValueError(f'items must be 2-d, got shape {v.shape}')
+        if v.shape[0] >= 1 << 32:
+            raise ValueError('at most 2**32 - 1 items')
+        offsets = None
+        if item_offsets is not None:
+            offsets = np.array(item_offsets, dtype=np.float32).reshape(-1)
+            if offsets.shape[0] != v.shape[0]:
+                raise ValueError(f'item_offsets has {offsets.shape[0]} values for '
+                                 f'{v.shape[0]} items')
+        self.items, self.offsets = v, offsets
+        self.bad = np.flatnonzero(~np.isfinite(v).all(axis=1))
+        self.vmax, self.omax = _item_bounds(v, self.bad, offsets)
+        self._padded: dict[int, tuple[np.ndarray, np.ndarray | None]] = {}
+
+    def padded(self, n_pad: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """(items transposed d x n_pad, offsets padded with -inf or None), made once."""
+        out = self._padded.get(n_pad)
+        if out is None:
+            out = self._padded[n_pad] = _padded(self.items, self.offsets, self.bad, n_pad)
+        return out
+
+
+def _item_bounds(v: np.ndarray, bad: np.ndarray, offsets: np.ndarray | None
+                 ) -> tuple[float, float]:
+    """(largest norm of a finite item vector, largest |finite offset|)."""
+    item_norm = np.sqrt(np.einsum('ij,ij->i', v, v, dtype=np.float64))
+    item_norm[bad] = 0.0
+    vmax = float(item_norm.max()) if len(item_norm) else 0.0
+    omax = 0.0
+    if offsets is not None:
+        fin = offsets[np.isfinite(offsets)]
+        omax = float(np.abs(fin).max()) if len(fin) else 0.0
+    return vmax, omax
+
+
+def _padded(v: np.ndarray, offsets: np.ndarray | None, bad: np.ndarray, n_pad: int
+            ) -> tuple[np.ndarray, np.ndarray | None]:
+    n_items, d = v.shape
+    items_t = np.zeros((d, n_pad), dtype=np.float32)
+    items_t[:, :n_items] = v.T
+    off_pad = None
+    if offsets is not None:   # -inf on padding and non-finite items, too
+        off_pad = np.full(n_pad, _NEG_INF, dtype=np.float32)
+        off_pad[:n_items] = offsets
+        off_pad[bad] = _NEG_INF
+    return items_t, off_pad
+
+
+def top_k(queries: np.ndarray, items: np.ndarray | ItemLayout, k: int, *,
           exclude_indptr: np.ndarray | None = None,
           exclude_indices: np.ndarray | None = None,
           item_offsets: np.ndarray | None = None,
           num_threads: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The k best items of every query row: (ids int64 n×k, scores float32 n×k).
 
-    queries: n × d; items: n_items × d (both cast to float32).
+    queries: n × d; items: n_items × d (both cast to float32), or an ItemLayout of
+    the items and their offsets (then item_offsets must be None).
     exclude_indptr (n + 1) / exclude_indices: row u never gets the items
     exclude_indices[exclude_indptr[u]:exclude_indptr[u + 1]] (duplicates allowed).
     item_offsets (n_items): added to every row's scores (e.g. item biases).
@@ -141,7 +206,10 @@ def top_k(queries: np.ndarray, items: np.ndarray, k: int, *,
     results do not depend on it. See the module docstring for the full contract.
     """
     q = np.ascontiguousarray(queries, dtype=np.float32)
-    v = np.ascontiguousarray(items, dtype=np.float32)
+    layout = items if isinstance(items, ItemLayout) else None
+    if layout is not None and item_offsets is not None:
+        raise ValueError('an ItemLayout carries its own offsets: item_offsets must be None')
+    v = layout.items if layout is not None else np.ascontiguousarray(items, dtype=np.float32)
     if q.ndim != 2 or v.ndim != 2 or q.shape[1] != v.shape[1]:
         raise ValueError(f'queries {q.shape} and items {v.shape} must be 2-d with the '
                          'same number of columns')
@@ -153,7 +221,7 @@ def top_k(queries: np.ndarray, items: np.ndarray, k: int, *,
     if n_items >= 1 << 32:
         raise ValueError('at most 2**32 - 1 items')
     indptr, indices = _exclusions(exclude_indptr, exclude_indices, n_q, n_items)
-    offsets = None
+    offsets = layout.offsets if layout is not None else None
     if item_offsets is not None:
         offsets = np.asarray(item_offsets, dtype=np.float32).reshape(-1)
         if offsets.shape[0] != n_items:
@@ -167,7 +235,11 @@ def top_k(queries: np.ndarray, items: np.ndarray, k: int, *,
 
     # Items with a non-finite vector never become BLAS candidates: every row scores
     # them exactly (their BLAS scores could depend on the summation order).
-    bad = np.flatnonzero(~np.isfinite(v).all(axis=1))
+    if layout is not None:
+        bad, bounds = layout.bad, (layout.vmax, layout.omax)
+    else:
+        bad = np.flatnonzero(~np.isfinite(v).all(axis=1))
+        bounds = _item_bounds(v, bad, offsets)
     n_good = n_items - len(bad)
     kc = min(n_good, kk + max(_EXTRA_MIN, kk // 16))   # candidates per row
     g = _group_size(n_items, kc)
@@ -176,14 +248,11 @@ def top_k(queries: np.ndarray, items: np.ndarray, k: int, *,
         g = 1
     m = -(-n_items // g)
     n_pad = m * g
-    items_t = np.zeros((d, n_pad), dtype=np.float32)
-    items_t[:, :n_items] = v.T
-    exact = _ExactScores(q, v, items_t, bad, offsets, indptr, indices)
-    off_pad = None
-    if offsets is not None:   # -inf on padding and non-finite items, too
-        off_pad = np.full(n_pad, _NEG_INF, dtype=np.float32)
-        off_pad[:n_items] = offsets
-        off_pad[exact.bad] = _NEG_INF
+    if layout is not None:
+        items_t, off_pad = layout.padded(n_pad)
+    else:
+        items_t, off_pad = _padded(v, offsets, bad, n_pad)
+    exact = _ExactScores(q, v, items_t, bad, bounds, offsets, indptr, indices)
     low_all = None if grouped else _LOW - np.arange(n_items, dtype=np.int64)
 
     def candidates(r0: int, buf: np.ndarray, qbuf: np.ndarray,
@@ -272,8 +341,8 @@ class _ExactScores:
     every item)."""
 
     def __init__(self, q: np.ndarray, v: np.ndarray, items_t: np.ndarray,
-                 bad: np.ndarray, offsets: np.ndarray | None, indptr: np.ndarray | None,
-                 indices: np.ndarray | None) -> None:
+                 bad: np.ndarray, bounds: tuple[float, float], offsets: np.ndarray | None,
+                 indptr: np.ndarray | None, indices: np.ndarray | None) -> None:
         # float32 inputs only (no float64 copies of whole matrices): products are
         # taken in float64 on the pairs being scored. items_t: v transposed (d ×
         # n_pad, the BLAS phase's copy), so each dimension's values are contiguous.
@@ -282,13 +351,7 @@ class _ExactScores:
         self.indptr, self.indices = indptr, indices
         d = q.shape[1]
         self.bad = bad   # items with a non-finite value
-        item_norm = np.sqrt(np.einsum('ij,ij->i', v, v, dtype=np.float64))
-        item_norm[bad] = 0.0
-        vmax = float(item_norm.max()) if len(item_norm) else 0.0
-        omax = 0.0
-        if offsets is not None:
-            fin = offsets[np.isfinite(offsets)]
-            omax = float(np.abs(fin).max()) if len(fin) else 0.0
+        vmax, omax = bounds   # _item_bounds: largest finite item norm and |offset|
         row_norm = np.sqrt(np.einsum('ij,ij->i', q, q, dtype=np.float64))
         u32, u64 = 2.0 ** -24, 2.0 ** -53
         gamma = d * u32 / (1 - d * u32) + d * u64 / (1 - d * u64)

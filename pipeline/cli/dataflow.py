@@ -285,9 +285,6 @@ def build_job(plan: Plan):
     return pipeline.run()
 
 
-MODULES = ('train', 'recommend')    # run_dataflow.sh [MODULE] ...; train by default
-
-
 def launch(argv: list[str]) -> int:
     """run_dataflow.sh without the logging setup: plan, then dry run, template or
     submission (through pipeline.cli.train, which waits and publishes). A first argument

@@ -2,7 +2,7 @@
 
     wals train --input ratings.tsv --output model     # = python -m pipeline.train ...
     wals recommend --model model --output recs        # = python -m pipeline.recommend ...
-    wals tune | export | dataflow | synth ...
+    wals tune | serve | export | dataflow | synth ...
     wals SUBCOMMAND --help
 
 Each subcommand is the module of the same name in pipeline/cli/ (its options, its
@@ -20,6 +20,7 @@ SUBCOMMANDS = {
     'train': 'Train a model on a ratings dump (to --output or a --model_root version).',
     'recommend': 'Recommendations from a model: batch files, or one user.',
     'tune': 'Search hyperparameters on a validation split.',
+    'serve': 'Serve recommendations over HTTP, following a model root\'s LATEST.',
     'export': 'Export a model as a TensorFlow SavedModel.',
     'dataflow': 'Launch train (or recommend) on Google Cloud Dataflow.',
     'synth': 'Write deterministic synthetic ratings (MovieLens format).',

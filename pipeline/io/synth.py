@@ -356,7 +356,7 @@ def generate_ratings(num_users: int, num_items: int, num_ratings: int, rank: int
 # Writing u.data
 # ----------------------------------------------------------------------------------
 
-def _format_lines(columns: Sequence[np.ndarray]) -> np.ndarray:
+def format_lines(columns: Sequence[np.ndarray]) -> np.ndarray:
     """Non-negative int64 columns -> the bytes (uint8 array) of lines
     b'c0\\tc1\\t...\\n', vectorized: each line is laid out right-aligned in a
     fixed-width uint8 grid and the padding masked away."""
@@ -419,7 +419,7 @@ def write_movielens(path: str, users: np.ndarray, items: np.ndarray, ratings: np
             with out, ThreadPoolExecutor(max_workers=1) as writer:
                 pending = None
                 for lo in range(0, cols[0].size, _CHUNK):
-                    lines = _format_lines([c[lo:lo + _CHUNK] for c in cols])
+                    lines = format_lines([c[lo:lo + _CHUNK] for c in cols])
                     if pending is not None:
                         pending.result()
                     pending = writer.submit(out.write, lines)

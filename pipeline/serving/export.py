@@ -32,7 +32,7 @@ under variables/), the ID vocabularies are text assets (assets/users.txt,
 assets/items.txt) read into hash tables when the model loads; the graph itself
 stays small whatever the model's size.
 
-TensorFlow is only imported here (the `serve` extra): training never needs it.
+TensorFlow is only imported here (the `export` extra): training never needs it.
 """
 from __future__ import annotations
 

@@ -54,7 +54,7 @@ def _key_by_block(rows, cols, values, flags, block_size):
                                     values[part], flags[part])
 
 
-class _IndexChunk(beam.DoFn):
+class IndexChunk(beam.DoFn):
     """ParsedChunk -> (row block id, (user idx, item idx, value, is_test)).
 
     Training chunks are split by the stable pair hash, or are all training when the
@@ -85,14 +85,14 @@ def index_ratings(cfg: BlockConfig, test: bool, user_index: np.ndarray,
                   user_hash: np.ndarray | None, item_index: np.ndarray,
                   item_hash: np.ndarray | None, user_codes: np.ndarray,
                   item_codes: np.ndarray, values: np.ndarray):
-    """One chunk's ratings -> (row block id, piece), as _IndexChunk yields them, from
+    """One chunk's ratings -> (row block id, piece), as IndexChunk yields them, from
     the dense index (-1: unknown, test chunks only) and the stable hash of each of
     the chunk's distinct IDs, and a code per rating into them."""
     rows, cols = user_index[user_codes], item_index[item_codes]
     if test:
         known = (rows >= 0) & (cols >= 0)
         if not np.all(known):
-            yield beam.pvalue.TaggedOutput(_IndexChunk.COLD, int((~known).sum()))
+            yield beam.pvalue.TaggedOutput(IndexChunk.COLD, int((~known).sum()))
             rows, cols, values = rows[known], cols[known], values[known]
         flags = np.ones(len(rows), bool)
     elif cfg.holdout:
@@ -184,7 +184,7 @@ class BuildBlocks(beam.PTransform):
     BlockRef to RatingBlocks saved under `folder`. Needs the user and item
     vocabularies (singleton PCollections; only their len() with `indexed`).
     `indexed`: (pieces, test pieces or None, cold-start counts or None) already
-    keyed by row block, as _IndexChunk yields them (the distributed vocabulary):
+    keyed by row block, as IndexChunk yields them (the distributed vocabulary):
     they replace the Index steps, and the input chunks are not read."""
 
     def __init__(self, config: BlockConfig, users, items, folder: str, test_chunks=None,
@@ -207,14 +207,14 @@ class BuildBlocks(beam.PTransform):
             keyed, test_pieces, self.cold_start = self._indexed
             pieces = [keyed, row_keys] + ([test_pieces] if test_pieces is not None else [])
         else:
-            keyed = chunks | 'Index' >> beam.ParDo(_IndexChunk(cfg), users, items)
+            keyed = chunks | 'Index' >> beam.ParDo(IndexChunk(cfg), users, items)
             pieces = [keyed, row_keys]
         if self._test_chunks is not None and self._indexed is None:
             test = self._test_chunks | 'IndexTest' >> beam.ParDo(
-                _IndexChunk(cfg, test=True), users, items).with_outputs(
-                    _IndexChunk.COLD, main='pieces')
+                IndexChunk(cfg, test=True), users, items).with_outputs(
+                    IndexChunk.COLD, main='pieces')
             pieces.append(test.pieces)
-            self.cold_start = test[_IndexChunk.COLD]
+            self.cold_start = test[IndexChunk.COLD]
         row_blocks = (tuple(pieces) | 'AllRowPieces' >> beam.Flatten()
                       | 'GroupRows' >> beam.GroupByKey()
                       | 'RowBlock' >> beam.ParDo(_BuildRowBlock(cfg, f'{self._folder}/rows'), users))

@@ -17,7 +17,7 @@ rank in that order. Here it is computed by ranges of that order:
 3. RangeOffsets, a tiny side input: the IDs per range, so index = offset[range] +
    rank. The answers go back to their chunk by a chunk key (CoGroupByKey) and the
    chunk's ratings become integer rows and columns, keyed by row block as
-   blocks._IndexChunk would key them (blocks.index_ratings): BuildBlocks then runs
+   blocks.IndexChunk would key them (blocks.index_ratings): BuildBlocks then runs
    on integers.
 4. The initial factors are computed per range (per-ID seeded, row-independent, so
    the slices are the rows of the whole matrix) and placed in range order.
@@ -35,7 +35,7 @@ import numpy as np
 from apache_beam.metrics import Metrics
 from apache_beam.pvalue import AsSingleton
 
-from pipeline.training.blocks import BlockConfig, _IndexChunk, index_ratings
+from pipeline.training.blocks import BlockConfig, IndexChunk, index_ratings
 from pipeline.training.combine import InBlockOrder
 from pipeline.training.factors import Factors, factors_from_matrix
 from pipeline.io.parse import ParsedChunk
@@ -262,7 +262,7 @@ def _with_offset(keyed, offsets):
 
 class _IndexJoined(beam.DoFn):
     """(chunk key, {'codes': [RatingCodes], 'answers': [Answer]}) -> (row block id,
-    piece), and cold-start counts on _IndexChunk.COLD (test chunks)."""
+    piece), and cold-start counts on IndexChunk.COLD (test chunks)."""
 
     def __init__(self, config: BlockConfig):
         self._config = config
@@ -368,8 +368,8 @@ class DistributedVocabulary(beam.PTransform):
         codes = tuple(codes) | 'AllCodes' >> beam.Flatten()
         indexed = ({'codes': codes, 'answers': answers} | 'ByChunk' >> beam.CoGroupByKey()
                    | 'Index' >> beam.ParDo(_IndexJoined(self._config)).with_outputs(
-                       _IndexChunk.COLD, main='pieces'))
-        cold = indexed[_IndexChunk.COLD] if self._test_chunks is not None else None
+                       IndexChunk.COLD, main='pieces'))
+        cold = indexed[IndexChunk.COLD] if self._test_chunks is not None else None
         counts = [offsets | f'{n}Count' >> beam.Map(lambda o, s: IdCount(o[1][s]), s)
                   for s, n in enumerate(('User', 'Item'))]
         vocabs = [ranges | f'{n}Vocabulary' >> beam.CombineGlobally(_AssembleVocabulary(s))

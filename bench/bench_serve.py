@@ -1,0 +1,369 @@
+"""Benchmark of the HTTP server (issue 21): python -m pipeline.serve against a baseline
+that does what the original App Engine app did, on the 10m synthetic model, with the
+same load generator in the same run.
+
+    apt-get install -y wrk                  # the load generator (Debian package)
+    pip install -r bench/requirements.txt   # Flask and gunicorn, for the baseline only
+    nice -n 10 python bench/bench_serve.py  # writes bench/results/serve.md and its
+                                            # section of BENCHMARKS.md
+
+Servers (both on 127.0.0.1, started by this script, stopped at its end):
+  ours      python -m pipeline.serve --model_root ROOT (the model promoted into a fresh
+            root), GET /recommend?user=ID&k=10 (seen items excluded: the default)
+  baseline  bench/serve_baseline.py: the original's per-request logic (col.dot(user),
+            a full argsort, seen items removed) in Flask under gunicorn with sync
+            workers, as the original was deployed (`gunicorn -b :$PORT main:app`: one
+            worker); GET /recommendation?userId=ID&numRecs=10
+
+Load: wrk (C, event-driven; keeps connections alive where the server allows) with
+bench/serve_wrk.lua, which draws a user at random per request (seeded per thread) from
+5,000 users of the model (never the one at row 0, whom the original refuses). Each
+level of concurrent connections (1, 8, 32, 128) runs `--seconds` per server after a
+2 s warm-up, ours then the baseline's, so both see the same machine state.
+Errors: socket errors (connect, read, write, timeout > 2 s) plus non-2xx answers.
+
+Reload pause: ours at 32 connections, `--reload_runs` runs of `--reload_seconds` in
+steady state, and as many runs during each of which a new version (the same files
+under a new version name, copied beforehand) is promoted 1 s in; the server loads,
+verifies and swaps it while serving. p99 of each kind of run, and max.
+
+The model: trained once by the trainer on the 10m set (wals, --latent_factors 32,
+--num_iters 1: serving speed does not depend on quality) and cached in
+output/bench-serve/ (retrained if the data file changes).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import pathlib
+import platform
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import numpy as np
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / 'bench'))
+
+from prepare_data import paths, prepare  # noqa: E402
+from run_bench import write_section  # noqa: E402
+from pipeline.store.model_root import promote  # noqa: E402
+
+CACHE = ROOT / 'output' / 'bench-serve'
+LEVELS = (1, 8, 32, 128)
+TRAIN_ARGS = ['--latent_factors', '32', '--num_iters', '1']
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def _load() -> float:
+    return os.getloadavg()[0]
+
+
+def ensure_model(data: str) -> pathlib.Path:
+    """The cached 10m model, trained if missing or made from another data file."""
+    prepare(data)
+    raw = paths(data)['raw']
+    model = CACHE / f'model-{data}'
+    stamp = CACHE / f'model-{data}.json'
+    want = {'data': str(raw), 'size': raw.stat().st_size, 'mtime': raw.stat().st_mtime,
+            'train_args': TRAIN_ARGS}
+    if (model / '_SUCCESS').exists() and stamp.exists() and \
+            json.loads(stamp.read_text()) == want:
+        return model
+    print(f'[model] training on {raw} ({" ".join(TRAIN_ARGS)})', flush=True)
+    subprocess.run([sys.executable, '-m', 'pipeline.train', '--input', str(raw), '--output',
+                    str(model), '--overwrite', *TRAIN_ARGS], cwd=ROOT, check=True,
+                   env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    stamp.write_text(json.dumps(want))
+    return model
+
+
+def version(i: int) -> str:
+    """Version names that sort after each other and after any earlier run's."""
+    t = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=i)
+    return f'{t:%Y%m%dT%H%M%S}Z-{i:08x}'
+
+
+def add_version(root: pathlib.Path, model: pathlib.Path, name: str) -> str:
+    shutil.copytree(model, root / 'versions' / name)
+    return name
+
+
+def users_file(model: pathlib.Path, n: int = 5000) -> pathlib.Path:
+    users = np.load(model / 'model' / 'user.npy', allow_pickle=False)
+    rng = np.random.default_rng(0)
+    pick = rng.choice(np.arange(1, len(users)), size=min(n, len(users) - 1), replace=False)
+    out = CACHE / 'users.txt'
+    out.write_text('\n'.join(str(u) for u in users[pick]) + '\n')
+    return out
+
+
+class Server:
+    def __init__(self, name: str, cmd: list[str], ready_path: str, env: dict, log: pathlib.Path):
+        self.name, self.cmd, self.ready_path, self.env, self.log = name, cmd, ready_path, env, log
+        self.proc = None
+
+    def start(self, timeout: float = 600) -> 'Server':
+        with open(self.log, 'wb') as log:
+            self.proc = subprocess.Popen(self.cmd, cwd=ROOT, env=self.env, stdout=log,
+                                         stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise SystemExit(f'{self.name} server exited; see {self.log}')
+            try:
+                with urllib.request.urlopen(self.url + self.ready_path, timeout=5) as r:
+                    if r.status == 200:
+                        return self
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            time.sleep(0.2)
+        raise SystemExit(f'{self.name} server not ready after {timeout} s; see {self.log}')
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU of every process in the server's process group (gunicorn's
+        workers too), from /proc."""
+        ticks = 0
+        for stat in pathlib.Path('/proc').glob('[0-9]*/stat'):
+            try:
+                fields = stat.read_text().rsplit(')', 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[2]) == self.proc.pid:        # field 5: process group
+                ticks += int(fields[11]) + int(fields[12])   # fields 14, 15: utime, stime
+        return ticks / os.sysconf('SC_CLK_TCK')
+
+    @property
+    def url(self) -> str:
+        return f'http://127.0.0.1:{self.port}'
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)     # gunicorn's workers too
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+
+
+def wrk(url: str, path: str, users: pathlib.Path, clients: int, seconds: float,
+        background: bool = False):
+    cmd = ['wrk', f'-t{min(clients, 2)}', f'-c{clients}', f'-d{int(seconds)}s', '--timeout', '2s',
+           '-s', str(ROOT / 'bench' / 'serve_wrk.lua'), url, '--', str(users), path, '1']
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if background:
+        return proc
+    return parse(proc)
+
+
+def parse(proc: subprocess.Popen) -> dict:
+    out, _ = proc.communicate(timeout=600)
+    for line in out.splitlines():
+        if line.startswith('WRK_JSON '):
+            r = json.loads(line[len('WRK_JSON '):])
+            r['rps'] = r['requests'] / (r['duration_us'] / 1e6)
+            r['errors'] = sum(r[k] for k in ('connect', 'read', 'write', 'status', 'timeout'))
+            return r
+    raise SystemExit(f'wrk printed no summary:\n{out}')
+
+
+def readyz_version(url: str) -> str | None:
+    try:
+        with urllib.request.urlopen(url + '/readyz', timeout=10) as r:
+            return json.loads(r.read())['model_version']
+    except (urllib.error.URLError, KeyError, ValueError):
+        return None
+
+
+def machine() -> str:
+    cpu = ''
+    try:
+        for line in open('/proc/cpuinfo'):
+            if line.startswith('model name'):
+                cpu = line.split(':', 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return (f'{platform.machine()} {cpu}, {os.cpu_count()} CPUs (shared), Python '
+            f'{platform.python_version()}, numpy {np.__version__}')
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=ROOT, text=True,
+                              capture_output=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return 'unknown'
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    ap.add_argument('--data', default='10m', help='Data set (bench/prepare_data.py). '
+                    'Default: 10m.')
+    ap.add_argument('--seconds', type=int, default=10, help='Per level and server. '
+                    'Default: 10.')
+    ap.add_argument('--levels', default=','.join(map(str, LEVELS)),
+                    help='Concurrent connections. Default: 1,8,32,128.')
+    ap.add_argument('--baseline_workers', type=int, default=1,
+                    help="gunicorn sync workers of the baseline. Default: 1 (the original's "
+                         'deployment).')
+    ap.add_argument('--reload_runs', type=int, default=3)
+    ap.add_argument('--reload_seconds', type=int, default=5)
+    ap.add_argument('--no_write', action='store_true')
+    args = ap.parse_args(argv)
+    if not shutil.which('wrk'):
+        raise SystemExit('wrk not found: apt-get install -y wrk')
+    try:
+        import flask  # noqa: F401
+        import gunicorn  # noqa: F401
+    except ImportError:
+        raise SystemExit('Flask and gunicorn not found: pip install -r bench/requirements.txt')
+    levels = [int(x) for x in args.levels.split(',')]
+    CACHE.mkdir(parents=True, exist_ok=True)
+    model = ensure_model(args.data)
+    users = users_file(model)
+    root = CACHE / 'root'
+    shutil.rmtree(root, ignore_errors=True)
+    v1 = add_version(root, model, version(0))
+    promote(str(root), v1, {})
+
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    ours = Server('ours', [], '/readyz', env, CACHE / 'ours.log')
+    ours.port = _free_port()
+    ours.cmd = [sys.executable, '-m', 'pipeline.serve', '--model_root', str(root),
+                '--poll_interval', '0.5', '--port', str(ours.port)]
+    base = Server('baseline', [], '/readiness_check', dict(env, BASELINE_MODEL=str(model)),
+                  CACHE / 'baseline.log')
+    base.port = _free_port()
+    base.cmd = [sys.executable, '-m', 'gunicorn', '-b', f'127.0.0.1:{base.port}', '-w',
+                str(args.baseline_workers), '--chdir', str(ROOT / 'bench'),
+                'serve_baseline:app']
+    paths_ = {'ours': '/recommend?user=%s&k=10', 'baseline': '/recommendation?userId=%s&numRecs=10'}
+    results: dict[tuple[str, int], dict] = {}
+    reload = {'steady': [], 'promotion': []}
+    try:
+        for server in (ours, base):
+            t = time.monotonic()
+            server.start()
+            print(f'[{server.name}] ready in {time.monotonic() - t:.1f} s', flush=True)
+        for c in levels:
+            for server in (ours, base):
+                wrk(server.url, paths_[server.name], users, c, 2)          # warm-up
+                load, cpu = _load(), server.cpu_seconds()
+                r = wrk(server.url, paths_[server.name], users, c, args.seconds)
+                r['load'] = load
+                r['cpu_us'] = (server.cpu_seconds() - cpu) / max(r['requests'], 1) * 1e6
+                results[(server.name, c)] = r
+                print(f'[{server.name}] {c:4d} clients: {r["rps"]:8.0f} req/s  p50 '
+                      f'{r["p50_us"] / 1e3:7.2f} ms  p99 {r["p99_us"] / 1e3:8.2f} ms  '
+                      f'errors {r["errors"]}  CPU {r["cpu_us"]:.0f} us/req  (load {load:.1f})',
+                      flush=True)
+        base.stop()
+        for i in range(args.reload_runs):
+            r = wrk(ours.url, paths_['ours'], users, 32, args.reload_seconds)
+            reload['steady'].append(r)
+            name = add_version(root, model, version(i + 1))
+            proc = wrk(ours.url, paths_['ours'], users, 32, args.reload_seconds, background=True)
+            time.sleep(1.0)
+            promote(str(root), name, {})
+            r = parse(proc)
+            deadline = time.monotonic() + 60
+            while readyz_version(ours.url) != name and time.monotonic() < deadline:
+                time.sleep(0.2)
+            r['swapped'] = readyz_version(ours.url) == name
+            reload['promotion'].append(r)
+            print(f'[reload] steady p99 {reload["steady"][-1]["p99_us"] / 1e3:.2f} ms, during '
+                  f'promotion p99 {r["p99_us"] / 1e3:.2f} ms max {r["max_us"] / 1e3:.1f} ms '
+                  f'(swapped: {r["swapped"]}, errors {r["errors"]})', flush=True)
+    finally:
+        ours.stop()
+        base.stop()
+
+    text = report(args, argv, results, reload, levels, model)
+    print(text)
+    if not args.no_write:
+        out = ROOT / 'bench' / 'results' / 'serve.md'
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text)
+        write_section(ROOT / 'BENCHMARKS.md', 'serve', text)
+        print(f'wrote {out} and its section of BENCHMARKS.md')
+    return 0
+
+
+def report(args, argv, results, reload, levels, model) -> str:
+    users = np.load(model / 'model' / 'user.npy', allow_pickle=False)
+    items = np.load(model / 'model' / 'item.npy', allow_pickle=False)
+    cmd = ' '.join(['nice -n 10 python bench/bench_serve.py',
+                    *(argv if argv is not None else sys.argv[1:])])
+    lines = [
+        '## Online recommendations: HTTP server vs the original app (bench/bench_serve.py)', '',
+        f'Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC. Commit: '
+        f'{_commit()}. Machine: {machine()}.',
+        f'Command: `{cmd}`',
+        f'Model: {args.data} synthetic set, {len(users):,} users × {len(items):,} items, wals '
+        f'k=32. Request: top 10 for a random user of 5,000, seen items excluded. Load: wrk on '
+        f'loopback, {args.seconds:g} s per level after a 2 s warm-up. Baseline: the original '
+        f"app's logic in Flask under gunicorn, {args.baseline_workers} sync worker(s). "
+        '`load`: 1-minute load average before the run (other jobs share the machine: the '
+        'latencies and rates are provisional; the ratios are from the same run). `CPU/req`: '
+        "user + system CPU of the server's processes during the run, per request answered "
+        '(what a request costs, whatever else runs on the machine).', '',
+        '| clients | server | req/s | p50 ms | p99 ms | errors | CPU/req µs | load |',
+        '|---:|---|---:|---:|---:|---:|---:|---:|',
+    ]
+    for c in levels:
+        for name in ('ours', 'baseline'):
+            r = results[(name, c)]
+            lines.append(f'| {c} | {name} | {r["rps"]:,.0f} | {r["p50_us"] / 1e3:.2f} | '
+                         f'{r["p99_us"] / 1e3:.2f} | {r["errors"]} | {r["cpu_us"]:,.0f} | '
+                         f'{r["load"]:.1f} |')
+    lines += ['', '| clients | throughput ours / baseline | CPU per request baseline / ours |',
+              '|---:|---:|---:|']
+    for c in levels:
+        o, b = results[('ours', c)], results[('baseline', c)]
+        lines.append(f'| {c} | {o["rps"] / b["rps"]:.1f}× | {b["cpu_us"] / o["cpu_us"]:.1f}× |')
+    if 32 in levels:
+        p99 = results[('ours', 32)]['p99_us'] / 1e3
+        ratio = results[('ours', 32)]['rps'] / results[('baseline', 32)]['rps']
+        lines += ['', '| goal (32 clients) | measured | result |', '|---|---:|---|',
+                  f'| p99 ≤ 10 ms | {p99:.2f} ms | {"PASS" if p99 <= 10 else "MISS"} |',
+                  f'| throughput ≥ 3× baseline | {ratio:.1f}× | '
+                  f'{"PASS" if ratio >= 3 else "MISS"} |']
+    if reload['steady']:
+        def med(runs, key):
+            return statistics.median(r[key] for r in runs) / 1e3
+        lines += ['', f'Reload pause (ours, 32 clients, {len(reload["steady"])} runs of '
+                  f'{args.reload_seconds:g} s each; a promotion 1 s into each promotion run, '
+                  'the new version loaded, verified and swapped in while serving):', '',
+                  '| runs | p50 ms | p99 ms (median of runs) | worst p99 ms | max ms | errors |',
+                  '|---|---:|---:|---:|---:|---:|']
+        for kind in ('steady', 'promotion'):
+            runs = reload[kind]
+            lines.append(f'| {kind} | {med(runs, "p50_us"):.2f} | {med(runs, "p99_us"):.2f} | '
+                         f'{max(r["p99_us"] for r in runs) / 1e3:.2f} | '
+                         f'{max(r["max_us"] for r in runs) / 1e3:.1f} | '
+                         f'{sum(r["errors"] for r in runs)} |')
+        swapped = sum(r.get('swapped', False) for r in reload['promotion'])
+        lines.append(f'\nVersions swapped in during the promotion runs: {swapped} of '
+                     f'{len(reload["promotion"])}.')
+    return '\n'.join(lines) + '\n'
+
+
+if __name__ == '__main__':
+    sys.exit(main())

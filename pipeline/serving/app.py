@@ -1,0 +1,568 @@
+"""The HTTP API (FastAPI): routes, limits, JSON errors, the API key and /metrics.
+
+Every route that answers from a model reads the holder's current model once, so the
+whole response (and its X-Model-Version header) comes from one complete model even
+while a new version is being swapped in. docs/serving.md documents each route.
+
+Errors are JSON objects {"detail": ...}: 400 bad compatibility-route parameters,
+401 missing or wrong API key, 404 unknown user or item, 413 body too large, 414
+query string too large, 422 invalid parameters or body, 503 no model loaded yet.
+"""
+# No `from __future__ import annotations`: FastAPI reads the routes' annotations, which
+# name types local to create_app.
+import dataclasses
+import hashlib
+import hmac
+import logging
+import math
+import time
+from contextlib import asynccontextmanager
+from typing import Annotated, Any, Literal
+
+import numpy as np
+from fastapi import Body, FastAPI, Query
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge,
+                               Histogram, generate_latest)
+from prometheus_client import gc_collector, platform_collector, process_collector
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from pipeline.serving.model_holder import ModelHolder, ServedModel
+from pipeline.serving.scorer import CallJob, RankJob, Scorer, SimilarJob
+from wals_core.vocab import lookup_known
+
+log = logging.getLogger('pipeline.serving')
+
+VERSION_HEADER = 'X-Model-Version'
+API_KEY_HEADER = 'X-API-Key'
+# Reachable without the API key: what load balancers and orchestrators probe.
+OPEN_PATHS = frozenset({'/healthz', '/readyz', '/readiness_check'})
+ROUTES = ('/recommend', '/similar', '/fold_in', '/model', '/healthz', '/readyz', '/metrics',
+          '/recommendation', '/readiness_check', '/openapi.json')
+MAX_VALUE = 1e6            # |fold-in value| at most
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    """What one request may ask for (docs/serving.md, "Limits")."""
+    max_k: int = 1000
+    max_batch: int = 1000
+    max_list: int = 1000
+    max_id_length: int = 256
+    max_body_bytes: int = 1 << 20
+    max_query_bytes: int = 32 << 10
+    compat_default_k: int = 5      # the original app's DEFAULT_RECS
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, detail: str, version: str | None = None):
+        super().__init__(detail)
+        self.status, self.detail, self.version = status, detail, version
+
+
+# ---- metrics -------------------------------------------------------------------------
+
+class ServeMetrics:
+    """Prometheus metrics in a registry of the app's own (one app, one registry)."""
+
+    def __init__(self):
+        r = self.registry = CollectorRegistry()
+        process_collector.ProcessCollector(registry=r)
+        platform_collector.PlatformCollector(registry=r)
+        gc_collector.GCCollector(registry=r)
+        self.requests = Counter('wals_serve_requests', 'HTTP requests by endpoint, method and '
+                                'status', ['endpoint', 'method', 'status'], registry=r)
+        self.latency = Histogram(
+            'wals_serve_request_duration_seconds', 'Time from request to response, by '
+            'endpoint and status', ['endpoint', 'status'], registry=r,
+            buckets=(.0005, .001, .002, .005, .01, .02, .05, .1, .25, .5, 1, 2.5, 5, 10))
+        self.model_version = Gauge('wals_serve_model_version_info', 'The model version being '
+                                   'served (value 1)', ['version'], registry=r)
+        self.model_loaded = Gauge('wals_serve_model_loaded_timestamp_seconds', 'When the '
+                                  'served model was swapped in (Unix time)', registry=r)
+        self.ready = Gauge('wals_serve_ready', '1 when a verified model is loaded', registry=r)
+        self.reloads = Counter('wals_serve_reloads', 'Model versions loaded, verified and '
+                               'swapped in (the first one included)', registry=r)
+        self.reload_failures = Counter('wals_serve_reload_failures', 'Versions that failed '
+                                       'to load or verify, and failed reads of LATEST',
+                                       registry=r)
+        self.batch_rows = Histogram('wals_serve_score_batch_rows', 'Query rows per top-K '
+                                    'kernel call (concurrent requests batched)', registry=r,
+                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024))
+
+    def listener(self, event: str, **details) -> None:
+        """ModelHolder events -> metrics (called from the poller thread too)."""
+        if event == 'loaded':
+            previous = details.get('previous')
+            if previous is not None:
+                try:
+                    self.model_version.remove(previous.version)
+                except KeyError:
+                    pass
+            self.model_version.labels(details['model'].version).set(1)
+            self.model_loaded.set(details['model'].loaded_at)
+            self.ready.set(1)
+            self.reloads.inc()
+        elif event in ('failed', 'poll_error'):
+            self.reload_failures.inc()
+
+
+# ---- the guard: limits, API key, metrics, as plain ASGI (cheap per request) -----------
+
+async def _reply(send, status: int, detail: str, headers: list | None = None) -> None:
+    body = JSONResponse({'detail': detail}).body
+    await send({'type': 'http.response.start', 'status': status,
+                'headers': [(b'content-type', b'application/json'),
+                            (b'content-length', str(len(body)).encode())] + (headers or [])})
+    await send({'type': 'http.response.body', 'body': body})
+
+
+class Guard:
+    """Outermost middleware: query-string and body size limits, the API key, and the
+    request counter and latency histogram of every response."""
+
+    def __init__(self, app, metrics: ServeMetrics, limits: Limits, api_key: str | None):
+        self.app, self.metrics, self.limits = app, metrics, limits
+        self.key_digest = hashlib.sha256(api_key.encode()).digest() if api_key else None
+
+    def _authorized(self, scope) -> bool:
+        got = b''
+        for name, value in scope['headers']:
+            if name == b'x-api-key':
+                got = value
+                break
+        # Equal-length digests compared in constant time: neither the key nor its
+        # length leaks through timing.
+        return hmac.compare_digest(hashlib.sha256(got).digest(), self.key_digest)
+
+    async def __call__(self, scope, receive, send):
+        if scope['type'] != 'http':
+            return await self.app(scope, receive, send)
+        start = time.perf_counter()
+        path = scope['path']
+        status = [500]
+
+        async def send_status(message):
+            if message['type'] == 'http.response.start':
+                status[0] = message['status']
+            await send(message)
+
+        try:
+            await self._handle(scope, receive, send_status, path)
+        finally:
+            endpoint = path if path in ROUTES else 'other'
+            code = str(status[0])
+            m = self.metrics
+            m.requests.labels(endpoint, scope['method'], code).inc()
+            m.latency.labels(endpoint, code).observe(time.perf_counter() - start)
+
+    async def _handle(self, scope, receive, send, path):
+        limits = self.limits
+        if len(scope['query_string']) > limits.max_query_bytes:
+            return await _reply(send, 414, f'query string longer than {limits.max_query_bytes} '
+                                'bytes; send long lists in a POST body')
+        if self.key_digest is not None and path not in OPEN_PATHS and \
+                not self._authorized(scope):
+            return await _reply(send, 401, f'missing or wrong API key (header {API_KEY_HEADER})')
+        if scope['method'] in ('GET', 'HEAD', 'OPTIONS', 'DELETE'):
+            return await self.app(scope, receive, send)
+        # A body is read here, whole and bounded, then handed on.
+        for name, value in scope['headers']:
+            if name == b'content-length':
+                try:
+                    too_big = int(value) > limits.max_body_bytes
+                except ValueError:
+                    return await _reply(send, 400, 'invalid Content-Length')
+                if too_big:
+                    return await _reply(send, 413, f'body larger than {limits.max_body_bytes} '
+                                        'bytes')
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message['type'] != 'http.request':   # the client went away
+                return
+            chunk = message.get('body', b'')
+            size += len(chunk)
+            if size > limits.max_body_bytes:
+                return await _reply(send, 413, f'body larger than {limits.max_body_bytes} bytes')
+            chunks.append(chunk)
+            more = message.get('more_body', False)
+        body = b''.join(chunks)
+        sent = [False]
+
+        async def replay():
+            if not sent[0]:
+                sent[0] = True
+                return {'type': 'http.request', 'body': body, 'more_body': False}
+            return await receive()
+        return await self.app(scope, replay, send)
+
+
+# ---- request and response bodies (their limits are the server's options) -------------
+
+class Ok(BaseModel):
+    status: str
+    model_version: str | None = None
+    detail: str | None = None
+
+
+class ErrorBody(BaseModel):
+    detail: str | list[dict[str, Any]]
+
+
+class ScoredItem(BaseModel):
+    item: str
+    score: float | None = Field(description='null only if not finite (never for a verified '
+                                'model)')
+
+
+class Gate(BaseModel):
+    passed: bool | None
+    metric: str | None
+    max_regression: float | None
+    reason: str | None
+
+
+class CompatResponse(BaseModel):
+    articles: list[str]
+
+
+def _models(limits: Limits):
+    """The pydantic models whose limits come from the server's options."""
+    Id = Annotated[str, StringConstraints(min_length=1, max_length=limits.max_id_length,
+                                          pattern=r'^[^\x00]+$')]
+    IdList = Annotated[list[Id], Field(max_length=limits.max_list)]
+    K = Annotated[int, Field(ge=1, le=limits.max_k)]
+
+    class RecommendResponse(BaseModel):
+        user: str
+        model_version: str
+        items: list[ScoredItem]
+        ignored: list[str] = Field(description='allow/block IDs not in the model')
+
+    class BatchRequest(BaseModel):
+        model_config = ConfigDict(extra='forbid')
+        users: Annotated[list[Id], Field(min_length=1, max_length=limits.max_batch)]
+        k: K = 10
+        exclude_seen: bool = True
+        allow: IdList | None = None
+        block: IdList = []
+
+    class BatchResult(BaseModel):
+        user: str
+        items: list[ScoredItem] | None = Field(description='null if the user is unknown')
+        error: str | None = None
+
+    class BatchResponse(BaseModel):
+        model_version: str
+        results: list[BatchResult]
+        ignored: list[str]
+
+    class SimilarResponse(BaseModel):
+        item: str
+        model_version: str
+        items: list[ScoredItem]
+
+    class Rating(BaseModel):
+        model_config = ConfigDict(extra='forbid')
+        item: Id
+        value: float = Field(ge=-MAX_VALUE, le=MAX_VALUE, allow_inf_nan=False)
+
+    class FoldInRequest(BaseModel):
+        model_config = ConfigDict(extra='forbid')
+        ratings: Annotated[list[Rating], Field(min_length=1, max_length=limits.max_list)]
+        k: K = 10
+        exclude_rated: bool = True
+        on_unknown: Literal['raise', 'skip'] = 'raise'
+        allow: IdList | None = None
+        block: IdList = []
+
+    class FoldInResponse(BaseModel):
+        model_version: str
+        items: list[ScoredItem]
+        ignored: list[str] = Field(description='unknown rated items (on_unknown "skip") '
+                                   'and allow/block IDs not in the model')
+
+    class ModelInfo(BaseModel):
+        version: str
+        path: str
+        model: str
+        trained_at: str | None
+        run_id: str | None
+        loaded_at: str
+        latent_factors: int
+        users: int
+        items: int
+        seen_pairs: int
+        metrics: dict[str, float | int | None]
+        gate: Gate | None = Field(description="the promotion gate's verdict (report.json)")
+
+    return dict(Id=Id, IdList=IdList, K=K, RecommendResponse=RecommendResponse,
+                BatchRequest=BatchRequest, BatchResponse=BatchResponse,
+                SimilarResponse=SimilarResponse, FoldInRequest=FoldInRequest,
+                FoldInResponse=FoldInResponse, ModelInfo=ModelInfo)
+
+
+# ---- helpers -----------------------------------------------------------------------------
+
+def _score(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
+def _items(model: ServedModel, result) -> list[dict]:
+    items = model.rec.items
+    return [{'item': str(items[j]), 'score': _score(s)} for j, s in result]
+
+
+def _rows(vocab: np.ndarray, ids: list[str]) -> tuple[np.ndarray, list[str]]:
+    """(sorted unique rows of the IDs found, IDs not in the vocabulary)."""
+    if not ids:
+        return np.zeros(0, np.int64), []
+    rows = lookup_known(vocab, np.array(ids, dtype=str))
+    unknown = [i for i, r in zip(ids, rows.tolist()) if r < 0]
+    return np.unique(rows[rows >= 0]), unknown
+
+
+def _json(content: dict, model: ServedModel, status: int = 200) -> JSONResponse:
+    return JSONResponse(content, status_code=status, headers={VERSION_HEADER: model.version})
+
+
+# ---- the app -----------------------------------------------------------------------------
+
+def create_app(holder: ModelHolder, limits: Limits = Limits(), api_key: str | None = None,
+               metrics: ServeMetrics | None = None) -> FastAPI:
+    """The ASGI app over a ModelHolder (already loaded, or polling a model root)."""
+    metrics = metrics or ServeMetrics()
+    if holder.current is not None:      # loaded before the app existed
+        metrics.listener('loaded', model=holder.current)
+    holder.listener = metrics.listener
+    scorer = Scorer(on_batch=metrics.batch_rows.observe)
+    M = _models(limits)
+    Id, IdList, K = M['Id'], M['IdList'], M['K']
+
+    @asynccontextmanager
+    async def lifespan(_app):
+        holder.start()
+        try:
+            yield
+        finally:
+            holder.stop()
+            scorer.close()
+
+    errors = {400: {'model': ErrorBody, 'description': 'Bad parameters (compatibility '
+                                                      'routes)'},
+              401: {'model': ErrorBody, 'description': 'Missing or wrong API key'},
+              413: {'model': ErrorBody, 'description': 'Body too large'},
+              414: {'model': ErrorBody, 'description': 'Query string too large'},
+              422: {'model': ErrorBody, 'description': 'Invalid parameters or body'},
+              503: {'model': ErrorBody, 'description': 'No model loaded yet'}}
+    not_found = {404: {'model': ErrorBody, 'description': 'Unknown user or item'}}
+    app = FastAPI(title='WALS recommendations', version='1', lifespan=lifespan,
+                  docs_url=None, redoc_url=None, responses=errors,
+                  description='Online recommendations from a published WALS model '
+                              '(docs/serving.md).')
+    app.state.holder, app.state.metrics, app.state.scorer = holder, metrics, scorer
+    app.add_middleware(Guard, metrics=metrics, limits=limits, api_key=api_key)
+
+    def model_or_503() -> ServedModel:
+        model = holder.current
+        if model is None:
+            raise ApiError(503, holder.not_ready_reason)
+        return model
+
+    @app.exception_handler(ApiError)
+    async def api_error(_request, e: ApiError):
+        headers = {VERSION_HEADER: e.version} if e.version else {}
+        if e.status == 503:
+            headers['Retry-After'] = '5'
+        return JSONResponse({'detail': e.detail}, status_code=e.status, headers=headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_request, e: RequestValidationError):
+        # The errors without the offending input echoed back (it may be megabytes).
+        detail = [{'loc': list(err.get('loc', ())), 'msg': str(err.get('msg', '')),
+                   'type': str(err.get('type', ''))} for err in e.errors()]
+        return JSONResponse({'detail': detail}, status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_request, e: StarletteHTTPException):
+        return JSONResponse({'detail': str(e.detail)}, status_code=e.status_code,
+                            headers=getattr(e, 'headers', None))
+
+    @app.exception_handler(Exception)
+    async def crash(_request, e: Exception):
+        log.exception('internal error')
+        return JSONResponse({'detail': 'internal error (logged)'}, status_code=500)
+
+    async def rank(model: ServedModel, user_rows: list[int], k: int, exclude_seen: bool,
+                   allow: list[str] | None, block: list[str]):
+        """Recommendations of known user rows, and the allow/block IDs not in the model."""
+        rec = model.rec
+        block_rows, unknown = _rows(rec.items, block)
+        allow_rows = None
+        if allow is not None:
+            allow_rows, unknown_allow = _rows(rec.items, allow)
+            unknown = unknown_allow + unknown
+        jobs = []
+        for i in user_rows:
+            exclude = block_rows
+            if exclude_seen:
+                seen = rec.seen_indices[rec.seen_indptr[i]:rec.seen_indptr[i + 1]]
+                exclude = np.concatenate([seen.astype(np.int64), block_rows]) \
+                    if len(block_rows) else seen.astype(np.int64)
+            jobs.append(RankJob(model, _stored_row(rec, i), k, exclude, allow_rows))
+        return await scorer.run_many(jobs), unknown
+
+    def user_row(model: ServedModel, user: str) -> int:
+        try:
+            return model.rec.user_index(user)
+        except KeyError as e:
+            raise ApiError(404, e.args[0], model.version) from None
+
+    @app.get('/recommend', response_model=M['RecommendResponse'], responses=not_found,
+             summary='Top-k items for a known user')
+    async def recommend(user: Annotated[Id, Query(description='User ID')],
+                        k: Annotated[K, Query(description='How many items')] = 10,
+                        exclude_seen: Annotated[bool, Query(
+                            description="Leave out the user's items in the training input"
+                        )] = True,
+                        allow: Annotated[IdList | None, Query(
+                            description='Only these items (repeat the parameter)')] = None,
+                        block: Annotated[IdList, Query(
+                            description='Never these items (repeat the parameter)')] = []):
+        model = model_or_503()
+        i = user_row(model, user)
+        (result,), unknown = await rank(model, [i], k, exclude_seen, allow, block)
+        return _json({'user': user, 'model_version': model.version,
+                      'items': _items(model, result), 'ignored': unknown}, model)
+
+    @app.post('/recommend', response_model=M['BatchResponse'],
+              summary='Top-k items for each user of a batch')
+    async def recommend_batch(body: Annotated[M['BatchRequest'], Body()]):
+        model = model_or_503()
+        rows = lookup_known(model.rec.users, np.array(body.users, dtype=str)).tolist()
+        known = [r for r in rows if r >= 0]
+        results, unknown = await rank(model, known, body.k, body.exclude_seen, body.allow,
+                                      body.block)
+        it = iter(results)
+        out = []
+        for user, r in zip(body.users, rows):
+            if r < 0:
+                out.append({'user': user, 'items': None,
+                            'error': f'user ID {user!r} is not in the model'})
+            else:
+                out.append({'user': user, 'items': _items(model, next(it)), 'error': None})
+        return _json({'model_version': model.version, 'results': out, 'ignored': unknown},
+                     model)
+
+    @app.get('/similar', response_model=M['SimilarResponse'], responses=not_found,
+             summary='The k items most cosine-similar to an item')
+    async def similar(item: Annotated[Id, Query(description='Item ID')],
+                      k: Annotated[K, Query(description='How many items')] = 10):
+        model = model_or_503()
+        try:
+            j = model.rec.item_index(item)
+        except KeyError as e:
+            raise ApiError(404, e.args[0], model.version) from None
+        result = await scorer.run(SimilarJob(model, j, k))
+        return _json({'item': item, 'model_version': model.version,
+                      'items': _items(model, result)}, model)
+
+    @app.post('/fold_in', response_model=M['FoldInResponse'], responses=not_found,
+              summary="Recommendations for a new user from their ratings (the model is not "
+                      "changed)")
+    async def fold_in(body: Annotated[M['FoldInRequest'], Body()]):
+        model = model_or_503()
+        rec = model.rec
+        ids = [r.item for r in body.ratings]
+        rows = lookup_known(rec.items, np.array(ids, dtype=str))
+        unknown = [i for i, r in zip(ids, rows.tolist()) if r < 0]
+        if unknown and body.on_unknown == 'raise':
+            shown = ', '.join(repr(u) for u in unknown[:10])
+            raise ApiError(404, f'{len(unknown)} rated item(s) are not in the model: {shown}'
+                           '; on_unknown "skip" leaves them out', model.version)
+        pairs = [(ids[n], r.value) for n, r in enumerate(body.ratings) if rows[n] >= 0]
+        if not pairs:
+            raise ApiError(422, 'none of the rated items is in the model', model.version)
+
+        def solve():
+            return rec.fold_in(pairs)
+        try:
+            stored = await scorer.run(CallJob(solve))
+        except ValueError as e:      # non-finite factors from extreme values
+            raise ApiError(422, str(e), model.version) from None
+        block_rows, unknown_lists = _rows(rec.items, body.block)
+        exclude = np.unique(rows[rows >= 0]) if body.exclude_rated else np.zeros(0, np.int64)
+        exclude = np.concatenate([exclude, block_rows])
+        allow_rows = None
+        if body.allow is not None:
+            allow_rows, unknown_allow = _rows(rec.items, body.allow)
+            unknown_lists = unknown_allow + unknown_lists
+        result = await scorer.run(RankJob(model, stored, body.k, exclude, allow_rows))
+        return _json({'model_version': model.version, 'items': _items(model, result),
+                      'ignored': unknown + unknown_lists}, model)
+
+    @app.get('/model', response_model=M['ModelInfo'], summary='The model being served')
+    async def model_info():
+        model = model_or_503()
+        return _json(model.info, model)
+
+    @app.get('/healthz', response_model=Ok, summary='The process is alive')
+    async def healthz():
+        return JSONResponse({'status': 'ok'})
+
+    @app.get('/readyz', response_model=Ok, summary='A verified model is loaded (503 if not)')
+    async def readyz():
+        model = holder.current
+        if model is None:
+            return JSONResponse({'status': 'not ready', 'detail': holder.not_ready_reason},
+                                status_code=503, headers={'Retry-After': '5'})
+        return _json({'status': 'ready', 'model_version': model.version}, model)
+
+    @app.get('/metrics', summary='Prometheus metrics',
+             responses={200: {'content': {CONTENT_TYPE_LATEST: {'schema': {'type': 'string'}}},
+                              'description': 'Prometheus text format'}})
+    async def prometheus_metrics():
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    # ---- compatibility with the original App Engine app ------------------------------
+
+    @app.get('/recommendation', response_model=CompatResponse, responses=not_found,
+             summary='Compatibility: the original app\'s route (IDs as strings, best first)')
+    async def recommendation(userId: Annotated[str | None, Query(  # noqa: N803 (its name)
+                                 max_length=limits.max_id_length)] = None,
+                             numRecs: Annotated[str | None, Query(  # noqa: N803
+                                 max_length=32)] = None):
+        if userId is None:
+            raise ApiError(400, 'No User Id provided.')
+        k = limits.compat_default_k
+        if numRecs is not None:
+            try:
+                k = int(numRecs)
+            except ValueError:
+                raise ApiError(400, 'numRecs must be an integer.') from None
+            if not 1 <= k <= limits.max_k:
+                raise ApiError(400, f'numRecs must be in [1, {limits.max_k}].')
+        if not userId or '\x00' in userId:
+            raise ApiError(400, 'userId must be a non-empty ID.')
+        model = model_or_503()
+        i = user_row(model, userId)
+        (result,), _ = await rank(model, [i], k, True, None, [])
+        items = model.rec.items
+        return _json({'articles': [str(items[j]) for j, _ in result]}, model)
+
+    @app.get('/readiness_check', response_model=Ok,
+             summary='Compatibility: the original app\'s readiness route (503 if not ready)')
+    async def readiness_check():
+        return await readyz()
+
+    return app
+
+
+def _stored_row(rec, i: int) -> np.ndarray:
+    """User row i as the trainer stores it (k factors, + the bias for explicit)."""
+    if rec.explicit:
+        return np.append(rec.row[i], np.float32(rec.row_bias[i]))
+    return rec.row[i]
