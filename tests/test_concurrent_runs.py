@@ -141,6 +141,18 @@ def test_a_version_a_batch_of_recommendations_reads_is_not_pruned(ratings, root_
     assert lease_files(str(root)) == []
 
 
+def test_a_reader_without_write_access_to_the_root_still_reads(root_v1, tmp_path):
+    """A reader that cannot write its lease (a read-only root: a server with read
+    credentials) reads LATEST as before, with a warning."""
+    from tests.test_output_safety import read_only
+    root, v1 = fresh_root(root_v1, tmp_path / 'root')
+    with read_only(root / 'leases'):
+        proc = cli('recommend', '--model', root, '--user', '1', '--top_k', '2')
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert 'Could not write a lease' in proc.stderr and len(proc.stdout.splitlines()) == 2
+    assert os.listdir(root / 'leases') == []
+
+
 # ---- several runs at once -----------------------------------------------------------
 
 def test_three_concurrent_runs_each_publish_a_complete_version(ratings, root_v1, tmp_path):

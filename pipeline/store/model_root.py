@@ -373,7 +373,13 @@ def hold_model(path: str, run_id: str) -> str:
     root, version = root_of(path)
     if root is None:
         return resolve_model_path(path)
-    lease = leases.take(lease_path(root, run_id), run_id)
+    try:
+        lease = leases.take(lease_path(root, run_id), run_id)
+    except Exception as e:   # noqa: BLE001 - a reader without write access to the root
+        log.warning('Could not write a lease in %s (%s): reading it without one, so a '
+                    'run pruning the root meanwhile could delete the version being read '
+                    '(the read would then fail, naming the file).', root, e)
+        return resolve_model_path(path)
     for attempt in range(HOLD_ATTEMPTS):
         want = None
         name = version
