@@ -595,3 +595,21 @@ def test_gcs_a_killed_overwrite_is_reclaimed_by_the_next(emulator, ratings, mode
     names = emulator.list_objects(BUCKET, 'killed/')
     assert not [n for n in names if any(m in n for m in ('.tmp-', '.old-', '.lease-'))]
     assert load_model_files(f'{gs}/out').manifest['run_id'] != run_id(model)
+
+
+def test_gcs_export_is_published_with_its_manifest(emulator, model, capsys):
+    """export to gs://: the SavedModel is saved locally, copied into the staging
+    prefix, and published with its _SUCCESS (no TensorFlow filesystem plugin)."""
+    pytest.importorskip('tensorflow')
+    from pipeline.cli.export import main
+    base = f'gs://{BUCKET}/exp'
+    assert main(['--model', str(model), '--output', base]) == 0
+    names = emulator.list_objects(BUCKET, 'exp')
+    manifest = json.loads(names and FileSystems.open(f'{base}/1/{SUCCESS}').read())
+    assert manifest['kind'] == 'savedmodel'
+    assert sorted(names) == sorted(['exp/1/' + f for f in manifest['files']] +
+                                   [f'exp/1/{SUCCESS}'])
+    refused_here(main, ['--model', model, '--output', base, '--version', '1'], capsys,
+                 'immutable')
+    assert main(['--model', str(model), '--output', base]) == 0     # the next version
+    assert {n.split('/')[1] for n in emulator.list_objects(BUCKET, 'exp')} == {'1', '2'}
