@@ -366,6 +366,9 @@ def config_from_options(options: PipelineOptions) -> TrainConfig:
          '--max_regression must be 0 or more'),
         (not (args.model_root and args.output), '--model_root and --output exclude each '
          'other: a root publishes to ROOT/versions/<version>/'),
+        (args.keep_versions is None or bool(args.model_root),
+         '--keep_versions prunes the versions of a --model_root: without one it would '
+         'be ignored'),
     ]
     for ok, message in checks:
         if not ok:

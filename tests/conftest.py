@@ -27,6 +27,7 @@ SLOW_MODULES = {
     'test_export',            # TensorFlow
     'test_fault_injection',   # SIGKILL / disk full / gs:// faults at every step
     'test_gcs',               # the Cloud Storage emulator
+    'test_output_safety',     # refusals and kills of real command lines, local and gs://
     'test_packaging',         # sdist and a fresh virtualenv
     'test_rerun',             # two dumps, SIGKILLs while publishing
     'test_serve',             # a real HTTP server under load

@@ -7,6 +7,7 @@ TensorFlow comes with the `export` extra, which run_tests.sh installs: in CI a
 missing TensorFlow is a failure, not a skip."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -26,6 +27,7 @@ else:
 from pipeline.cli.export import main  # noqa: E402 (needs TF)
 from pipeline.serving.export import ServingModule, export  # noqa: E402
 from pipeline.serving.recommender import Recommender  # noqa: E402
+from pipeline.store.publish import OutputExists  # noqa: E402
 
 K = 10
 
@@ -175,7 +177,8 @@ def test_export_versions_and_refusals(exported, tmp_path):
     out = tmp_path / 'exp'
     assert export(model_dir, str(out), 5) == f'{out}/1'
     assert export(model_dir, str(out), 5) == f'{out}/2'      # the next version
-    with pytest.raises(FileExistsError):
+    with pytest.raises(OutputExists, match='immutable'):     # before any work
         export(model_dir, str(out), 5, version=1)
     assert sorted(os.listdir(out)) == ['1', '2']              # no staging left behind
+    assert json.loads((out / '1' / '_SUCCESS').read_text())['kind'] == 'savedmodel'
     assert main(['--model', str(tmp_path / 'missing'), '--output', str(out)]) == 1

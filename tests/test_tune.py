@@ -308,8 +308,10 @@ def test_reads_and_writes_gcs(explicit_run, synth, tmp_path):
             env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert 'trial 4/4' in proc.stderr
-        assert sorted(emu.list_objects(bucket, 'tuning/')) == ['tuning/best.json',
+        assert sorted(emu.list_objects(bucket, 'tuning/')) == ['tuning/_SUCCESS',
+                                                              'tuning/best.json',
                                                               'tuning/trials.csv']
+        assert not [n for n in emu.list_objects(bucket) if '.tmp-' in n or '.lease-' in n]
         get = (f'from apache_beam.io.filesystems import FileSystems as F\n'
                f'import sys\n'
                f'sys.stdout.write(F.open("{out}/trials.csv").read().decode())\n')

@@ -18,6 +18,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipeline.errors import (EXIT_FAILED, EXIT_INTERNAL, QuietMarkedErrors, user_message)
 from pipeline.options import ConfigError
+from pipeline.store.publish import PublishFailed, UntrustedModel
 
 log = logging.getLogger(__name__)
 
@@ -87,14 +88,18 @@ def run_command(body: Callable[[], int], parser: argparse.ArgumentParser,
                 failed: tuple[type[BaseException], ...] = (),
                 after_failure: str = '') -> int:
     """Runs a command's body and maps what it raises to a message and an exit code:
-    ConfigError and `refused` -> argparse's error (exit 2); `failed`, and errors a
-    runner carries out of a pipeline (pipeline.errors markers) -> `error: ...` and
-    after_failure on stderr (exit 1). Anything else is a bug: its traceback and 70."""
+    ConfigError (which includes pipeline.store.publish.OutputRefused and OutputExists:
+    an output refused before any work) and `refused` -> argparse's error (exit 2);
+    UntrustedModel (a model folder that is missing, changed or forged),
+    PublishFailed (the filesystem refused a step of publishing), `failed`,
+    and errors a runner carries out of a pipeline (pipeline.errors markers) ->
+    `error: ...` and after_failure on stderr (exit 1). Anything else is a bug: its
+    traceback and 70."""
     try:
         return body()
     except (ConfigError, *refused) as e:
         parser.error(str(e))
-    except failed as e:
+    except (UntrustedModel, PublishFailed, *failed) as e:
         return fail(f'{getattr(e, "plain", e)}{after_failure}')
     except KeyboardInterrupt:
         print('interrupted', file=sys.stderr)

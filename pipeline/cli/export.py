@@ -23,7 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
                         default=DEFAULT_TOP_K_MAX,
                         help=f'Largest k a request may ask for. Default: {DEFAULT_TOP_K_MAX}.')
     parser.add_argument('--version', type=int, default=None,
-                        help='Version folder number. Default: one more than the largest '
+                        help='Version folder number, 1 or more (an existing version is '
+                             'never replaced). Default: one more than the largest '
                              'already in --output (1 for a new folder).')
     return parser
 
@@ -34,8 +35,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     if args.top_k_max < 1:
         parser.error('--top_k_max must be >= 1')
-    # UntrustedModel is a ValueError
-    return run_command(lambda: _export(args), parser, failed=(ValueError, FileExistsError))
+    if args.version is not None and args.version < 1:
+        parser.error(f'--version must be 1 or more, got {args.version}: TF Serving serves '
+                     'the highest numbered version, and 0 or less is never newer')
+    # Refusals (OutputRefused, ConfigError) exit 2; UntrustedModel is a ValueError (1).
+    return run_command(lambda: _export(args), parser, failed=(ValueError,))
 
 
 def _export(args) -> int:

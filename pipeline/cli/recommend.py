@@ -26,6 +26,7 @@ from pipeline.runners import cloud_launch
 from pipeline.runners.factory import make_pipeline
 from pipeline.serving import batch as rb
 from pipeline.serving.batch_run import prepare, run_batch
+from pipeline.store.model_root import holding
 from pipeline.store.publish import OutputExists, UntrustedModel, new_run_id, staging_path
 
 log = logging.getLogger(__name__)
@@ -118,7 +119,8 @@ def run_one_user(args) -> list[tuple]:
     """Recommendations for --user or --new_user_ratings through the Python API."""
     from pipeline.serving.recommender import Recommender
     t0 = time.perf_counter()
-    rec = Recommender.load(args.model)
+    with holding(args.model, new_run_id()) as folder:   # a root's version: not pruned meanwhile
+        rec = Recommender.load(folder)
     log.info('Loaded %s (%d users x %d items, %s model) in %.2f s', args.model,
              len(rec.users), len(rec.items), rec.params.model, time.perf_counter() - t0)
     t1 = time.perf_counter()

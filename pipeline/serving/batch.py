@@ -31,7 +31,8 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
 from pipeline.errors import InputError
-from pipeline.store.model_files import ModelFiles, load_model_files, read_verified
+from pipeline.store.model_files import (ModelFiles, load_model_files, load_seen_part,
+                                        read_verified)
 from pipeline.store.publish import SUCCESS, UntrustedModel
 from wals_core.topk import similar_items, top_k
 
@@ -280,11 +281,10 @@ class WriteShard(beam.DoFn):
     def _recommend(self, files: ModelFiles, shard: Shard, sel):
         spec = self._spec
         try:
-            raw = read_verified(files.path, files.manifest, shard.part)
+            start, indptr, indices = load_seen_part(
+                files.path, shard.part, read_verified(files.path, files.manifest, shard.part))
         except UntrustedModel as e:
             raise InputError(str(e)) from None
-        with np.load(io.BytesIO(raw), allow_pickle=False) as z:
-            start, indptr, indices = int(z['start']), z['indptr'], z['indices']
         n = len(indptr) - 1
         rows = np.arange(n, dtype=np.int64)
         if sel is not None:   # the chosen users of this part

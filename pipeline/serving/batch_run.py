@@ -15,21 +15,25 @@ from pipeline.options import ConfigError
 from pipeline.runners.factory import make_pipeline
 from pipeline.serving import batch as rb
 from pipeline.store.files import save_json, save_npy
-from pipeline.store.model_files import load_model_files
-from pipeline.store.publish import (UntrustedModel, check_output, discard, new_run_id, publish,
-                                    remove_tree, staging_path)
+from pipeline.store.model_files import load_model_files, resolve_model_path
+from pipeline.store.model_root import hold_model, release_holds
+from pipeline.store.output_guard import OutputGuard
+from pipeline.store.publish import UntrustedModel, discard, new_run_id, remove_tree
 
 log = logging.getLogger(__name__)
 
 
-def _overlaps(a: str, b: str) -> bool:
-    a, b = a.rstrip('/') + '/', b.rstrip('/') + '/'
-    return a.startswith(b) or b.startswith(a)
+def output_guard(args) -> OutputGuard:
+    """The guard of a batch run's --output (pipeline/store/output_guard.py)."""
+    return OutputGuard(args.output, 'similar_items' if args.similar_items
+                       else 'recommendations', overwrite=args.overwrite)
 
 
-def prepare(args, *, verify: bool = True):
-    """Checks a batch command line and (with verify) the model: returns (ModelFiles,
-    SHA-256 of its _SUCCESS), or (None, None) without verify."""
+def prepare(args, *, verify: bool = True, run_id: str | None = None):
+    """Checks a batch command line and (with verify) the output and the model:
+    returns (ModelFiles, SHA-256 of its _SUCCESS), or (None, None) without verify
+    (a Dataflow dry run: no file is read). With run_id, a version of a model root
+    is held by this run's lease until release_holds(run_id)."""
     if not args.output:
         raise ConfigError('--output is required for batch recommendations '
                           '(or give --user / --new_user_ratings)')
@@ -37,15 +41,19 @@ def prepare(args, *, verify: bool = True):
         raise ConfigError('--items goes with --similar_items (use --users for users)')
     if args.users_file and args.similar_items:
         raise ConfigError('--users does not go with --similar_items (use --items)')
-    if _overlaps(args.output, args.model):
-        raise ConfigError(f'--output {args.output} and --model {args.model} overlap: '
-                          'publishing would delete the model')
+    guard = output_guard(args)
+    reads = [('--model', args.model), ('--users', args.users_file),
+             ('--items', args.items_file)]
+    guard.check_reads(reads)
     files = sha = None
     if verify:
-        sha, data = rb.manifest_sha256(args.model)
-        files = load_model_files(args.model)
+        guard.check_target()
+        folder = hold_model(args.model, run_id) if run_id else resolve_model_path(args.model)
+        guard.check_reads([('--model', folder)])
+        sha, data = rb.manifest_sha256(folder)
+        files = load_model_files(folder)
         if json.loads(data) != files.manifest:
-            raise UntrustedModel(f'{args.model}/_SUCCESS changed while it was read')
+            raise UntrustedModel(f'{folder}/_SUCCESS changed while it was read')
     return files, sha
 
 
@@ -53,8 +61,15 @@ def run_batch(args, options: PipelineOptions) -> dict:
     """Verifies the model, runs the pipeline into a staging folder and publishes the
     shards to args.output. Returns the metrics."""
     started = time.time()
-    files, sha = prepare(args)
-    check_output(args.output, args.overwrite)
+    run_id = new_run_id()
+    try:
+        return _run_batch(args, options, started, run_id)
+    finally:
+        release_holds(run_id)
+
+
+def _run_batch(args, options: PipelineOptions, started: float, run_id: str) -> dict:
+    files, sha = prepare(args, run_id=run_id)
     selection = unknown = None
     duplicates = 0
     side = 'items' if args.similar_items else 'users'
@@ -62,9 +77,9 @@ def run_batch(args, options: PipelineOptions) -> dict:
     if id_file:
         requested = read_id_file(id_file)
         selection, unknown, duplicates = select(getattr(files, side), requested)
-    run_id = new_run_id()
     output = args.output.rstrip('/')
-    staging = staging_path(output, run_id)
+    guard = output_guard(args)
+    staging = guard.start(run_id)
     spec = rb.BatchSpec(model=files.path, manifest_sha256=sha, staging=staging,
                         similar=args.similar_items, top_k=args.top_k,
                         include_seen=args.include_seen, fmt=args.fmt,
@@ -103,7 +118,7 @@ def run_batch(args, options: PipelineOptions) -> dict:
                               'total': round(time.time() - started, 3)},
         }
         save_json(f'{staging}/metrics.json', metrics)
-        publish(staging, output, {
+        guard.publish(staging, {
             'kind': spec.kind, 'run_id': run_id,
             'inputs': [{'model': files.path, 'manifest_sha256': sha,
                         'model_run_id': files.manifest.get('run_id')}]
@@ -114,5 +129,7 @@ def run_batch(args, options: PipelineOptions) -> dict:
     except BaseException:
         discard(staging)
         raise
+    finally:
+        guard.close()
     log.info('Published %s to %s', spec.kind, output)
     return metrics

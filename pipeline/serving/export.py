@@ -5,8 +5,13 @@ serving (TF Serving, or tf.saved_model.load in any TensorFlow 2 program).
 
 writes export/<version>/ (TF Serving's layout: it serves the highest numeric
 version under its --model_base_path; the version is the next integer after the
-ones already there, or --version). The SavedModel is written beside it first and
-renamed into place, so a server watching the folder never sees half a model.
+ones already there, or --version). The SavedModel is staged beside it
+(export/<version>.tmp-<run id>, a name TF Serving ignores) and published as every
+output of this tool (pipeline/store/output_guard.py): a _SUCCESS manifest inside
+the version folder, then one rename into place, so a server watching the folder
+never sees half a model. A version folder is never replaced (TF Serving's versions
+are immutable); an --output holding anything but version folders, a file, or a
+folder overlapping the model is refused before any work.
 
 Signatures (signature_def, string IDs as in the ratings file):
   recommend (also serving_default):
@@ -31,14 +36,21 @@ TensorFlow is only imported here (the `export` extra): training never needs it.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import tempfile
 
 import numpy as np
 import tensorflow as tf
+from apache_beam.io.filesystems import FileSystems
 
+from pipeline.options import ConfigError
 from pipeline.serving.recommender import Recommender
+from pipeline.store.model_root import hold_model, release_holds
+from pipeline.store.output_guard import LEFTOVER_RE, OutputGuard, family, output_kind
+from pipeline.store.publish import (SUCCESS, OutputRefused, _local_path, discard, new_run_id,
+                                    our_manifest, read_manifest_bytes)
 
 log = logging.getLogger(__name__)
 
@@ -175,39 +187,122 @@ class ServingModule(tf.Module):
         return {'item_ids': ids, 'scores': best, 'known': known}
 
 
+def _entries(base: str) -> dict[str, bool]:
+    """{name: is a folder} of what base holds (object stores: the first component
+    of every object name under it)."""
+    local = _local_path(base)
+    if local is not None:
+        if not os.path.isdir(local):
+            return {}
+        return {n: os.path.isdir(os.path.join(local, n)) for n in os.listdir(local)}
+    out: dict[str, bool] = {}
+    for pattern in (f'{base}/*', f'{base}/*/**'):
+        try:
+            metas = FileSystems.match([pattern])[0].metadata_list
+        except Exception:   # noqa: BLE001 - nothing there
+            continue
+        for m in metas:
+            name, slash, _ = m.path[len(base) + 1:].partition('/')
+            out[name] = out.get(name, False) or bool(slash)
+    return out
+
+
 def next_version(output: str) -> int:
     """1 + the largest numeric version folder under output (1 if none)."""
-    if not tf.io.gfile.isdir(output):
-        return 1
-    versions = [int(n.rstrip('/')) for n in tf.io.gfile.listdir(output)
-                if n.rstrip('/').isdigit()]
+    versions = [int(n) for n, folder in _entries(output.rstrip('/')).items()
+                if folder and n.isdigit()]
     return max(versions, default=0) + 1
+
+
+def check_base(base: str) -> None:
+    """OutputRefused unless the export base holds only TF Serving version folders
+    (numeric names holding a SavedModel) and this tool's leftovers: it is never a
+    published output itself, nor a folder of other files."""
+    manifest = our_manifest(base)
+    if manifest is not None:
+        raise OutputRefused(f'--output {base} holds {family(output_kind(manifest))} (it '
+                            'has a _SUCCESS manifest): exports go to a folder of their own')
+    foreign = []
+    for name, folder in sorted(_entries(base).items()):
+        if LEFTOVER_RE.match(name):
+            continue
+        if folder and name.isdigit() and (
+                FileSystems.exists(f'{base}/{name}/saved_model.pb')
+                or FileSystems.exists(f'{base}/{name}/{SUCCESS}')):
+            continue
+        foreign.append(name + ('/' if folder else ''))
+    if foreign:
+        shown = ', '.join(foreign[:5]) + (f', ... ({len(foreign)} in all)'
+                                          if len(foreign) > 5 else '')
+        raise OutputRefused(f'--output {base} holds {len(foreign)} thing(s) that are not '
+                            f'TF Serving version folders of this tool: {shown}. Export to '
+                            'a folder of its own (TF Serving\'s --model_base_path)')
 
 
 def export(model: str, output: str, top_k_max: int = DEFAULT_TOP_K_MAX,
            version: int | None = None) -> str:
-    """Writes the SavedModel of the model folder `model` (verified) to
-    output/<version>/ and returns that path."""
+    """Writes the SavedModel of the model folder `model` (verified; a model root: its
+    LATEST, held by a lease while it is read) to output/<version>/ and returns that
+    path."""
     if top_k_max < 1:
         raise ValueError(f'--top_k_max must be >= 1, got {top_k_max}')
-    rec = Recommender.load(model)
-    version = next_version(output) if version is None else int(version)
-    final = f'{output.rstrip("/")}/{version}'
-    if tf.io.gfile.exists(final):
-        raise FileExistsError(f'{final} already exists: TF Serving versions are '
-                              'immutable; choose another --version')
-    tf.io.gfile.makedirs(output)
-    staging = f'{output.rstrip("/")}/.tmp-{version}-{os.getpid()}'   # not a version
-    with tempfile.TemporaryDirectory(prefix='wals-export-') as assets:
-        module = ServingModule(rec, top_k_max, assets)
-        signatures = {'serving_default': module.recommend.get_concrete_function(),
-                      'recommend': module.recommend.get_concrete_function(),
-                      'similar_items': module.similar_items.get_concrete_function()}
-        try:
-            tf.saved_model.save(module, staging, signatures=signatures)
-            tf.io.gfile.rename(staging, final)
-        except BaseException:
-            if tf.io.gfile.exists(staging):
-                tf.io.gfile.rmtree(staging)
-            raise
+    if version is not None and int(version) < 1:
+        raise ConfigError(f'--version must be 1 or more, got {version}: TF Serving '
+                          'serves the highest numbered version, and 0 would never be '
+                          'newer than another')
+    base = output.rstrip('/')
+    run_id = new_run_id()
+    try:
+        return _export(model, base, top_k_max, version, run_id)
+    finally:
+        release_holds(run_id)
+
+
+def _export(model: str, base: str, top_k_max: int, version: int | None, run_id: str) -> str:
+    probe = OutputGuard(base, 'savedmodel')
+    probe.check_target()
+    probe.check_reads([('--model', model)])
+    folder = hold_model(model, run_id)
+    probe.check_reads([('--model', folder)])
+    check_base(base)
+    version = next_version(base) if version is None else int(version)
+    final = f'{base}/{version}'
+    guard = OutputGuard(final, 'savedmodel', any_sibling=True)
+    guard.check_target()
+    sha = hashlib.sha256(read_manifest_bytes(folder)).hexdigest()
+    rec = Recommender.load(folder)      # verified before anything is written
+    staging = guard.start(run_id)
+    try:
+        with tempfile.TemporaryDirectory(prefix='wals-export-') as tmp:
+            os.makedirs(os.path.join(tmp, 'assets'))
+            module = ServingModule(rec, top_k_max, os.path.join(tmp, 'assets'))
+            signatures = {'serving_default': module.recommend.get_concrete_function(),
+                          'recommend': module.recommend.get_concrete_function(),
+                          'similar_items': module.similar_items.get_concrete_function()}
+            try:
+                if _local_path(staging) is not None:
+                    tf.saved_model.save(module, staging, signatures=signatures)
+                else:   # saved locally, then copied: TensorFlow need not know gs://
+                    local = os.path.join(tmp, 'saved')
+                    tf.saved_model.save(module, local, signatures=signatures)
+                    _copy_tree(local, staging)
+                guard.publish(staging, {
+                    'kind': 'savedmodel', 'run_id': run_id, 'version': version,
+                    'inputs': [{'model': folder, 'manifest_sha256': sha,
+                                'model_run_id': rec.files.manifest.get('run_id')}],
+                    'parameters': {'top_k_max': top_k_max}})
+            except BaseException:
+                discard(staging)
+                raise
+    finally:
+        guard.close()
     return final
+
+
+def _copy_tree(local: str, dest: str) -> None:
+    for here, _, names in os.walk(local):
+        for name in names:
+            path = os.path.join(here, name)
+            rel = os.path.relpath(path, local).replace(os.sep, '/')
+            with open(path, 'rb') as f, FileSystems.create(f'{dest}/{rel}') as out:
+                out.write(f.read())

@@ -28,8 +28,9 @@ from typing import Callable
 import numpy as np
 
 from pipeline.store.model_files import read_verified
-from pipeline.store.model_root import LATEST_METRICS, read_latest, version_name, version_path
-from pipeline.store.publish import read_manifest_bytes
+from pipeline.store.model_root import (LATEST_METRICS, hold_model, read_latest, release_holds,
+                                       version_name, version_path)
+from pipeline.store.publish import new_run_id, read_manifest_bytes
 from pipeline.serving.recommender import Recommender
 from wals_core.topk import ItemLayout, top_k
 
@@ -158,7 +159,18 @@ def _gate(rec: Recommender) -> dict | None:
 def load_model(path: str, version: str | None = None, manifest_sha256: str | None = None,
                latest: dict | None = None) -> ServedModel:
     """Loads and verifies the model at `path` (a model folder, or a model root: its
-    LATEST once). manifest_sha256: the _SUCCESS LATEST recorded for it."""
+    LATEST once). manifest_sha256: the _SUCCESS LATEST recorded for it. A version
+    of a model root is named in a lease while it loads (ROOT/leases/, released
+    after): pruning does not delete it under the load (docs/reliability.md)."""
+    run_id = new_run_id()
+    try:
+        return _load_model(hold_model(path, run_id), version, manifest_sha256, latest)
+    finally:
+        release_holds(run_id)
+
+
+def _load_model(path: str, version: str | None, manifest_sha256: str | None,
+                latest: dict | None) -> ServedModel:
     rec = Recommender.load(path)
     folder = rec.files.path
     raw = read_manifest_bytes(folder)

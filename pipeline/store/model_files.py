@@ -51,10 +51,9 @@ class ModelFiles:
         counts = np.zeros(n, np.int64)
         pieces = []
         for path in self.seen_parts:
-            with np.load(io.BytesIO(read_verified(self.path, self.manifest,
-                                                  path[len(self.path) + 1:])),
-                         allow_pickle=False) as z:
-                start, indptr, indices = int(z['start']), z['indptr'], z['indices']
+            rel = path[len(self.path) + 1:]
+            start, indptr, indices = load_seen_part(self.path, rel, read_verified(
+                self.path, self.manifest, rel))
             counts[start:start + len(indptr) - 1] = np.diff(indptr)
             pieces.append((start, indices))
         indptr = np.zeros(n + 1, np.int64)
@@ -64,22 +63,55 @@ class ModelFiles:
         return indptr, indices.astype(np.int32, copy=False)
 
 
+def load_seen_part(root: str, rel: str, data: bytes) -> tuple[int, np.ndarray, np.ndarray]:
+    """(first user row, indptr, item indices) of a model/seen/part-*.npz."""
+    start, indptr, indices = load_array(root, rel, data, ('start', 'indptr', 'indices'))
+    try:
+        start = int(start)
+    except (TypeError, ValueError):
+        raise UntrustedModel(f'{root}/{rel} has no integer start row: an untrusted '
+                             'model, refused') from None
+    return start, indptr, indices
+
+
 def read_verified(root: str, manifest: dict, rel: str) -> bytes:
     """The bytes of root/rel after checking them against the manifest."""
     want = manifest.get('files', {}).get(rel)
     if want is None:
         raise UntrustedModel(f'{root}/{rel} is not listed in its {SUCCESS} manifest')
-    with FileSystems.open(f'{root}/{rel}') as f:
-        data = f.read()
+    try:
+        with FileSystems.open(f'{root}/{rel}') as f:
+            data = f.read()
+    except Exception as e:   # noqa: BLE001 - missing, or unreadable: say which file
+        reason = 'is missing' if not FileSystems.exists(f'{root}/{rel}') else \
+            f'cannot be read ({e})'
+        raise UntrustedModel(f'{root}/{rel} {reason}, but its {SUCCESS} manifest lists '
+                             'it: the model folder changed after it was published') from None
     if len(data) != want['bytes'] or hashlib.sha256(data).hexdigest() != want['sha256']:
         raise UntrustedModel(f'{root}/{rel} does not match its {SUCCESS} checksum: the '
                              'model folder changed after it was published')
     return data
 
 
+def load_array(root: str, rel: str, data: bytes,
+               keys: tuple[str, ...] = ()) -> np.ndarray | tuple[np.ndarray, ...]:
+    """An array of a model file (.npy; or the arrays `keys` of an .npz) without
+    pickles: a file that holds Python objects, or is no array file at all, is an
+    UntrustedModel naming it (np.load raises ValueError for an object array without
+    allow_pickle)."""
+    try:
+        if not keys:
+            return np.load(io.BytesIO(data), allow_pickle=False)
+        with np.load(io.BytesIO(data), allow_pickle=False) as z:
+            return tuple(z[k] for k in keys)
+    except (ValueError, OSError, KeyError, EOFError) as e:
+        raise UntrustedModel(f'{root}/{rel} is not a plain numeric array file ({e}): an '
+                             'untrusted model, refused') from None
+
+
 def _npy(root: str, manifest: dict, name: str) -> np.ndarray:
-    return np.load(io.BytesIO(read_verified(root, manifest, f'model/{name}.npy')),
-                   allow_pickle=False)
+    rel = f'model/{name}.npy'
+    return load_array(root, rel, read_verified(root, manifest, rel))
 
 
 def params_from_manifest(manifest: dict) -> WalsParams:
@@ -93,7 +125,11 @@ def load_model_files(path: str) -> ModelFiles:
     every file verified."""
     root = resolve_model_path(path)
     manifest = read_manifest(root)
-    params = params_from_manifest(manifest)
+    try:
+        params = params_from_manifest(manifest)
+    except (KeyError, TypeError, AttributeError) as e:
+        raise UntrustedModel(f'{root}/{SUCCESS} is not the manifest of a model (no usable '
+                             f'parameters: {e})') from None
     out = ModelFiles(root, manifest, params, _npy(root, manifest, 'user'),
                      _npy(root, manifest, 'item'), _npy(root, manifest, 'row'),
                      _npy(root, manifest, 'col'), _npy(root, manifest, 'col_counts'))

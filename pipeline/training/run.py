@@ -18,12 +18,12 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from pipeline.options import ConfigError, TrainConfig
 from pipeline.runners.factory import make_pipeline
 from pipeline.store.files import save_json
-from pipeline.store.model_files import (LATEST, PreviousModel, load_model_files,
-                                        resolve_model_path)
-from pipeline.store.model_root import promote, prune, read_latest, version_name, version_path
-from pipeline.store.publish import (OutputExists, UntrustedModel, check_output,
-                                    describe_inputs, discard, new_run_id, publish, remove_tree,
-                                    staging_path)
+from pipeline.store.model_files import LATEST, PreviousModel, load_model_files, resolve_model_path
+from pipeline.store.model_root import (hold_model, promote, prune, read_latest, release_holds,
+                                       root_of, version_name, version_path)
+from pipeline.store.output_guard import OutputGuard, relation
+from pipeline.store.publish import (OutputExists, OutputRefused, UntrustedModel,
+                                    describe_inputs, discard, new_run_id, remove_tree)
 from pipeline.store.report import (PLOT, build_report, gate_decision, plot_convergence,
                                    write_report)
 from pipeline.store.shared_storage import check_shared_paths
@@ -31,7 +31,8 @@ from pipeline.training.graph import build_pipeline
 
 log = logging.getLogger(__name__)
 
-__all__ = ['COUNT_KEYS', 'OutputExists', 'PLOT', 'check_inputs', 'resolve_previous', 'run']
+__all__ = ['COUNT_KEYS', 'OutputExists', 'OutputRefused', 'PLOT', 'check_inputs',
+           'resolve_previous', 'run']
 
 
 def check_inputs(pattern: str) -> list[dict]:
@@ -50,10 +51,12 @@ def check_inputs(pattern: str) -> list[dict]:
     return inputs
 
 
-def resolve_previous(config: TrainConfig) -> PreviousModel | None:
+def resolve_previous(config: TrainConfig, run_id: str | None = None) -> PreviousModel | None:
     """--previous_model (a model folder, or a root's LATEST), or with --model_root its
     own LATEST; verified before any work. Its item factors seed this run when the
-    mode and latent_factors match (else a ConfigError, unless --no_warm_start)."""
+    mode and latent_factors match (else a ConfigError, unless --no_warm_start).
+    With run_id, a version of a model root is held by this run's lease in that root
+    (pipeline.store.model_root.hold_model) until the run ends: pruning leaves it."""
     path = config.previous_model
     if path is None and config.model_root:
         if not FileSystems.exists(f'{config.model_root.rstrip("/")}/{LATEST}'):
@@ -62,7 +65,7 @@ def resolve_previous(config: TrainConfig) -> PreviousModel | None:
     if path is None:
         return None
     try:
-        folder = resolve_model_path(path)
+        folder = hold_model(path, run_id) if run_id else resolve_model_path(path)
         model = load_model_files(folder)
     except (UntrustedModel, OSError, KeyError, ValueError) as e:
         raise ConfigError(f'--previous_model {path}: {e}') from None
@@ -95,10 +98,35 @@ def run(config: TrainConfig, options: PipelineOptions, overwrite: bool = False) 
         root, version = config.output.rstrip('/'), version_name(run_id)
         config = dataclasses.replace(config, output=version_path(root, version))
         overwrite = False          # a version is new by construction
-    check_output(config.output, overwrite)
-    staging = staging_path(config.output, run_id)
+    guard = OutputGuard(config.output, 'model', overwrite=overwrite, root=root,
+                        flag='--model_root' if root else '--output')
+    guard.check_target()
+    # A --previous_model that is a model root (ROOT itself with --model_root ROOT, as
+    # the daily DAG runs it) is compared by the version it resolves to, below.
+    previous_path = config.previous_model
+    if previous_path and (root_of(previous_path)[0] is not None or (
+            root is not None and relation(previous_path, root) == 'is')):
+        previous_path = None
+    guard.check_reads([('--input', config.input), ('--test_input', config.test_input),
+                       ('--previous_model', previous_path)],
+                      allow_equal=('--previous_model',))
+    staging = guard.start(run_id)
+    try:
+        previous = resolve_previous(config, run_id)
+        if previous is not None:   # retraining in place (--overwrite onto it) is fine
+            guard.check_reads([('--previous_model', previous.path)],
+                              allow_equal=('--previous_model',))
+        return _run(config, options, overwrite, started, inputs, run_id, root, version,
+                    guard, staging, previous)
+    finally:
+        guard.close()
+        release_holds(run_id)
+
+
+def _run(config: TrainConfig, options: PipelineOptions, overwrite: bool, started: float,
+         inputs: list[dict], run_id: str, root: str | None, version: str | None,
+         guard: OutputGuard, staging: str, previous: PreviousModel | None) -> dict:
     pipeline = make_pipeline(options)
-    previous = resolve_previous(config)
     work_dir = build_pipeline(pipeline, config, staging, previous)
     built = time.time()
     log.info('Training %d iterations of WALS on %s (%d file(s)); staging in %s',
@@ -141,11 +169,10 @@ def run(config: TrainConfig, options: PipelineOptions, overwrite: bool = False) 
         return metrics
     counts = {k: metrics[k] for k in COUNT_KEYS}
     try:   # checked again here: another run may have published since the start
-        publish(staging, config.output, {'run_id': run_id, 'inputs': inputs,
-                                         'parameters': config.describe(), 'counts': counts,
-                                         'lines': metrics['lines']}, overwrite=overwrite,
-                run_id=run_id)
-    except OutputExists:
+        guard.publish(staging, {'run_id': run_id, 'inputs': inputs,
+                                'parameters': config.describe(), 'counts': counts,
+                                'lines': metrics['lines']})
+    except BaseException:
         discard(staging)
         raise
     log.info('Published the model to %s', config.output)
@@ -157,7 +184,7 @@ def run(config: TrainConfig, options: PipelineOptions, overwrite: bool = False) 
         if moved:
             outcome['message'] = f'Promoted: {root}/{LATEST} -> {version}.'
             if config.keep_versions:
-                pruned = prune(root, config.keep_versions)
+                pruned = prune(root, config.keep_versions, run_id)
                 outcome['pruned'] = pruned
                 if pruned:
                     outcome['message'] += f' Pruned {len(pruned)} old version(s).'

@@ -2,7 +2,9 @@
 asks for batches of trials, each batch runs as the elements of one Beam pipeline on
 the chosen runner, and every trial trains wals_core's in-memory trainer on the
 training pairs and is scored on a validation split carved out of them (the
-trainer's test split is never used). Writes trials.csv and best.json."""
+trainer's test split is never used). Writes trials.csv and best.json, staged and
+published with a _SUCCESS manifest as every output of this tool
+(pipeline/store/output_guard.py)."""
 from __future__ import annotations
 
 import argparse
@@ -22,7 +24,8 @@ from apache_beam.pvalue import AsSingleton
 
 from pipeline.options import ConfigError, parse_delimiter
 from pipeline.runners.factory import make_pipeline
-from pipeline.store.publish import discard
+from pipeline.store.output_guard import OutputGuard
+from pipeline.store.publish import describe_inputs, discard, new_run_id, remove_tree
 from pipeline.tuning.data import DataConfig, PrepareTuning, load_data
 from pipeline.tuning.trials import (MODE_DEFAULTS, Range, TrialSettings, default_trial,
                                     metric_name, search_space, train_and_score)
@@ -30,7 +33,7 @@ from wals_core.params import default_wt_type
 
 log = logging.getLogger(__name__)
 
-WORK = '_work'   # inside --output: the prepared data and per-trial results
+WORK = '_work'   # inside the staging folder: the prepared data and per-trial results
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,7 +62,6 @@ def config_from_args(args: argparse.Namespace) -> TuneConfig:
         (0 <= args.max_bad_fraction <= 1, '--max_bad_fraction must be in [0, 1]'),
         (args.sample_users is None or args.sample_users >= 1,
          '--sample_users must be at least 1'),
-        (args.output.rstrip('/') != args.input.rstrip('/'), '--output must not be the input'),
     ]
     for ok, message in checks:
         if not ok:
@@ -155,19 +157,35 @@ def _write_text(path: str, text: str) -> None:
         f.write(text.encode('utf-8'))
 
 
-def check_output(output: str, overwrite: bool) -> None:
-    for name in ('trials.csv', 'best.json'):
-        if FileSystems.exists(f'{output}/{name}') and not overwrite:
-            raise ConfigError(f'--output {output} already holds {name}; pass --overwrite '
-                              'to replace it, or choose another folder')
-
-
 def run(config: TuneConfig, beam_args: list[str]) -> dict:
-    """The whole search; returns the best.json content."""
-    import optuna
+    """The whole search; returns the best.json content. Refused before any work
+    (OutputRefused) when --output is a file, cannot be written, overlaps --input, or
+    holds anything but an earlier search's results (or those without --overwrite)."""
     started = time.time()
-    check_output(config.output, config.overwrite)
-    work = f'{config.output}/{WORK}'
+    guard = OutputGuard(config.output, 'tuning', overwrite=config.overwrite)
+    guard.check_target()
+    guard.check_reads([('--input', config.data.input)])
+    run_id = new_run_id()
+    staging = guard.start(run_id)
+    try:
+        summary = _search(config, beam_args, staging, started)
+        guard.publish(staging, {
+            'kind': 'tuning', 'run_id': run_id, 'inputs': describe_inputs(config.data.input),
+            'parameters': {k: summary[k] for k in ('model', 'metric', 'fixed', 'trials',
+                                                    'search_seed')},
+            'counts': summary['data']})
+        return summary
+    except BaseException:
+        discard(staging)
+        raise
+    finally:
+        guard.close()
+
+
+def _search(config: TuneConfig, beam_args: list[str], staging: str, started: float) -> dict:
+    """The search, its trials.csv and best.json written into staging."""
+    import optuna
+    work = f'{staging}/{WORK}'
     data_path = f'{work}/data.npz'
     options = beam_options(beam_args, config.parallel)
     s = config.settings
@@ -222,7 +240,7 @@ def run(config: TuneConfig, beam_args: list[str]) -> dict:
                          f'{best["value"]:.5f}' if best else 'none',
                          best['number'] if best else '-')
         table = pd.DataFrame(rows, columns=['number', *space, name, 'state', 'error', 'seconds'])
-        _write_text(f'{config.output}/trials.csv', table.to_csv(index=False))
+        _write_text(f'{staging}/trials.csv', table.to_csv(index=False))
         if best is None:
             raise RuntimeError(f'every trial failed; the first: {rows[0]["error"]}')
         summary = {
@@ -236,10 +254,10 @@ def run(config: TuneConfig, beam_args: list[str]) -> dict:
             'data': counts,
             'seconds': round(time.time() - started, 3),
         }
-        _write_text(f'{config.output}/best.json', json.dumps(summary, indent=2) + '\n')
+        _write_text(f'{staging}/best.json', json.dumps(summary, indent=2) + '\n')
         return summary
     finally:
-        discard(work)   # the prepared data and per-trial results are not outputs
+        remove_tree(work)   # the prepared data and per-trial results are not outputs
 
 
 def _better(a: float, b: float, metric: str) -> bool:
