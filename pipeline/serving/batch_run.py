@@ -60,7 +60,7 @@ def run_batch(args, options: PipelineOptions) -> dict:
     side = 'items' if args.similar_items else 'users'
     id_file = args.items_file if args.similar_items else args.users_file
     if id_file:
-        requested = read_id_file(id_file)
+        requested = read_id_file(id_file, '--items' if args.similar_items else '--users')
         selection, unknown, duplicates = select(getattr(files, side), requested)
     run_id = new_run_id()
     output = args.output.rstrip('/')
