@@ -159,6 +159,7 @@ class DecompressedStream:
         self._members = 0
         self.offset = 0         # uncompressed bytes given out so far
         self.lines = 0          # newlines among them
+        self._back = b''        # bytes given back (unread), read again first
 
     def close(self) -> None:
         self._raw.close()
@@ -169,8 +170,20 @@ class DecompressedStream:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    def unread(self, data: bytes) -> None:
+        """Gives back bytes read past a line's end: the next read starts with them."""
+        self._back = data + self._back
+        self.offset -= len(data)
+        self.lines -= data.count(b'\n')
+
     def read(self, n: int) -> bytes:
         pieces, have = [], 0
+        if self._back:
+            first, self._back = self._back[:n], self._back[n:]
+            pieces.append(first)
+            have = len(first)
+            self.offset += len(first)
+            self.lines += first.count(b'\n')
         while have < n:
             piece = self._next(n - have)
             if not piece:
@@ -255,7 +268,7 @@ class DecompressedStream:
             f'detected: {how}, or with gzip')
 
     def _where(self) -> str:
-        return f'byte {self.offset:,} of its text (line {self.lines + 1:,})'
+        return f'byte {self.offset:,} of the uncompressed text (line {self.lines + 1:,})'
 
     def _truncated(self) -> DamagedFile:
         return DamagedFile(
@@ -265,8 +278,8 @@ class DecompressedStream:
 
     def _damaged(self, detail: str) -> DamagedFile:
         return DamagedFile(
-            f'{self.path}: corrupt {_NAMES[self._compression]} data ({detail}): its text '
-            f'is damaged after {self._where()}')
+            f'{self.path}: corrupt {_NAMES[self._compression]} data ({detail}), found '
+            f'after {self._where()} (a damaged file: copy it again)')
 
 
 def open_uncompressed(path: str):

@@ -42,10 +42,13 @@ def split_lines(text: str) -> list[str]:
 
 
 class _Reader:
-    """A binary file with bytes that can be pushed back (read ahead of a line's end)."""
+    """A binary file whose read-ahead past a line's end can be given back: by
+    seeking back (a file), or to the stream itself (DecompressedStream.unread), or
+    kept here."""
 
     def __init__(self, f: BinaryIO):
         self._f = f
+        self._seekable = bool(getattr(f, 'seekable', lambda: False)())
         self._back = b''
 
     def read(self, n: int) -> bytes:
@@ -57,15 +60,24 @@ class _Reader:
         return self._f.read(n)
 
     def unread(self, data: bytes) -> None:
-        self._back = data + self._back
+        if not data:
+            return
+        if not self._back and self._seekable:
+            self._f.seek(self._f.tell() - len(data))
+        elif not self._back and hasattr(self._f, 'unread'):
+            self._f.unread(data)
+        else:
+            self._back = data + self._back
 
     def read_through_newline(self, limit: int) -> tuple[bytes, bool]:
         """The bytes up to and including the next newline, if it comes within
         `limit` bytes (True), or else the first `limit` or more bytes read (False;
-        the end of the file counts as a line's end: True)."""
-        parts, have = [], 0
+        the end of the file counts as a line's end: True). Reads start small (a
+        line usually ends soon) and grow."""
+        parts, have, step = [], 0, 1 << 12
         while True:
-            data = self.read(min(SKIP_READ_BYTES, max(limit - have, 1)))
+            data = self.read(min(step, max(limit - have, 1)))
+            step = min(step * 4, SKIP_READ_BYTES)
             if not data:
                 return b''.join(parts), True
             nl = data.find(b'\n')
@@ -81,9 +93,10 @@ class _Reader:
     def skip_through_newline(self) -> tuple[int, bool]:
         """Streams past the rest of a line: (bytes skipped before its newline,
         whether a newline ended it)."""
-        skipped = 0
+        skipped, step = 0, 1 << 12
         while True:
-            data = self.read(SKIP_READ_BYTES)
+            data = self.read(step)
+            step = min(step * 4, SKIP_READ_BYTES)
             if not data:
                 return skipped, False
             nl = data.find(b'\n')
