@@ -187,6 +187,7 @@ def run(config: TuneConfig, beam_args: list[str]) -> dict:
     started = time.time()
     check_input_files(config.data.input)
     check_output(config.output, config.overwrite)
+    new_folder = not FileSystems.exists(config.output)
     work = f'{config.output}/{WORK}'
     data_path = f'{work}/data.npz'
     options = beam_options(beam_args, config.parallel)
@@ -260,6 +261,18 @@ def run(config: TuneConfig, beam_args: list[str]) -> dict:
         return summary
     finally:
         discard(work)   # the prepared data and per-trial results are not outputs
+        if new_folder:
+            _remove_if_empty(config.output)   # a failed search leaves nothing behind
+
+
+def _remove_if_empty(folder: str) -> None:
+    """Removes a local folder this run created if nothing was written into it."""
+    if FileSystems.get_scheme(folder) not in (None, 'file'):
+        return                     # object stores have no empty folders
+    try:
+        os.rmdir(folder.removeprefix('file://'))
+    except OSError:
+        pass                       # not empty (the results), or not there
 
 
 class AllTrialsFailed(MarkedError):
