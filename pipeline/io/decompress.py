@@ -37,6 +37,8 @@ from apache_beam.io.filesystems import FileSystems
 from pipeline.errors import InputError
 
 READ_BYTES = 1 << 20       # compressed bytes per read of the underlying file
+_FIRST_READ_BYTES = 64 << 10   # the first reads are smaller: a look at a file's
+                               # start (pipeline.io.read.check_input_files) costs little
 _STEP_BYTES = 64 << 10     # uncompressed bytes asked of a decompressor at a time
 # A zstd block of 4 bytes (an RLE block) can stand for 128 KiB: feeding slices of
 # 1 KiB keeps one call's output under 32 MiB.
@@ -160,6 +162,8 @@ class DecompressedStream:
         self.offset = 0         # uncompressed bytes given out so far
         self.lines = 0          # newlines among them
         self._back = b''        # bytes given back (unread), read again first
+        self._checked: bool | None = False   # the current stream has a check
+        self._read_size = _FIRST_READ_BYTES
 
     def close(self) -> None:
         self._raw.close()
@@ -243,8 +247,9 @@ class DecompressedStream:
                 stalled += 1
 
     def _raw_read(self) -> bytes:
+        size, self._read_size = self._read_size, min(self._read_size * 4, READ_BYTES)
         try:
-            return self._raw.read(READ_BYTES)
+            return self._raw.read(size)
         except Exception as e:   # noqa: BLE001 - the filesystem's own error says why
             raise InputError(f'{self.path}: cannot read: {e}') from None
 
