@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import math
 import os
 
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
@@ -23,6 +24,12 @@ DEFAULT_BLOCK_SIZE = 16384
 # IDs are stored as fixed-width text arrays (4 bytes per character of the longest
 # ID): 256 covers UUIDs, URLs and paths of typical analytics exports.
 DEFAULT_MAX_ID_LENGTH = 256
+# A line is at most this long (bytes, without its line break): 1 MiB is thousands of
+# times any rating line, and keeps memory bounded on a file without newlines.
+DEFAULT_MAX_LINE_BYTES = 1 << 20
+# |value| above this is a bad line (out_of_range): no star rating, play count or
+# seconds on a page comes near it, while one value of 1e20 collapses a model.
+DEFAULT_MAX_ABS_VALUE = 1e9
 # --exchange auto routes a side whose float32 factor matrix is above this: with one
 # copy per SDK process, 1 GiB leaves room for its deserialization, the block cache
 # and the solves on a 4 GB-per-process worker (README "Scale model").
@@ -44,7 +51,8 @@ def parse_bool(text: str) -> bool:
 def add_input_options(group) -> None:
     """The options that say how to read and split the ratings, shared by the trainer
     and the tuner (python -m pipeline.tune): --data_type, --delimiter, --headers,
-    --max_bad_fraction, --max_id_length, --test_fraction, --split_seed."""
+    --max_bad_fraction, --max_id_length, --max_line_bytes, --max_abs_value,
+    --test_fraction, --split_seed."""
     group.add_argument('--data_type', '--data-type', dest='data_type', default='ratings',
                        choices=DATA_TYPES,
                        help='ratings: lines of user, item, rating[, ignored columns]. '
@@ -67,6 +75,18 @@ def add_input_options(group) -> None:
                             'line bad (reason id_too_long): one garbage ID would otherwise '
                             'widen every ID array. Default: '
                             f'{DEFAULT_MAX_ID_LENGTH}.')
+    group.add_argument('--max_line_bytes', '--max-line-bytes', dest='max_line_bytes',
+                       type=int, default=DEFAULT_MAX_LINE_BYTES,
+                       help='A line longer than this many bytes (without its line break) '
+                            'is bad (reason line_too_long) and is streamed past, never '
+                            'held in memory: a file without newlines cannot exhaust '
+                            f'memory. Default: {DEFAULT_MAX_LINE_BYTES} (1 MiB).')
+    group.add_argument('--max_abs_value', '--max-abs-value', dest='max_abs_value',
+                       type=float, default=DEFAULT_MAX_ABS_VALUE,
+                       help='A rating (or time on page) whose absolute value is above '
+                            'this is bad (reason out_of_range), like a value that is not '
+                            'a finite number: one absurd value can collapse a model. '
+                            f'Default: {DEFAULT_MAX_ABS_VALUE:g}.')
     group.add_argument('--test_fraction', '--test-fraction', dest='test_fraction',
                        type=float, default=0.1,
                        help='Share of ratings held out for test RMSE, chosen by a stable '
@@ -264,6 +284,8 @@ class TrainConfig:
     block_size: int
     max_bad_fraction: float = 0.001
     max_id_length: int = DEFAULT_MAX_ID_LENGTH
+    max_line_bytes: int = DEFAULT_MAX_LINE_BYTES
+    max_abs_value: float = DEFAULT_MAX_ABS_VALUE
     vocabulary: str = 'local'   # 'distributed': pipeline/training/distributed_vocab.py
     test_input: str | None = None
     rank_k: int = 10
@@ -314,6 +336,41 @@ def parse_delimiter(text: str | None, data_type: str) -> str:
     if len(value) != 1 or value in '\r\n':
         raise ConfigError(f'--delimiter must be one character (or "tab", "\\t"), got {text!r}')
     return value
+
+
+# Largest --block_size: rows are numbered with int32 (pipeline/training/graph.py MAX_ROWS).
+MAX_BLOCK_SIZE = 2**31 - 1
+
+
+def check_finite(**values: float | None) -> None:
+    """ConfigError for the first option given as NaN or an infinity (the range checks
+    let them through: NaN compares false, inf passes >= 0)."""
+    for name, value in values.items():
+        if value is not None and not math.isfinite(value):
+            raise ConfigError(f'--{name} must be a finite number, got {value}')
+
+
+def check_input_limits(args) -> None:
+    """--max_line_bytes and --max_abs_value (the trainer's and the tuner's)."""
+    check_finite(max_abs_value=args.max_abs_value)
+    if args.max_line_bytes < 1:
+        raise ConfigError('--max_line_bytes must be at least 1')
+    if not args.max_abs_value > 0:
+        raise ConfigError('--max_abs_value must be more than 0')
+
+
+def check_limits(args, params: WalsParams) -> None:
+    """The trainer's options that the range checks of config_from_options let
+    through: non-finite numbers, a --block_size past int32, the input limits."""
+    check_finite(regularization=params.regularization, unobs_weight=params.unobs_weight,
+                 feature_wt_factor=params.feature_wt_factor,
+                 feature_wt_exp=params.feature_wt_exp, alpha=params.alpha,
+                 epsilon=params.epsilon, relevance_threshold=args.relevance_threshold,
+                 max_regression=args.max_regression, tolerance=args.tolerance,
+                 max_broadcast_mb=args.max_broadcast_mb)
+    if args.block_size > MAX_BLOCK_SIZE:
+        raise ConfigError(f'--block_size must be at most {MAX_BLOCK_SIZE:,}')
+    check_input_limits(args)
 
 
 def default_output() -> str:
@@ -373,6 +430,7 @@ def config_from_options(options: PipelineOptions) -> TrainConfig:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+    check_limits(args, params)
     gate_metric = args.gate_metric or ('ndcg' if args.model == 'implicit' else 'rmse')
     if gate_metric == 'rmse' and args.model == 'implicit' and args.max_regression is not None:
         raise ConfigError('--gate_metric rmse does not apply to --model implicit (no RMSE): '
@@ -394,7 +452,9 @@ def config_from_options(options: PipelineOptions) -> TrainConfig:
                        test_fraction=args.test_fraction, split_seed=args.split_seed,
                        seed=args.seed, block_size=args.block_size,
                        max_bad_fraction=args.max_bad_fraction,
-                       max_id_length=args.max_id_length, vocabulary=args.vocabulary,
+                       max_id_length=args.max_id_length,
+                       max_line_bytes=args.max_line_bytes, max_abs_value=args.max_abs_value,
+                       vocabulary=args.vocabulary,
                        test_input=args.test_input or None, rank_k=args.rank_k,
                        relevance_threshold=args.relevance_threshold,
                        model_root=args.model_root, previous_model=args.previous_model,

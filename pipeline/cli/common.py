@@ -1,22 +1,25 @@
 """What every command shares: logging, the check that leftover arguments are Beam
 options, and the one mapping from errors to messages and exit codes.
 
-Exit codes (the same for every command; README "Exit codes"):
+Exit codes (the same for every command; docs/input-and-errors.md):
   0  done                       3  the gate kept the previous model (train)
   1  the work failed with a clear message (bad input, an untrusted model, ...)
   2  refused before any work (a bad option or path; argparse's code)
+  4  the trained model failed its sanity check and was not published (train)
   70 an internal error (a bug: the traceback is printed)
 """
 from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 from typing import Callable
 
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from pipeline.errors import (EXIT_FAILED, EXIT_INTERNAL, QuietMarkedErrors, user_message)
+from pipeline.errors import (EXIT_FAILED, EXIT_INTERNAL, MarkedError, QuietMarkedErrors,
+                             marked_error)
 from pipeline.options import ConfigError
 from pipeline.store.publish import PublishFailed, UntrustedModel
 
@@ -83,31 +86,59 @@ def fail(message: str, code: int = EXIT_FAILED) -> int:
     return code
 
 
+def out_of_memory(exc: BaseException) -> str | None:
+    """What a MemoryError says ('Unable to allocate 441 GiB for an array ...'), also
+    when a runner carries it out of a pipeline as text; None for other errors."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, MemoryError):
+            return str(exc) or 'MemoryError'
+        found = re.search(r'MemoryError: ([^\n]*)', str(exc))
+        if found:
+            return found.group(1).strip()
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 def run_command(body: Callable[[], int], parser: argparse.ArgumentParser,
                 refused: tuple[type[BaseException], ...] = (),
                 failed: tuple[type[BaseException], ...] = (),
                 after_failure: str = '') -> int:
-    """Runs a command's body and maps what it raises to a message and an exit code:
-    ConfigError (which includes pipeline.store.publish.OutputRefused and OutputExists:
-    an output refused before any work) and `refused` -> argparse's error (exit 2);
-    UntrustedModel (a model folder that is missing, changed or forged),
-    PublishFailed (the filesystem refused a step of publishing), `failed`,
-    and errors a runner carries out of a pipeline (pipeline.errors markers) ->
-    `error: ...` and after_failure on stderr (exit 1). Anything else is a bug: its
-    traceback and 70."""
+    """Runs a command's body and maps what it raises to a message and an exit code,
+    the one mapping of every command:
+    - ConfigError (which includes pipeline.store.publish.OutputRefused and
+      OutputExists: an output refused before any work) and `refused` -> argparse's `prog: error: ...` (exit 2, nothing done);
+    - pipeline.errors.MarkedError (InputError, ModelCheckError, ...), raised here or
+      carried out of a pipeline by a runner -> `error: ...` and after_failure on
+      stderr, with the error's exit code (1; 4 for a model that failed its check);
+    - UntrustedModel (a model folder that is missing, changed or forged),
+      PublishFailed (the filesystem refused a step of publishing) and `failed` ->
+      `error: ...` (exit 1); running out of memory -> `error: out of
+      memory ...` (exit 1);
+    Anything else is a bug: its traceback and 70."""
     try:
         return body()
     except (ConfigError, *refused) as e:
         parser.error(str(e))
+    except MarkedError as e:
+        # A runner may re-raise it with its own wrapped message: the marked part.
+        message, code = marked_error(e) or (e.plain, e.exit_code)
+        return fail(f'{message}{after_failure}', code)
     except (UntrustedModel, PublishFailed, *failed) as e:
         return fail(f'{getattr(e, "plain", e)}{after_failure}')
     except KeyboardInterrupt:
         print('interrupted', file=sys.stderr)
         return 130
     except Exception as e:   # noqa: BLE001 - runner-wrapped errors become a message
-        message = user_message(e)
-        if message is None:
-            log.exception('internal error (a bug): %s', e)
-            return EXIT_INTERNAL
-        return fail(f'{message}{after_failure}')
+        found = marked_error(e)
+        if found is not None:
+            message, code = found
+            return fail(f'{message}{after_failure}', code)
+        memory = out_of_memory(e)
+        if memory is not None:
+            return fail(f'out of memory: {memory} (an option too large for this machine, '
+                        f'such as --latent_factors or --top_k?){after_failure}')
+        log.exception('internal error (a bug): %s', e)
+        return EXIT_INTERNAL
     return EXIT_INTERNAL   # not reached: parser.error exits

@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import json
 import logging
 import sys
 
@@ -48,6 +47,7 @@ from pipeline.training.run import check_inputs
 from pipeline.options import (ConfigError, TrainConfig, WalsOptions, config_from_options,
                               parse_bool)
 from pipeline.store.publish import new_run_id, staging_path
+from pipeline.strict_json import dumps
 from pipeline.runners.cloud_launch import (DEFAULT_MACHINE_TYPE, MAX_WORKERS_CAP,  # noqa: F401
                                    MAX_WORKERS_UNKNOWN_INPUT, CloudOptions,
                                    add_cloud_arguments, cloud_options, default_max_workers)
@@ -305,7 +305,7 @@ def launch(argv: list[str]) -> int:
             staged = len(result.job.proto_pipeline.SerializeToString())
             print(f'Dry run: built job {the_plan.job_name} ({staged:,} bytes of pipeline '
                   'graph); nothing was submitted.')
-            print(json.dumps(the_plan.summary(), indent=2))
+            print(dumps(the_plan.summary(), indent=2))
         else:
             print(f'Wrote the job description to {the_plan.template_location}; nothing '
                   'was run.')

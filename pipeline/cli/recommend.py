@@ -10,7 +10,6 @@ in training (folded in), printed to the terminal.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import time
@@ -21,13 +20,15 @@ from apache_beam.options.pipeline_options import GoogleCloudOptions, PipelineOpt
 from pipeline.cli.common import prog, run_command, setup_logging, split_beam_args
 from pipeline.errors import InputError
 from pipeline.io.id_lists import read_new_user_ratings
-from pipeline.options import ConfigError, WalsOptions
+from pipeline.options import DEFAULT_MAX_ABS_VALUE, ConfigError, WalsOptions
 from pipeline.runners import cloud_launch
 from pipeline.runners.factory import make_pipeline
 from pipeline.serving import batch as rb
 from pipeline.serving.batch_run import prepare, run_batch
 from pipeline.store.model_root import holding
+from pipeline.serving.recommender import NonFiniteScores
 from pipeline.store.publish import OutputExists, UntrustedModel, new_run_id, staging_path
+from pipeline.strict_json import dumps
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +126,11 @@ def run_one_user(args) -> list[tuple]:
              len(rec.users), len(rec.items), rec.params.model, time.perf_counter() - t0)
     t1 = time.perf_counter()
     if args.new_user_ratings:
-        ratings = read_new_user_ratings(args.new_user_ratings)
+        # The model's own limit: a rating its training input would have refused as
+        # out_of_range is refused here too.
+        limit = rec.files.manifest.get('parameters', {}).get('max_abs_value',
+                                                             DEFAULT_MAX_ABS_VALUE)
+        ratings = read_new_user_ratings(args.new_user_ratings, limit)
         known = []
         for item, rating in ratings:
             try:
@@ -135,15 +140,22 @@ def run_one_user(args) -> list[tuple]:
                 log.warning('new user ratings: item %s is not in the model (skipped)', item)
         if not known:
             raise ConfigError(f'no item of {args.new_user_ratings} is in the model')
-        result = rec.recommend_new_user(known, k=args.top_k,
-                                        exclude_rated=not args.include_seen)
+        try:
+            result = rec.recommend_new_user(known, k=args.top_k,
+                                            exclude_rated=not args.include_seen)
+        except NonFiniteScores as e:
+            raise ConfigError(f'--new_user_ratings {args.new_user_ratings}: {e}') from None
     else:
         try:
             args.user = rec.user_id(rec.user_index(args.user))   # the model's ID type
         except KeyError:
             raise ConfigError(f'user {args.user} is not in the model (a new user: give '
                               'their ratings with --new_user_ratings)') from None
-        result = rec.recommend(args.user, k=args.top_k, exclude_seen=not args.include_seen)
+        try:
+            result = rec.recommend(args.user, k=args.top_k,
+                                   exclude_seen=not args.include_seen)
+        except NonFiniteScores as e:
+            raise InputError(f'{args.model}, user {args.user}: {e}') from None
     log.info('Recommended in %.3f s', time.perf_counter() - t1)
     return result
 
@@ -151,8 +163,8 @@ def run_one_user(args) -> list[tuple]:
 def print_one_user(args, result) -> None:
     if args.json:
         who = {'user': args.user} if args.user is not None else {'new_user': True}
-        print(json.dumps({**who, 'items': [{'item': i, 'score': float('%.9g' % np.float32(s))}
-                                           for i, s in result]}))
+        print(dumps({**who, 'items': [{'item': i, 'score': float('%.9g' % np.float32(s))}
+                                      for i, s in result]}))
     else:
         for item, score in result:
             print(f'{item}\t{score:.9g}')
@@ -234,7 +246,7 @@ def launch_dataflow(argv: list[str]) -> int:
         staged = len(result.job.proto_pipeline.SerializeToString())
         print(f'Dry run: built job {cloud.job_name} ({staged:,} bytes of pipeline graph); '
               'nothing was submitted.')
-        print(json.dumps(summary, indent=2))
+        print(dumps(summary, indent=2))
     else:
         print(f'Wrote the job description to {template}; nothing was run.')
     return 0
@@ -255,7 +267,7 @@ def argv_without_cloud(argv: list[str]) -> list[str]:
 
 def _batch(args, extra: list[str]) -> int:
     metrics = run_batch(args, PipelineOptions(extra))
-    print(json.dumps(metrics['counts'], indent=2))
+    print(dumps(metrics['counts'], indent=2))
     print(f'{metrics["kind"]} written to {args.output.rstrip("/")}/ '
           f'({metrics["phase_seconds"]["total"]:.1f} s)')
     return 0

@@ -3,14 +3,16 @@ MovieLens u.data format (the generator is pipeline/io/synth.py)."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from typing import Sequence
 
 import numpy as np
 
-from pipeline.cli.common import prog
+from pipeline.cli.common import prog, run_command
 from pipeline.io.synth import PRESETS, generate_ratings, write_movielens
+from pipeline.options import ConfigError
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -40,7 +42,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument('--seed', type=int, default=0,
                         help='random seed; the same options and seed give the same file (default: 0)')
     args = parser.parse_args(argv)
+    return run_command(lambda: _synth(args, parser), parser, failed=(OSError,))
 
+
+def check_output_file(path: str) -> None:
+    """ConfigError unless `path` can become a file: not a folder, in a folder that
+    exists and can be written (the file is written beside it, then renamed)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise ConfigError(f'--output {path} is a folder: give a file name')
+    if not os.path.isdir(folder):
+        raise ConfigError(f'--output {path}: the folder {folder} does not exist')
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ConfigError(f'--output {path}: the folder {folder} cannot be written')
+
+
+def _synth(args, parser: argparse.ArgumentParser) -> int:
+    check_output_file(args.output)
     sizes = (args.users, args.items, args.ratings)
     if any(s is not None for s in sizes):
         if args.preset is not None:
@@ -57,7 +75,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                   user_alpha=args.user_alpha, item_alpha=args.item_alpha,
                                   seed=args.seed)
     except ValueError as e:
-        parser.error(str(e))
+        raise ConfigError(str(e)) from None
     t1 = time.perf_counter()
     write_movielens(args.output, *arrays)
     t2 = time.perf_counter()

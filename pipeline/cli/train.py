@@ -13,7 +13,6 @@ tests compare the pipeline with.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 from apache_beam.options.pipeline_options import PipelineOptions
@@ -24,6 +23,7 @@ from pipeline.options import ConfigError, WalsOptions, config_from_options
 from pipeline.runners.memory_tuning import tune_malloc
 from pipeline.store.report import PLOT, summary_lines
 from pipeline.store.shared_storage import SharedStorageOptions  # noqa: F401 - its flags
+from pipeline.strict_json import dumps
 from pipeline.training.run import COUNT_KEYS, OutputExists, run
 
 EPILOG = """Any other option is a Beam pipeline option and is passed through, e.g.
@@ -68,9 +68,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _train(config, options: PipelineOptions) -> int:
     metrics = run(config, options, overwrite=options.view_as(WalsOptions).overwrite)
-    print(json.dumps({k: metrics[k] for k in ('train_rmse', 'test_rmse', *COUNT_KEYS)},
-                     indent=2))
-    print(f'Lines: {json.dumps(metrics["lines"])}')
+    print(dumps({k: metrics[k] for k in ('train_rmse', 'test_rmse', *COUNT_KEYS)},
+                indent=2))
+    print(f'Lines: {dumps(metrics["lines"])}')
     outcome, report = metrics['outcome'], metrics['report']
     out = outcome['published']
     if out:

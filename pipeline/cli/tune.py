@@ -10,11 +10,11 @@ data) and logs each trial.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 from pipeline.cli.common import prog, run_command, setup_logging, split_beam_args
 from pipeline.options import ConfigError, add_input_options
+from pipeline.strict_json import dumps
 from pipeline.tuning.search import config_from_args, run
 from wals_core.params import MODELS, parse_wt_type
 
@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument('--wt_type', type=parse_wt_type, default=None,
                         help='wals: linear (searches feature_wt_factor) or log '
                              '(feature_wt_exp). Default: linear for ratings, log for web_views.')
-    search.add_argument('--confidence', choices=('log', 'linear'), default='log',
+    search.add_argument('--confidence', choices=('log', 'linear'), default=None,
                         help='implicit: confidence 1 + alpha*log1p(r/epsilon) or '
                              '1 + alpha*r (epsilon is then not searched). Default: log.')
     search.add_argument('--relevance_threshold', type=float, default=None,
@@ -89,8 +89,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _tune(config, beam_args: list[str]) -> int:
     summary = run(config, beam_args)
-    print(json.dumps({k: summary[k] for k in ('model', 'metric', 'value', 'trial', 'params')},
-                     indent=2))
+    print(dumps({k: summary[k] for k in ('model', 'metric', 'value', 'trial', 'params')},
+                indent=2))
     print(f'Train with: {summary["command"]}')
     print(f'Trials: {config.output}/trials.csv')
     return 0

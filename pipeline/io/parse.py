@@ -1,7 +1,9 @@
 """Parsing a range of a delimited ratings file into arrays (no Beam import).
 
 Every line is accounted for: kept, a header, blank, or bad with a reason, so
-that lines_read = kept + header + blank + bad.
+that lines_read = kept + header + blank + bad. The reasons (docs/input-and-errors.md):
+line_too_long, not_utf8, bad_quotes, wrong_field_count, too_few_fields, empty_id,
+id_too_long, not_a_number, not_finite, negative_value, out_of_range.
 ratings data: user, item, rating[, more columns ignored].
 web_views data: CSV whose header (the first non-blank line) names clientId,
 contentId and timeOnPage; a line must have as many fields as the header. Fields may
@@ -16,6 +18,8 @@ import math
 from collections import Counter
 
 import numpy as np
+
+from pipeline.io.lines import PREFIX_BYTES, OverlongLine
 
 WEB_VIEW_COLUMNS = ('clientId', 'contentId', 'timeOnPage')
 
@@ -39,6 +43,8 @@ class LineFormat:
     has_header: bool = False                    # first non-blank line of a file is a header
     quoted: bool = False                        # web_views: CSV quoting ("a,b" is one field)
     max_id_length: int | None = None            # longer user or item IDs: bad lines
+    max_line_bytes: int | None = None           # longer lines (without \r\n): bad lines
+    max_abs_value: float | None = None          # |value| above it: bad (out_of_range)
 
 
 @dataclasses.dataclass
@@ -127,6 +133,8 @@ def parse_lines(data: bytes, path: str, base_offset: int, fmt: LineFormat) -> Pa
     header = None
     if fmt.has_header and first_of_file:
         header = next((n for n, l in enumerate(lines) if l.strip()), None)
+        if header is not None and _too_long(lines[header], fmt):
+            header = None        # bad (line_too_long), as when it is streamed past
         counts['header'] += header is not None
 
     def reject(n: int, reason: str, text: str) -> None:
@@ -142,6 +150,9 @@ def parse_lines(data: bytes, path: str, base_offset: int, fmt: LineFormat) -> Pa
         raw = lines[n]
         if raw.endswith(b'\r'):
             raw = raw[:-1]
+        if fmt.max_line_bytes is not None and len(raw) > fmt.max_line_bytes:
+            reject(n, 'line_too_long', raw[:PREFIX_BYTES].decode('utf-8', 'replace'))
+            continue
         if not raw.strip():
             counts['blank'] += 1
             continue
@@ -176,13 +187,17 @@ def parse_lines(data: bytes, path: str, base_offset: int, fmt: LineFormat) -> Pa
     ok = np.isfinite(parsed)
     if fmt.nonnegative:
         ok &= ~(parsed < 0)
+    if fmt.max_abs_value is not None:
+        ok &= ~(np.abs(parsed) > fmt.max_abs_value)
     for j in np.flatnonzero(~ok):
         if np.isnan(parsed[j]) and not _is_nan_text(values[j]):
             reason = 'not_a_number'
         elif not np.isfinite(parsed[j]):
             reason = 'not_finite'
-        else:
+        elif fmt.nonnegative and parsed[j] < 0:
             reason = 'negative_value'
+        else:
+            reason = 'out_of_range'
         reject(where[j], reason, lines[where[j]].rstrip(b'\r').decode('utf-8'))
     bad.sort(key=lambda b: b.index)
     counts['kept'] = int(ok.sum())
@@ -194,6 +209,23 @@ def parse_lines(data: bytes, path: str, base_offset: int, fmt: LineFormat) -> Pa
     item_codes, item_ids = factorize(_str_array(items)[ok])
     return ParsedChunk(user_codes, user_ids, item_codes, item_ids, parsed[ok], counts, bad,
                        path=path, offset=base_offset, header_suspect=suspect)
+
+
+def _too_long(line: bytes, fmt: LineFormat) -> bool:
+    return fmt.max_line_bytes is not None and len(line.removesuffix(b'\r')) > fmt.max_line_bytes
+
+
+def overlong_chunk(path: str, line: OverlongLine) -> ParsedChunk:
+    """The chunk of one line too long to hold (pipeline.io.lines streamed past it):
+    one line read, bad for line_too_long."""
+    counts = Counter(lines_read=1, kept=0)
+    counts['bad:line_too_long'] = 1
+    text = line.prefix.decode('utf-8', 'replace')
+    no_ids = np.array([], dtype=str)
+    no_codes = np.zeros(0, np.int32)
+    return ParsedChunk(no_codes, no_ids, no_codes, no_ids, np.zeros(0, np.float64), counts,
+                       [BadLine(path, line.offset, 0, 'line_too_long', text)],
+                       path=path, offset=line.offset)
 
 
 def factorize(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -211,6 +243,8 @@ def _parse_columnar(data: bytes, path: str, base_offset: int,
     line-by-line parser. Gives exactly what parse_lines gives whenever it answers."""
     if fmt.quoted and b'"' in data:
         return None                      # quoted CSV fields: the csv module reads them
+    if fmt.max_line_bytes is not None and may_have_long_line(data, fmt.max_line_bytes):
+        return None                      # a line may be too long: judged line by line
     counts: Counter = Counter()
     body = data
     if base_offset == 0 and body.startswith(_BOM):
@@ -244,12 +278,26 @@ def _parse_columnar(data: bytes, path: str, base_offset: int,
             > 4 * fmt.max_id_length:
         return None                      # an ID may be too long: judged line by line
     values = _to_floats(value_texts.tolist())
-    if not np.all(np.isfinite(values)) or (fmt.nonnegative and np.any(values < 0)):
+    if not np.all(np.isfinite(values)) or (fmt.nonnegative and np.any(values < 0)) or \
+            (fmt.max_abs_value is not None and np.any(np.abs(values) > fmt.max_abs_value)):
         return None
     counts['lines_read'] = lines + counts['header']
     counts['kept'] = lines
     return ParsedChunk(user_codes, user_ids, item_codes, item_ids, values[value_codes],
                        counts, [], path=path, offset=base_offset)
+
+
+def may_have_long_line(body: bytes, max_line_bytes: int) -> bool:
+    """False when no line of body is longer than max_line_bytes; True when one may
+    be. Any line longer than 2w holds a whole aligned window of w bytes, so with
+    w = max_line_bytes // 2 it is enough to find a newline in every window: a
+    few find() calls per MiB (the exact count is left to the line parser)."""
+    w = max_line_bytes // 2
+    if w < 4096:                       # small limits: one exact pass instead
+        ends = np.flatnonzero(np.frombuffer(body, np.uint8) == 10)
+        lengths = np.diff(np.concatenate([[-1], ends, [len(body)]])) - 1
+        return bool(np.any(lengths > max_line_bytes))
+    return any(body.find(b'\n', s, s + w) < 0 for s in range(0, len(body) - w + 1, w))
 
 
 def _read_table(body: bytes, delimiter: str, width: int, columns: tuple[int, int, int]):

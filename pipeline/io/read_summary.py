@@ -3,7 +3,6 @@ the file and line number of each bad line (for OUTPUT/errors/)."""
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections import Counter
 
 import apache_beam as beam
@@ -12,6 +11,7 @@ from apache_beam.pvalue import AsSingleton
 from pipeline.errors import InputError
 from pipeline.io.parse import BadLine, ParsedChunk
 from pipeline.io.read import ReadConfig, ReadRatings
+from pipeline.strict_json import dumps
 
 
 @dataclasses.dataclass
@@ -110,7 +110,7 @@ def check_reads(summary: ReadSummary, pattern: str, max_bad_fraction: float) -> 
 def number_bad_lines(chunk: ParsedChunk, summary: ReadSummary):
     """JSON lines {file, line, offset, reason, text} for OUTPUT/errors/."""
     for b in chunk.bad:
-        yield json.dumps({'file': b.path, 'line': summary.line_number(b.path, chunk.offset, b.index),
+        yield dumps({'file': b.path, 'line': summary.line_number(b.path, chunk.offset, b.index),
                           'offset': b.offset, 'reason': b.reason, 'text': b.text},
                          ensure_ascii=False)
 

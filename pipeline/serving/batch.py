@@ -33,6 +33,7 @@ from apache_beam.metrics import Metrics
 from pipeline.errors import InputError
 from pipeline.store.model_files import (ModelFiles, load_model_files, load_seen_part,
                                         read_verified)
+from pipeline.strict_json import dumps
 from pipeline.store.publish import SUCCESS, UntrustedModel
 from wals_core.topk import similar_items, top_k
 
@@ -138,7 +139,7 @@ def encode_ids(ids: np.ndarray, fmt: str) -> list[str]:
     if ids.dtype.kind in 'iu':
         return [str(v) for v in values]
     if fmt == 'jsonl':
-        return [json.dumps(v, ensure_ascii=False) for v in values]
+        return [dumps(v, ensure_ascii=False) for v in values]
     return [_csv_field(v) for v in values]
 
 
@@ -255,19 +256,29 @@ class WriteShard(beam.DoFn):
         if spec.similar:
             query = (np.arange(shard.lo, shard.hi, dtype=np.int64) if sel is None
                      else sel[shard.lo:shard.hi].astype(np.int64))
-            ids, scores = similar_items(files.col, spec.top_k, query_ids=query,
+            ids, scores = similar_items(files.col, self._k(files), query_ids=query,
                                         num_threads=spec.kernel_threads)
             q_ids, q_text = files.items[query], _encoded(files, 'items', spec.fmt)
         else:
             query, ids, scores = self._recommend(files, shard, sel)
             q_ids, q_text = files.users[query], _encoded(files, 'users', spec.fmt)
         q_text = [q_text[i] for i in query.tolist()]
+        bad = ~np.isfinite(scores) & (ids >= 0)
+        if np.any(bad):   # '%.9g' would write nan or inf: not JSON, not a score
+            row = int(np.flatnonzero(bad.any(axis=1))[0])
+            raise InputError(f'{spec.model}: the scores of {int(bad.any(axis=1).sum())} '
+                             f'{"item" if spec.similar else "user"}(s) are not finite '
+                             f'numbers (the first: {q_ids[row]!r}); the model\'s factors are '
+                             'too large for float32 scores')
         data = shard_bytes(spec.fmt, spec.similar, q_ids, q_text, files.items,
                            _encoded(files, 'items', spec.fmt) if spec.fmt != 'parquet'
                            else [], ids, scores)
         with FileSystems.create(spec.shard_path(shard.index, shard.total)) as f:
             f.write(data)
-        short = int(np.count_nonzero(ids[:, -1] < 0)) if ids.shape[1] else 0
+        # A list is short when it has fewer than --top_k items (every list, when
+        # --top_k is more than the model's items: the kernel ran with that many).
+        short = (len(query) if self._k(files) < spec.top_k else
+                 int(np.count_nonzero(ids[:, -1] < 0)) if ids.shape[1] else 0)
         self._rows.inc(len(query))
         self._short.inc(short)
         every = max(1, shard.total // 20)
@@ -277,6 +288,11 @@ class WriteShard(beam.DoFn):
                      time.perf_counter() - t0)
         yield {'shards': 1, 'rows': len(query), 'short_lists': short,
                'bytes': len(data), 'seconds': time.perf_counter() - t0}
+
+    def _k(self, files: ModelFiles) -> int:
+        """--top_k, or the model's number of items if that is smaller: no list can be
+        longer, and the kernel's arrays are queries x k."""
+        return min(self._spec.top_k, len(files.items))
 
     def _recommend(self, files: ModelFiles, shard: Shard, sel):
         spec = self._spec
@@ -300,7 +316,7 @@ class WriteShard(beam.DoFn):
             excl = dict(exclude_indptr=sub, exclude_indices=indices[take])
         users = start + rows
         offsets = files.col_bias if files.params.model == 'explicit' else None
-        ids, scores = top_k(files.row[users], files.col, spec.top_k, item_offsets=offsets,
+        ids, scores = top_k(files.row[users], files.col, self._k(files), item_offsets=offsets,
                             num_threads=spec.kernel_threads, **excl)
         if files.params.model == 'explicit':
             # The predicted rating μ + b_u + c_j + u·v: the kernel ranked by u·v + c_j
@@ -321,7 +337,7 @@ def merge_stats(stats) -> dict:
 
 def _write_stats(stats: dict, path: str) -> None:
     with FileSystems.create(path) as f:
-        f.write(json.dumps(stats, sort_keys=True).encode('utf-8'))
+        f.write(dumps(stats, sort_keys=True).encode('utf-8'))
 
 
 class BatchRecommend(beam.PTransform):

@@ -75,7 +75,7 @@ def _run_batch(args, options: PipelineOptions, started: float, run_id: str) -> d
     side = 'items' if args.similar_items else 'users'
     id_file = args.items_file if args.similar_items else args.users_file
     if id_file:
-        requested = read_id_file(id_file)
+        requested = read_id_file(id_file, '--items' if args.similar_items else '--users')
         selection, unknown, duplicates = select(getattr(files, side), requested)
     output = args.output.rstrip('/')
     guard = output_guard(args)

@@ -45,6 +45,11 @@ log = logging.getLogger(__name__)
 IdLike = int | str | np.integer
 
 
+class NonFiniteScores(ValueError):
+    """Scores that are not finite numbers (factors too large for float32 products):
+    refused rather than ranked or printed (nan and inf are not JSON)."""
+
+
 def _python(value):
     """numpy scalar -> Python int / str (results are plain Python values)."""
     return value.item() if isinstance(value, np.generic) else value
@@ -140,12 +145,17 @@ class Recommender:
         if exclude is not None:
             excl = dict(exclude_indptr=np.array([0, len(exclude)], np.int64),
                         exclude_indices=np.asarray(exclude))
+        k = min(k, len(self.items))   # no list is longer; the kernel allocates k
         ids, scores = top_k(query, self.col, k, item_offsets=self.col_bias, num_threads=1,
                             **excl)
         shift = self.global_mean + float(stored_row[kf]) if self.explicit else 0.0
         keep = ids[0] >= 0
-        return [(_python(self.items[j]), float(s) + shift)
-                for j, s in zip(ids[0][keep], scores[0][keep])]
+        out = [(_python(self.items[j]), float(s) + shift)
+               for j, s in zip(ids[0][keep], scores[0][keep])]
+        if not (np.all(np.isfinite(query)) and all(np.isfinite(s) for _, s in out)):
+            raise NonFiniteScores('the scores are not finite numbers (the factors are too '
+                                  'large for float32 products)')
+        return out
 
     def recommend(self, user_id: IdLike, k: int = 10, exclude_seen: bool = True
                   ) -> list[tuple[int | str, float]]:
@@ -162,7 +172,8 @@ class Recommender:
         """The k items most cosine-similar to an item (never itself), best first:
         [(item_id, cosine)], on the k factors (explicit: without the bias)."""
         j = self.item_index(item_id)
-        ids, sims = _similar_items(self.col, k, query_ids=np.array([j]), num_threads=1)
+        ids, sims = _similar_items(self.col, min(k, len(self.items)), query_ids=np.array([j]),
+                                   num_threads=1)
         keep = ids[0] >= 0
         return [(_python(self.items[t]), float(s)) for t, s in zip(ids[0][keep], sims[0][keep])]
 
@@ -214,7 +225,7 @@ class Recommender:
         x = solver.solve(self._solve_factors, self._gramian,
                          other_offsets=self._solve_offsets)
         if not np.all(np.isfinite(x)):
-            raise ValueError('fold-in gave non-finite factors (check the ratings)')
+            raise NonFiniteScores('fold-in gave non-finite factors (check the ratings)')
         return x[0].astype(np.float32)
 
     def recommend_new_user(self, ratings: Iterable[tuple[IdLike, float]], k: int = 10,

@@ -1,12 +1,14 @@
 """Writing one file through Beam's FileSystems (local paths, gs:// and any other
-filesystem Beam knows): numpy arrays without pickles, JSON sorted and indented."""
+filesystem Beam knows): numpy arrays without pickles, JSON sorted, indented and
+strict (pipeline.strict_json: no NaN or Infinity)."""
 from __future__ import annotations
 
 import io
-import json
 
 import numpy as np
 from apache_beam.io.filesystems import FileSystems
+
+from pipeline.strict_json import dumps
 
 
 def save_npy(path: str, array: np.ndarray) -> None:
@@ -19,4 +21,4 @@ def save_npy(path: str, array: np.ndarray) -> None:
 
 def save_json(path: str, obj: dict) -> None:
     with FileSystems.create(path) as f:
-        f.write(json.dumps(obj, indent=2, sort_keys=True).encode('utf-8'))
+        f.write(dumps(obj, indent=2, sort_keys=True).encode('utf-8'))

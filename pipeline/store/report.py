@@ -26,12 +26,18 @@ PLOT = 'convergence.png'
 GATE_KEYS = {'rmse': ('test_rmse', 'test RMSE'), 'ndcg': ('ndcg_at_k', 'NDCG@k')}
 
 
-def gate_decision(comparison: dict | None, metric: str, max_regression: float | None) -> dict:
-    """Whether the new model may replace the previous one. rmse: refused when
-    new > previous * (1 + X); ndcg: refused when new < previous * (1 - X), both on the
-    same test pairs (metrics['comparison']). No gate (passed) without --max_regression
-    or without a previous model; refused when there is nothing to compare on."""
+def gate_decision(comparison: dict | None, metric: str, max_regression: float | None,
+                  model_check: list[str] | None = None) -> dict:
+    """Whether the new model may replace the previous one. Refused, whatever else,
+    when the model failed its check (model_check: the problems found on its files,
+    pipeline/store/model_check.py). rmse: refused when new > previous * (1 + X);
+    ndcg: refused when new < previous * (1 - X), both on the same test pairs
+    (metrics['comparison']). No gate (passed) without --max_regression or without a
+    previous model; refused when there is nothing to compare on."""
     out = {'metric': metric, 'max_regression': max_regression}
+    if model_check:
+        return dict(out, passed=False, model_check=list(model_check),
+                    reason=f'the model failed its check: {"; ".join(model_check)}')
     if max_regression is None:
         return dict(out, passed=True, reason='no gate (--max_regression not given)')
     if comparison is None:

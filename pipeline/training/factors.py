@@ -82,7 +82,12 @@ class _SolveBlock(beam.DoFn):
         self._held.update(len(other.matrix))
         factors, offsets = objectives.solve_inputs(other.matrix, self._params)
         solver = self._solver(block, col_counts, len(other.matrix), ratings.mean)
-        x = solver.solve(factors, other.gramian, other_offsets=offsets)
+        try:
+            x = solver.solve(factors, other.gramian, other_offsets=offsets)
+        except np.linalg.LinAlgError as e:   # LAPACK on overflowing sums
+            raise NumericalError(
+                f'the solve failed in iteration {self._iteration}, {self._side} side '
+                f'(block {block.block_id}): {e}; try a larger --regularization') from None
         if not np.all(np.isfinite(x)):
             raise NumericalError(
                 f'non-finite factors in iteration {self._iteration}, {self._side} side '

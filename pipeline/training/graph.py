@@ -20,6 +20,7 @@ from pipeline.training.combine import InBlockOrder
 from pipeline.training.compare import CompareWithPrevious
 from pipeline.training.distributed_vocab import DistributedVocabulary, initial_factors_by_range
 from pipeline.training.evaluate import EvalConfig, Evaluate
+from pipeline.training.model_check import FACTS, CheckModel
 from pipeline.training.alternate import alternate
 from pipeline.errors import InputError, RunnerError
 from pipeline.training.factors import Factors, factors_from_matrix
@@ -136,14 +137,16 @@ class TrainWals(beam.PTransform):
                                                       previous.path, warm_from is not None)
         states = tuple(states) | 'States' >> beam.Flatten()
         timings = _timings(reads, col_blocks, history)
+        model_check = (row_blocks, col_blocks) | 'CheckModel' >> CheckModel(u, v, ratings, p)
         return TrainedModel(users, items, u, v, evaluation, reads, test_reads, ratings,
                             cold_start, bad_lines, timings, row_blocks, col_counts, states,
-                            checkpoints, comparison, changes)
+                            checkpoints, comparison, changes, model_check)
 
 
 def _read_config(cfg: TrainConfig, pattern: str) -> ReadConfig:
     return ReadConfig(pattern, cfg.delimiter, cfg.headers, cfg.data_type,
-                      max_id_length=cfg.max_id_length)
+                      max_id_length=cfg.max_id_length, max_line_bytes=cfg.max_line_bytes,
+                      max_abs_value=cfg.max_abs_value)
 
 
 def _initial_factors(vocab: Vocabulary, side: str, p, seed: int,
@@ -189,7 +192,7 @@ def build_pipeline(pipeline: beam.Pipeline, config: TrainConfig, staging: str,
     the work folder the job uses for its rating blocks (inside staging)."""
     work_dir = f'{staging.rstrip("/")}/{WORK_DIR}'
     model = pipeline | 'TrainWals' >> TrainWals(config, work_dir, previous)
-    _ = model | 'WriteModel' >> WriteModel(config, staging)
+    _ = model | 'WriteModel' >> WriteModel(config, staging, facts_path=f'{work_dir}/{FACTS}')
     return work_dir
 
 

@@ -158,8 +158,13 @@ class _SolveRouted(beam.DoFn):
             v = needed_factors(r, pieces, other)
             self._held.update(len(other.matrix) if other.matrix is not None else len(v))
             factors, offsets = objectives.solve_inputs(v, self._params)
-            x = self._solver(block, r, col_counts, ratings.mean).solve(
-                factors, other.gramian, other_offsets=offsets)
+            try:
+                x = self._solver(block, r, col_counts, ratings.mean).solve(
+                    factors, other.gramian, other_offsets=offsets)
+            except np.linalg.LinAlgError as e:   # LAPACK on overflowing sums
+                raise NumericalError(
+                    f'the solve failed in iteration {self._iteration}, {self._side} side '
+                    f'(block {block.block_id}): {e}; try a larger --regularization') from None
             if not np.all(np.isfinite(x)):
                 raise NumericalError(
                     f'non-finite factors in iteration {self._iteration}, {self._side} side '

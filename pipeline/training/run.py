@@ -15,6 +15,8 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
 
+from pipeline.errors import ModelCheckError
+from pipeline.io.read import check_input_files
 from pipeline.options import ConfigError, TrainConfig
 from pipeline.runners.factory import make_pipeline
 from pipeline.store.files import save_json
@@ -24,10 +26,12 @@ from pipeline.store.model_root import (hold_model, promote, prune, read_latest, 
 from pipeline.store.output_guard import OutputGuard, relation
 from pipeline.store.publish import (OutputExists, OutputRefused, UntrustedModel,
                                     describe_inputs, discard, new_run_id, remove_tree)
+from pipeline.store.model_check import check_saved_model
 from pipeline.store.report import (PLOT, build_report, gate_decision, plot_convergence,
                                    write_report)
 from pipeline.store.shared_storage import check_shared_paths
 from pipeline.training.graph import build_pipeline
+from pipeline.training.model_check import FACTS
 
 log = logging.getLogger(__name__)
 
@@ -35,20 +39,16 @@ __all__ = ['COUNT_KEYS', 'OutputExists', 'OutputRefused', 'PLOT', 'check_inputs'
            'resolve_previous', 'run']
 
 
-def check_inputs(pattern: str) -> list[dict]:
-    """The input files, or a ConfigError before any work starts."""
+def check_inputs(pattern: str, flag: str = '--input') -> list[dict]:
+    """The input files ([{path, size_bytes}]), or a ConfigError before any work
+    starts: nothing matches, a directory, FIFO or device, a file that cannot be
+    read, a compressed file that is not of its suffix's format
+    (pipeline.io.read.check_input_files)."""
+    check_input_files(pattern, flag)
     try:
-        inputs = describe_inputs(pattern)
+        return describe_inputs(pattern)
     except Exception as e:   # noqa: BLE001 - the filesystem's own error says why
-        raise ConfigError(f'cannot list --input {pattern}: {e}') from None
-    if not inputs:
-        raise ConfigError(f'no file matches --input {pattern}')
-    for item in inputs:
-        try:
-            FileSystems.open(item['path']).close()
-        except Exception as e:   # noqa: BLE001
-            raise ConfigError(f'cannot read {item["path"]}: {e}') from None
-    return inputs
+        raise ConfigError(f'cannot list {flag} {pattern}: {e}') from None
 
 
 def resolve_previous(config: TrainConfig, run_id: str | None = None) -> PreviousModel | None:
@@ -92,6 +92,8 @@ def run(config: TrainConfig, options: PipelineOptions, overwrite: bool = False) 
     started = time.time()
     config = check_shared_paths(config, options)
     inputs = check_inputs(config.input)
+    if config.test_input:
+        check_inputs(config.test_input, '--test_input')
     run_id = new_run_id()
     root = version = None
     if config.model_root:
@@ -141,6 +143,7 @@ def _run(config: TrainConfig, options: PipelineOptions, overwrite: bool, started
     path = f'{staging}/metrics.json'
     with FileSystems.open(path) as f:
         metrics = json.loads(f.read())
+    facts = _model_check_facts(work_dir)
     metrics['exchange'] = exchange_summary(result, config, metrics)
     metrics['phase_seconds'].update(
         build_graph=round(built - started, 3),
@@ -149,9 +152,15 @@ def _run(config: TrainConfig, options: PipelineOptions, overwrite: bool, started
     save_json(path, metrics)
     remove_tree(work_dir)      # the saved rating blocks: not part of a model
     try:
-        previous_files = load_model_files(previous.path) if previous is not None else None
+        # The model check again, on the files about to be published (the pipeline
+        # checked the factors against the training data before writing them).
+        problems = check_saved_model(staging, config.params, facts, metrics)
         gate = gate_decision(metrics.get('comparison') if previous is not None else None,
-                             config.gate_metric, config.max_regression)
+                             config.gate_metric, config.max_regression, problems)
+        if problems:
+            raise ModelCheckError(f'the trained model failed its check in the gate, so '
+                                  f'it was not published: {"; ".join(problems)}')
+        previous_files = load_model_files(previous.path) if previous is not None else None
         report = build_report(metrics, staging, gate, previous_files, config.output, version)
         write_report(staging, report)
         plot_convergence(metrics.get('history', []), f'{staging}/{PLOT}',
@@ -198,6 +207,16 @@ def _run(config: TrainConfig, options: PipelineOptions, overwrite: bool, started
                               f'model is published as {version}.')
     metrics.update(report=report, outcome=outcome)
     return metrics
+
+
+def _model_check_facts(work_dir: str) -> dict | None:
+    """What the pipeline's model check found (its facts file in the work folder),
+    or None when the file is missing."""
+    path = f'{work_dir}/{FACTS}'
+    if not FileSystems.exists(path):
+        return None
+    with FileSystems.open(path) as f:
+        return json.loads(f.read())
 
 
 def exchange_summary(result, config: TrainConfig, metrics: dict) -> dict:

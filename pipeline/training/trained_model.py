@@ -26,3 +26,4 @@ class TrainedModel(NamedTuple):
     checkpoints: beam.PCollection  # (iteration, test metrics) with --eval_every
     comparison: beam.PCollection   # singleton: both models on the same pairs, or None
     changes: beam.PCollection      # singleton: IDs added/removed vs previous, or None
+    model_check: beam.PCollection  # singleton ModelCheck of the final factors

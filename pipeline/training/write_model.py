@@ -11,10 +11,12 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.pvalue import AsList, AsSingleton
 
 from pipeline.training.convergence import history
-from pipeline.errors import NumericalError
+from pipeline.errors import ModelCheckError
 from pipeline.options import TrainConfig
 from pipeline.store.files import save_json, save_npy
 from pipeline.store.model_files import SEEN_FOLDER
+from pipeline.strict_json import first_non_finite
+from pipeline.training.model_check import ModelCheck
 from pipeline.training.trained_model import TrainedModel
 from wals_core import objectives
 from wals_core.sparse import pair_keys
@@ -85,33 +87,34 @@ def _write_seen(ref, dest: str, include_test: bool) -> str:
     return path
 
 
+def check_model(check: ModelCheck, users, items, metrics: dict) -> None:
+    """ModelCheckError unless the model passed its check and every metric is a
+    finite number (pipeline/training/model_check.py)."""
+    problems = check.problems(users.ids, items.ids)
+    bad = first_non_finite(metrics)
+    if bad is not None:
+        problems.append(f'the metric {bad[0]} is {bad[1]}: training diverged')
+    if problems:
+        raise ModelCheckError(
+            f'the trained model failed its check, so it was not published: '
+            f'{"; ".join(problems)}')
+
+
 class _WriteOutputs(beam.DoFn):
-    def __init__(self, config: TrainConfig, dest: str):
+    def __init__(self, config: TrainConfig, dest: str, facts_path: str | None = None):
         self._config = config
         self._dest = dest.rstrip('/')
+        self._facts_path = facts_path
 
     def process(self, _, users, items, u, v, evaluation, reads, test_reads, ratings,
-                cold_start, col_counts, states, checkpoints, comparison, changes, events):
+                cold_start, col_counts, states, checkpoints, comparison, changes, events,
+                model_check):
         p = self._config.params
         metrics = evaluation.summary()
-        for name in ('train_rmse', 'test_rmse'):
-            if metrics[name] is not None and not np.isfinite(metrics[name]):
-                raise NumericalError(f'{name} is {metrics[name]}: training diverged')
         metrics['test_cold_start_ratings'] += cold_start
         out = self._dest
         row, row_bias = objectives.split_bias(u.matrix, p)
         col, col_bias = objectives.split_bias(v.matrix, p)
-        save_npy(f'{out}/model/user.npy', users.ids)
-        save_npy(f'{out}/model/item.npy', items.ids)
-        save_npy(f'{out}/model/row.npy', row)
-        save_npy(f'{out}/model/col.npy', col)
-        # Training ratings per item: the wals weights C_j a fold-in needs.
-        save_npy(f'{out}/model/col_counts.npy', np.asarray(col_counts, np.int64))
-        if row_bias is not None:
-            # explicit: prediction = global_mean + row_bias[i] + col_bias[j] + row[i]·col[j]
-            save_npy(f'{out}/model/row_bias.npy', row_bias)
-            save_npy(f'{out}/model/col_bias.npy', col_bias)
-            save_npy(f'{out}/model/global_mean.npy', np.float64(ratings.mean))
         metrics.update({
             'model': p.model,
             'users': len(users), 'items': len(items),
@@ -139,22 +142,38 @@ class _WriteOutputs(beam.DoFn):
             metrics['test_lines'] = test_reads.line_report()
             metrics['bad_line_examples'] += [test_reads.describe_bad(b)
                                              for b in test_reads.bad_examples]
+        check_model(model_check, users, items, metrics)
+        save_npy(f'{out}/model/user.npy', users.ids)
+        save_npy(f'{out}/model/item.npy', items.ids)
+        save_npy(f'{out}/model/row.npy', row)
+        save_npy(f'{out}/model/col.npy', col)
+        # Training ratings per item: the wals weights C_j a fold-in needs.
+        save_npy(f'{out}/model/col_counts.npy', np.asarray(col_counts, np.int64))
+        if row_bias is not None:
+            # explicit: prediction = global_mean + row_bias[i] + col_bias[j] + row[i]·col[j]
+            save_npy(f'{out}/model/row_bias.npy', row_bias)
+            save_npy(f'{out}/model/col_bias.npy', col_bias)
+            save_npy(f'{out}/model/global_mean.npy', np.float64(ratings.mean))
         save_json(f'{out}/metrics.json', metrics)
+        if self._facts_path:
+            save_json(self._facts_path, model_check.facts())
         yield metrics
 
 
 class WriteModel(beam.PTransform):
-    """TrainedModel -> singleton metrics dict. Writes the model under `dest`:
+    """TrainedModel -> singleton metrics dict. Checks the model first (ModelCheckError
+    if it fails: no model file or metrics.json is written), then writes under `dest`:
     model/{user,item,row,col,col_counts}.npy (explicit also row_bias, col_bias,
     global_mean),
     model/seen/part-*.npz (the items each user rated), metrics.json and
     errors/bad_lines-*.jsonl.
     Apply it to TrainWals' output: `model | WriteModel(config, dest)`."""
 
-    def __init__(self, config: TrainConfig, dest: str):
+    def __init__(self, config: TrainConfig, dest: str, facts_path: str | None = None):
         super().__init__()
         self._config = config
         self._dest = dest.rstrip('/')
+        self._facts_path = facts_path   # the model check's facts, for the launcher
 
     def expand(self, model: TrainedModel) -> beam.PCollection:
         _ = model.bad_lines | 'WriteBadLines' >> beam.io.WriteToText(
@@ -163,11 +182,13 @@ class WriteModel(beam.PTransform):
             _write_seen, self._dest, not self._config.test_input)
         return (model.users.pipeline | 'Once' >> beam.Create([None])
                 | 'Write' >> beam.ParDo(
-                    _WriteOutputs(self._config, self._dest), AsSingleton(model.users),
+                    _WriteOutputs(self._config, self._dest, self._facts_path),
+                    AsSingleton(model.users),
                     AsSingleton(model.items), AsSingleton(model.row_factors),
                     AsSingleton(model.col_factors), AsSingleton(model.evaluation),
                     AsSingleton(model.reads), AsSingleton(model.test_reads),
                     AsSingleton(model.ratings), AsSingleton(model.cold_start),
                     AsSingleton(model.col_counts), AsList(model.states),
                     AsList(model.checkpoints), AsSingleton(model.comparison),
-                    AsSingleton(model.changes), AsList(model.timings)))
+                    AsSingleton(model.changes), AsList(model.timings),
+                    AsSingleton(model.model_check)))

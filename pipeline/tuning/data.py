@@ -20,6 +20,7 @@ from pipeline.io.parse import ParsedChunk
 from pipeline.io.read import ReadConfig
 from pipeline.io.read_summary import ReadAndCheck   # the trainer's reading and check
 from pipeline.io.vocabulary import DistinctIds
+from pipeline.options import DEFAULT_MAX_ABS_VALUE, DEFAULT_MAX_LINE_BYTES
 from wals_core.hashing import id_hashes, is_test, mix64
 from wals_core.sparse import merge_duplicates
 from wals_core.vocab import finalize_ids, lookup
@@ -47,6 +48,8 @@ class DataConfig:
     validation_fraction: float = 0.1
     sample_users: int | None = None   # keep only this many users (hash-chosen)
     max_id_length: int | None = None
+    max_line_bytes: int = DEFAULT_MAX_LINE_BYTES
+    max_abs_value: float = DEFAULT_MAX_ABS_VALUE
 
 
 @dataclasses.dataclass
@@ -204,7 +207,8 @@ class PrepareTuning(beam.PTransform):
         cfg = self._config
         chunks, reads, _ = pbegin | 'Read' >> ReadAndCheck(
             ReadConfig(cfg.input, cfg.delimiter, cfg.headers, cfg.data_type,
-                       max_id_length=cfg.max_id_length),
+                       max_id_length=cfg.max_id_length, max_line_bytes=cfg.max_line_bytes,
+                       max_abs_value=cfg.max_abs_value),
             cfg.max_bad_fraction)
         if cfg.sample_users:
             distinct = chunks | 'Users' >> beam.CombineGlobally(DistinctIds('user_ids'))

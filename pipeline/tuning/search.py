@@ -22,7 +22,11 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions
 from apache_beam.pvalue import AsSingleton
 
-from pipeline.options import ConfigError, parse_delimiter
+from pipeline.errors import MarkedError
+from pipeline.io.read import check_input_files
+from pipeline.options import (DEFAULT_MAX_ABS_VALUE, DEFAULT_MAX_LINE_BYTES, ConfigError,
+                              check_finite, check_input_limits, parse_delimiter)
+from pipeline.strict_json import dumps
 from pipeline.runners.factory import make_pipeline
 from pipeline.store.output_guard import OutputGuard
 from pipeline.store.publish import describe_inputs, discard, new_run_id, remove_tree
@@ -53,6 +57,15 @@ def config_from_args(args: argparse.Namespace) -> TuneConfig:
     if metric == 'rmse' and args.model == 'implicit':
         raise ConfigError('--metric rmse does not apply to --model implicit (its '
                           'predictions are preferences, not ratings): use --metric ndcg')
+    # An option that the chosen mode would ignore is a mistake, as in the trainer.
+    if args.wt_type is not None and args.model != 'wals':
+        raise ConfigError(f'--wt_type is a parameter of --model wals: --model {args.model} '
+                          'would ignore it')
+    if args.confidence is not None and args.model != 'implicit':
+        raise ConfigError(f'--confidence is a parameter of --model implicit: --model '
+                          f'{args.model} would ignore it')
+    check_finite(relevance_threshold=args.relevance_threshold)
+    check_input_limits(args)
     checks = [
         (args.trials >= 1, '--trials must be at least 1'),
         (args.parallel is None or args.parallel >= 1, '--parallel must be at least 1'),
@@ -69,11 +82,13 @@ def config_from_args(args: argparse.Namespace) -> TuneConfig:
     data = DataConfig(args.input, parse_delimiter(args.delimiter, args.data_type),
                       args.headers, args.data_type, args.max_bad_fraction,
                       args.test_fraction, args.split_seed, args.validation_fraction,
-                      args.sample_users, args.max_id_length)
+                      args.sample_users, args.max_id_length, args.max_line_bytes,
+                      args.max_abs_value)
     settings = TrialSettings(
         model=args.model, metric=metric,
         num_iters=args.num_iters or MODE_DEFAULTS[args.model]['num_iters'], seed=args.seed,
-        wt_type=args.wt_type or default_wt_type(args.data_type), confidence=args.confidence,
+        wt_type=args.wt_type or default_wt_type(args.data_type),
+        confidence=args.confidence or 'log',
         implicit_data=args.data_type == 'web_views',
         relevance_threshold=args.relevance_threshold)
     parallel = args.parallel or 2 * (os.cpu_count() or 1)
@@ -91,6 +106,10 @@ def train_command(config: TuneConfig, params: dict) -> str:
         argv += ['--delimiter', config.delimiter_text]
     if d.headers:
         argv.append('--headers')
+    if d.max_line_bytes != DEFAULT_MAX_LINE_BYTES:
+        argv += ['--max_line_bytes', str(d.max_line_bytes)]
+    if d.max_abs_value != DEFAULT_MAX_ABS_VALUE:
+        argv += ['--max_abs_value', repr(d.max_abs_value)]
     argv += ['--max_bad_fraction', repr(d.max_bad_fraction),
              '--test_fraction', repr(d.test_fraction), '--split_seed', str(d.split_seed),
              '--seed', str(s.seed), '--num_iters', str(s.num_iters)]
@@ -123,7 +142,7 @@ def beam_options(beam_args: list[str], parallel: int) -> PipelineOptions:
 
 def _save_result(result: dict, folder: str) -> None:
     with FileSystems.create(f'{folder}/trial-{result["number"]:06d}.json') as f:
-        f.write(json.dumps(result).encode('utf-8'))
+        f.write(dumps(result).encode('utf-8'))
 
 
 def run_batch(trials: list[dict], data_path: str, settings: TrialSettings, folder: str,
@@ -162,6 +181,7 @@ def run(config: TuneConfig, beam_args: list[str]) -> dict:
     (OutputRefused) when --output is a file, cannot be written, overlaps --input, or
     holds anything but an earlier search's results (or those without --overwrite)."""
     started = time.time()
+    check_input_files(config.data.input)
     guard = OutputGuard(config.output, 'tuning', overwrite=config.overwrite)
     guard.check_target()
     guard.check_reads([('--input', config.data.input)])
@@ -242,7 +262,7 @@ def _search(config: TuneConfig, beam_args: list[str], staging: str, started: flo
         table = pd.DataFrame(rows, columns=['number', *space, name, 'state', 'error', 'seconds'])
         _write_text(f'{staging}/trials.csv', table.to_csv(index=False))
         if best is None:
-            raise RuntimeError(f'every trial failed; the first: {rows[0]["error"]}')
+            raise AllTrialsFailed(rows)
         summary = {
             'model': s.model, 'metric': name, 'value': best['value'],
             'trial': best['number'], 'params': best['params'],
@@ -254,10 +274,22 @@ def _search(config: TuneConfig, beam_args: list[str], staging: str, started: flo
             'data': counts,
             'seconds': round(time.time() - started, 3),
         }
-        _write_text(f'{staging}/best.json', json.dumps(summary, indent=2) + '\n')
+        _write_text(f'{staging}/best.json', dumps(summary, indent=2) + '\n')
         return summary
     finally:
         remove_tree(work)   # the prepared data and per-trial results are not outputs
+
+
+class AllTrialsFailed(MarkedError):
+    """No trial gave a value: the message lists each trial's error."""
+
+    def __init__(self, rows: list[dict]):
+        lines = [f'every trial failed ({len(rows)} of {len(rows)}); nothing was '
+                 'published. The trials and their errors:']
+        for row in rows:
+            error = ' '.join(str(row['error']).split())
+            lines.append(f'  trial {row["number"]}: {error[:300]}')
+        super().__init__('\n'.join(lines))
 
 
 def _better(a: float, b: float, metric: str) -> bool:
