@@ -69,10 +69,14 @@ def make_solver(train: Csr, side: str, params: WalsParams, col_counts: np.ndarra
     (explicit mode only). other_index (routed exchange): train's indices are
     positions in this sorted array of other-side rows, and the solver is given
     factors for those rows only; its answers are bit-identical to the full ones.
+    The solver solves with params.solver and params.cg_steps unless solver_options
+    say otherwise; for 'cg', give every solve the block's previous stored factors
+    (this side's rows, the explicit mode's bias column included) as x0.
     """
     p = params
     n = train.num_rows
     needed = other_rows if other_index is None else len(other_index)
+    solver_options = dict(dict(solver=p.solver, cg_steps=p.cg_steps), **solver_options)
     if p.model == 'wals':
         if side == 'row':
             own, full = row_weights(n, p), column_weights(col_counts, p)
