@@ -246,7 +246,8 @@ def solve_batch(b: CgBatch, inputs: Inputs, x0: np.ndarray | None, steps: int
     w = b.w
     if inputs.offsets is not None:
         shift = np.take(inputs.offsets, b.cols, mode='clip')
-        shift *= b.wf
+        if not (isinstance(b.wf, float) and b.wf == 1.0):
+            shift *= b.wf
         w = w - shift
     no_matrix = isinstance(b.c, float) and b.c == 0.0
     if x0 is None:

@@ -6,8 +6,9 @@ Factors are stored in float32 between half-steps, exactly as the pipeline does.
 Every mode of wals_core/objectives.py is supported; for `explicit` the stored
 matrices carry the bias as their last column (see objectives.split_bias).
 With params.solver 'cg' every half-step runs params.cg_steps conjugate-gradient
-steps per row warm-started from that side's current factors (in the first
-iteration the row side starts from 0: its initial factors are never used by ALS).
+steps per row, warm-started from that side's factors of the previous iteration; the
+first iteration starts from 0 (random initial factors are no better a start than 0,
+and ALS never uses the row side's).
 """
 from __future__ import annotations
 
@@ -93,7 +94,7 @@ def train(problem: Problem, params: WalsParams, row_init: np.ndarray,
         u = solve_side(problem, 'row', v, params, own=u if it else None)
         if on_half_step:
             on_half_step(it, 'row', u, v)
-        v = solve_side(problem, 'col', u, params, own=v)
+        v = solve_side(problem, 'col', u, params, own=v if it else None)
         if on_half_step:
             on_half_step(it, 'col', u, v)
     return u, v
