@@ -19,7 +19,7 @@ How it runs
   shapes whatever other rows share its batch; per batch the other-side row ids
   (padding: a zero row), c and w (float32; c stored as one number when it is
   the same for every entry, e.g. 1 for the explicit mode) -- about 12 bytes per
-  padded entry (16 with offsets).
+  padded entry (8 for the explicit mode, whose c and w0 + c are 1).
 * Per call and batch: the batch's other-side factors are gathered ONCE as a float32
   (rows × length × k) array (at most _CG_ELEMENTS elements: it stays in cache
   through all the steps; a row above _PIECE_ELEMENTS is processed in fixed pieces
@@ -145,18 +145,19 @@ def _constant_or_array(a: np.ndarray, real: np.ndarray) -> np.ndarray | float:
 
 class Inputs:
     """What every batch of one CG call shares: float32 other-side factors with a zero
-    row appended (row m), offsets likewise, and B = w0 VᵀV + λI in float64."""
+    row appended (row m) and, with offsets, o_j as one more column (gathered with
+    the factors instead of by a second gather per entry); B = w0 VᵀV + λI in float64."""
 
     def __init__(self, factors: np.ndarray, base: np.ndarray, offsets: np.ndarray | None):
         m, k = factors.shape
-        self.table = np.zeros((m + 1, k), dtype=np.float32)
-        self.table[:m] = factors
-        self.base = np.ascontiguousarray(base, dtype=np.float64)
-        self.offsets = None
-        if offsets is not None:
-            self.offsets = np.zeros(m + 1, dtype=np.float32)
-            self.offsets[:m] = offsets[:m]
         self.k = k
+        self.offsets = offsets is not None
+        self.table = np.zeros((m + 1, k + self.offsets), dtype=np.float32)
+        self.table[:m, :k] = factors
+        if self.offsets:
+            self.table[:m, k] = offsets[:m]
+        self.base = np.ascontiguousarray(base, dtype=np.float64)
+        self.base_zero = not np.any(self.base)      # w0 = 0, λ per row: B p = 0
 
 
 _local = threading.local()
@@ -176,25 +177,35 @@ def _workspace(size: int) -> np.ndarray:
 class _Gathered:
     """X, the batch's gathered factors (rows × length × k float32): q = X p per row
     and Xᵀ t per row (batched BLAS gemv). Rows longer than _PIECE_ELEMENTS are
-    gathered again piece by piece in every pass instead of held whole."""
+    gathered again piece by piece in every pass instead of held whole. A table
+    column after the k factors (the offsets) is gathered along and read by `extra`."""
 
-    def __init__(self, table: np.ndarray, cols: np.ndarray):
-        self.table, self.cols = table, cols
+    def __init__(self, table: np.ndarray, cols: np.ndarray, k: int):
+        self.table, self.cols, self.k = table, cols, k
         n, length = cols.shape
-        k = table.shape[1]
+        width = table.shape[1]
         self.piece = length
-        if length * k > _PIECE_ELEMENTS:         # long rows
-            self.piece = max(_ALIGN, (_PIECE_ELEMENTS // k) // _ALIGN * _ALIGN)
-            self.x = None
+        self.full = None
+        if length * width > _PIECE_ELEMENTS:         # long rows
+            self.piece = max(_ALIGN, (_PIECE_ELEMENTS // width) // _ALIGN * _ALIGN)
         else:
-            self.x = _workspace(n * length * k).reshape(n, length, k)
-            np.take(table, cols, axis=0, out=self.x, mode='clip')
+            self.full = _workspace(n * length * width).reshape(n, length, width)
+            np.take(table, cols, axis=0, out=self.full, mode='clip')
+        # The factors (a strided view when there is an extra column: BLAS reads it
+        # with a leading dimension of k + 1, the same for every row).
+        self.x = None if self.full is None else self.full[:, :, :k]
+
+    def extra(self) -> np.ndarray:
+        """The gathered extra column (rows × length)."""
+        if self.full is not None:
+            return self.full[:, :, self.k]
+        return np.take(self.table[:, self.k], self.cols, mode='clip')
 
     def _pieces(self):
         length = self.cols.shape[1]
         for e in range(0, length, self.piece):
             sl = slice(e, min(e + self.piece, length))
-            yield sl, np.take(self.table, self.cols[:, sl], axis=0, mode='clip')
+            yield sl, np.take(self.table, self.cols[:, sl], axis=0, mode='clip')[:, :, :self.k]
 
     def times(self, p: np.ndarray) -> np.ndarray:
         """q[i] = X[i] p[i] (rows × length float32); p float32 (rows × k)."""
@@ -209,7 +220,7 @@ class _Gathered:
         """Xᵀ[i] t[i] (rows × k, float64); t float32 (rows × length)."""
         if self.x is not None:
             return np.matmul(t[:, None, :], self.x)[:, 0, :].astype(np.float64)
-        out = np.zeros((self.cols.shape[0], self.table.shape[1]))
+        out = np.zeros((self.cols.shape[0], self.k))
         for sl, x in self._pieces():               # pieces at fixed offsets, in order
             out += np.matmul(np.ascontiguousarray(t[:, sl])[:, None, :], x)[:, 0, :]
         return out
@@ -229,11 +240,13 @@ def solve_batch(b: CgBatch, inputs: Inputs, x0: np.ndarray | None, steps: int
     x = np.zeros((n, k)) if x0 is None else np.array(x0, dtype=np.float64)
     if steps == 0:
         return x
-    X = _Gathered(inputs.table, b.cols)
+    X = _Gathered(inputs.table, b.cols, k)
     base = inputs.base
 
     def shared(p):
         """(B + λ_i I) p per row, float64 (per-row gemv: no GEMM over the batch)."""
+        if inputs.base_zero:
+            return np.zeros_like(p) if b.reg is None else b.reg[:, None] * p
         out = np.matmul(p[:, None, :], base)[:, 0, :]
         if b.reg is not None:
             out += b.reg[:, None] * p
@@ -244,10 +257,10 @@ def solve_batch(b: CgBatch, inputs: Inputs, x0: np.ndarray | None, steps: int
 
     # r = b - A x0 = Xᵀ(w - c X x0) - (B + λ_i I) x0
     w = b.w
-    if inputs.offsets is not None:
-        shift = np.take(inputs.offsets, b.cols, mode='clip')
+    if inputs.offsets:
+        shift = X.extra()
         if not (isinstance(b.wf, float) and b.wf == 1.0):
-            shift *= b.wf
+            shift = shift * b.wf
         w = w - shift
     no_matrix = isinstance(b.c, float) and b.c == 0.0
     if x0 is None:

@@ -175,7 +175,7 @@ class RowSolver:
     solver, cg_steps: what `solve` does when not told otherwise: 'exact' (default) or
     'cg' with cg_steps conjugate-gradient steps per row (wals_core/cg.py; give each
     solve the rows' previous factors as x0 to warm-start it). The CG plan (about 12
-    bytes per padded rating, 16 with offsets) is made on the first CG solve.
+    bytes per padded rating at most) is made on the first CG solve.
     """
 
     def __init__(self, block: Csr, self_weights: np.ndarray, other_weights: np.ndarray,
@@ -396,7 +396,10 @@ class RowSolver:
         s = self.entry_scale(rows, length, pad)
         # An entry with E_ij = 0 but a target and w0 != 0 cannot be reached through
         # sqrt(E_ij) x_j: such batches take the general path.
-        unreachable = s is not None and self.w0 != 0 and bool(np.any((s == 0) & (vals != 0)))
+        # (Padding has s = 0 and the row's last value repeated: it gathers the zero row,
+        # so it never counts as unreachable.)
+        unreachable = s is not None and self.w0 != 0 and bool(np.any(
+            (s == 0) & (vals != 0) & (True if pad is None else ~pad)))
         if not self.all_pos or unreachable:
             return _Batch(rows, pieces, cols, None, None, None, general=(cols, vals, pad, r, s))
         if not np.any(r) and self.row_reg is None:
