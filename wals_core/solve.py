@@ -533,8 +533,12 @@ class _Call:
         lhs += self.base
         if self.s.row_reg is not None:
             reg = self.s.row_reg[rows]
-            diag = np.arange(self.s.k)
-            lhs[:, diag, diag] += reg[:, None]
+            k = self.s.k
+            if lhs.flags.c_contiguous:      # through a view: no fancy-index round trip
+                diagonals = lhs.reshape(len(lhs), k * k)[:, ::k + 1]
+                diagonals += reg[:, None]
+            else:
+                lhs[:, np.arange(k), np.arange(k)] += reg[:, None]
             base_min += float(np.min(reg)) if len(reg) else 0.0
         # Every matrix is base + (PSD) when R, C >= 0: if base is well conditioned
         # relative to the largest diagonal element, no row can be (nearly) singular.
