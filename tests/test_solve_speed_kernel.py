@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+import wals_core.cg as cg_mod
 import wals_core.solve as solve_mod
 from wals_core.solve import batched_solve, gramian, solve_rows
 from wals_core.sparse import csr_from_triples
@@ -73,7 +74,7 @@ def small_pieces(monkeypatch):
     monkeypatch.setattr(solve_mod, '_CHUNK_ELEMENTS', 7 * 144)
     monkeypatch.setattr(solve_mod, '_BATCH_ELEMENTS', 3 * 144)
     monkeypatch.setattr(solve_mod, '_PIECE_ELEMENTS', 40)
-    monkeypatch.setattr(solve_mod, '_CG_ELEMENTS', 50)
+    monkeypatch.setattr(cg_mod, '_CG_ELEMENTS', 50)
 
 
 # ----------------------------------------------------------------------------------
@@ -317,42 +318,8 @@ def test_solver_without_numpys_private_gufuncs_matches_the_normal_path(
 
 
 # ----------------------------------------------------------------------------------
-# Conjugate gradient (approximate)
+# Arguments (the CG solver has its own tests: tests/test_solve_cg.py)
 # ----------------------------------------------------------------------------------
-
-@pytest.mark.parametrize('use_small_pieces', [False, True])
-def test_cg_converges_to_exact_and_keeps_exact_start(use_small_pieces, request):
-    if use_small_pieces:
-        request.getfixturevalue('small_pieces')
-    rng = np.random.default_rng(20)
-    k = 6
-    block, factors = make_block(rng, k, n_rows=40)
-    own, other = np.ones(40), rng.uniform(0.1, 2, len(factors))
-    exact = run(block, own, factors, other, 0.01, 0.5)
-    many = run(block, own, factors, other, 0.01, 0.5, solver='cg', cg_steps=4 * k)
-    assert_close(many, exact, rtol=1e-7)
-    few = run(block, own, factors, other, 0.01, 0.5, solver='cg', cg_steps=1)
-    assert np.max(np.abs(few - exact)) > 1e-6            # approximate indeed
-    warm = run(block, own, factors, other, 0.01, 0.5, solver='cg', cg_steps=2, x0=exact)
-    assert_close(warm, exact, rtol=1e-9)
-    start = rng.standard_normal(exact.shape)
-    zero_steps = run(block, own, factors, other, 0.01, 0.5, solver='cg', cg_steps=0, x0=start)
-    empty = np.diff(block.indptr) == 0
-    np.testing.assert_array_equal(zero_steps[~empty], start[~empty])
-    np.testing.assert_array_equal(zero_steps[empty], 0.0)
-
-
-def test_cg_error_decreases_with_steps_from_previous_solution():
-    rng = np.random.default_rng(21)
-    k = 10
-    block, factors = make_block(rng, k, n_rows=60)
-    own, other = np.ones(60), rng.uniform(0.1, 2, len(factors))
-    exact = run(block, own, factors, other, 0.01, 0.1)
-    previous = exact + 0.1 * rng.standard_normal(exact.shape)
-    errors = [np.linalg.norm(run(block, own, factors, other, 0.01, 0.1, solver='cg',
-                                 cg_steps=s, x0=previous) - exact) for s in (0, 1, 3, 10)]
-    assert errors[0] > errors[1] > errors[2] > errors[3]
-
 
 def test_bad_arguments():
     rng = np.random.default_rng(22)

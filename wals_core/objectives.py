@@ -70,10 +70,14 @@ def make_solver(train: Csr, side: str, params: WalsParams, col_counts: np.ndarra
     (explicit mode only). other_index (routed exchange): train's indices are
     positions in this sorted array of other-side rows, and the solver is given
     factors for those rows only; its answers are bit-identical to the full ones.
+    The solver solves with params.solver and params.cg_steps unless solver_options
+    say otherwise; for 'cg', give every solve the block's previous stored factors
+    (this side's rows, the explicit mode's bias column included) as x0.
     """
     p = params
     n = train.num_rows
     needed = other_rows if other_index is None else len(other_index)
+    solver_options = dict(dict(solver=p.solver, cg_steps=p.cg_steps), **solver_options)
     if p.model == 'wals':
         if side == 'row':
             own, full = row_weights(n, p), column_weights(col_counts, p)
@@ -193,9 +197,40 @@ def objective(by_row: Csr, col_counts: np.ndarray, row_matrix: np.ndarray,
 _SLICE = 1 << 16
 
 
+class ObjectiveTerms:
+    """What block_objective needs of one block's training ratings that the factors
+    never change, worked out once and kept with the block (like a RowSolver's plan):
+    the row of every entry, and per entry the wals mode's weight w0 + R_i C_j or the
+    implicit mode's confidence alpha·g(|r|) (no log1p per rating per iteration).
+    About 12 bytes per rating (4 for the explicit mode)."""
+
+    def __init__(self, train: Csr, params: WalsParams, col_counts: np.ndarray):
+        p = params
+        n = train.num_rows
+        self.params = p
+        self.num_rows = n
+        self.indptr = np.asarray(train.indptr)
+        self.rows = np.repeat(np.arange(n, dtype=np.int32 if n < 2 ** 31 else np.int64),
+                              np.diff(train.indptr))
+        self.cols = np.asarray(train.indices)
+        self.values = np.asarray(train.values, np.float64)
+        self.weight = None
+        if p.model == 'wals':
+            rw, cw = row_weights(n, p), column_weights(col_counts, p)
+            self.weight = p.unobs_weight + rw[self.rows] * cw[self.cols]
+        elif p.model == 'implicit':
+            self.weight = confidence(self.values, p)
+
+    @property
+    def plan_nbytes(self) -> int:
+        """Memory it holds beyond the block's own arrays."""
+        return self.rows.nbytes + (0 if self.weight is None else self.weight.nbytes)
+
+
 def block_objective(train: Csr, start: int, row_matrix: np.ndarray, col_matrix: np.ndarray,
                     params: WalsParams, col_counts: np.ndarray,
-                    global_mean: float = 0.0) -> tuple[float, float]:
+                    global_mean: float = 0.0,
+                    terms: ObjectiveTerms | None = None) -> tuple[float, float]:
     """One row block's share of the objective, and its training squared error.
 
     train: the block's training ratings (rows start at `start`); row_matrix and
@@ -204,20 +239,23 @@ def block_objective(train: Csr, start: int, row_matrix: np.ndarray, col_matrix: 
     Gramians, so no block ever forms a dense matrix). The squared error is against
     the mode's prediction (explicit unclipped; implicit against preferences).
     Entries are taken slice by slice (float32 products of the stored factors,
-    float64 sums)."""
+    float64 sums). terms: ObjectiveTerms(train, params, col_counts), kept by the
+    caller to evaluate the same block every iteration without redoing them (the
+    result is the same, bit for bit)."""
     p = params
+    if terms is None:
+        terms = ObjectiveTerms(train, p, col_counts)
+    elif terms.params != p or terms.num_rows != train.num_rows:
+        raise ValueError('terms were made for other parameters or another block')
     n = train.num_rows
     u = row_matrix[start:start + n]
-    rows_all = train.row_of_entry()
-    cols_all = np.asarray(train.indices, np.int64)
-    values = np.asarray(train.values, np.float64)
-    weights = (row_weights(n, p), column_weights(col_counts, p)) if p.model == 'wals' else None
+    rows_all, cols_all, values, weight = terms.rows, terms.cols, terms.values, terms.weight
     total = sse = 0.0
     with single_threaded_blas():     # many small dot products: OpenBLAS threads only cost
         for lo in range(0, len(values), _SLICE):
-            t, e = _slice_terms(rows_all[lo:lo + _SLICE], cols_all[lo:lo + _SLICE],
-                                values[lo:lo + _SLICE], u, col_matrix, p, global_mean,
-                                weights)
+            sl = slice(lo, lo + _SLICE)
+            t, e = _slice_terms(rows_all[sl], cols_all[sl], values[sl], u, col_matrix, p,
+                                global_mean, None if weight is None else weight[sl])
             total += t
             sse += e
     u64 = np.asarray(u, np.float64)
@@ -230,8 +268,9 @@ def block_objective(train: Csr, start: int, row_matrix: np.ndarray, col_matrix: 
 
 
 def _slice_terms(rows, cols, a, u, col_matrix, p: WalsParams, global_mean: float,
-                 weights) -> tuple[float, float]:
-    """(objective terms, squared error) of one slice of a block's entries."""
+                 weight) -> tuple[float, float]:
+    """(objective terms, squared error) of one slice of a block's entries; weight:
+    the slice's ObjectiveTerms.weight."""
     k = p.latent_factors
     # float32 gathers and products (the stored factors' own precision; 3-4x less
     # memory traffic than float64 copies), summed in float64.
@@ -244,11 +283,10 @@ def _slice_terms(rows, cols, a, u, col_matrix, p: WalsParams, global_mean: float
     if p.model == 'implicit':
         err = preference(a) - dot
         e2 = fixed_dot(err, err)
-        return float(np.sum(confidence(a, p) * err * err)) + e2 - fixed_dot(dot, dot), e2
-    rw, cw = weights
+        return float(np.sum(weight * err * err)) + e2 - fixed_dot(dot, dot), e2
     err = a - dot
     e2 = fixed_dot(err, err)
-    return (float(np.sum((p.unobs_weight + rw[rows] * cw[cols]) * err * err))
+    return (float(np.sum(weight * err * err))
             - p.unobs_weight * fixed_dot(dot, dot)), e2
 
 

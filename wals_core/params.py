@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
+
 LOG_RATINGS = 0      # the original's constant: log weights, C_j = (1/n_j) ** feature_wt_exp
 LINEAR_RATINGS = 1   # the original's constant: linear weights, C_j = feature_wt_factor / n_j
 
 DATA_TYPES = ('ratings', 'web_views')
 MODELS = ('wals', 'implicit', 'explicit')
+SOLVERS = ('exact', 'cg')
 
 # The original's `--use-optimized` hyperparameter sets (from its tuning runs).
 OPTIMIZED = {
@@ -39,6 +42,11 @@ class WalsParams:
     epsilon: float = 1.0              # implicit, log confidence: g(r) = log1p(r / epsilon)
     confidence: str = 'log'           # implicit: 'log' or 'linear' (g(r) = r)
     scale_regularization: bool = False  # implicit: λ·n_i per row (as Spark) instead of λ
+    # The half-step solver (wals_core/solve.py, wals_core/cg.py): 'exact' (default;
+    # TF parity) or 'cg': cg_steps conjugate-gradient steps per row, warm-started
+    # from the row's factors of the previous iteration (approximate, faster).
+    solver: str = 'exact'
+    cg_steps: int = 3
 
     def __post_init__(self) -> None:
         if self.wt_type not in ('linear', 'log'):
@@ -47,6 +55,11 @@ class WalsParams:
             raise ValueError(f'model must be one of {", ".join(MODELS)}, got {self.model!r}')
         if self.confidence not in ('log', 'linear'):
             raise ValueError(f"confidence must be 'log' or 'linear', got {self.confidence!r}")
+        if self.solver not in SOLVERS:
+            raise ValueError(f"solver must be 'exact' or 'cg', got {self.solver!r}")
+        if (isinstance(self.cg_steps, bool) or not isinstance(self.cg_steps, (int, np.integer))
+                or self.cg_steps < 1):
+            raise ValueError(f'cg_steps must be an integer >= 1, got {self.cg_steps!r}')
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -47,13 +47,15 @@ regularization λ_i instead of one λ (ALS-WR's λ·n_i), and per-column offsets
 given with each solve (the target becomes A_ij - o_j: the other side's bias). With
 none of them the code path is exactly the original one.
 
-Optional conjugate-gradient solver (`solver='cg'`): `cg_steps` CG iterations per
-row, warm-started from `x0` (e.g. the previous solution, as the `implicit` library
-does), applying each row's matrix through its entries without forming it. It is
-APPROXIMATE: the answer approaches the exact one as cg_steps grows (in exact
-arithmetic it is exact after k steps). Here it is not faster than the exact solver
-for k <= ~32 (its per-row matrix-vector products are BLAS-2 calls, and the exact
-path's Gramians are cheap BLAS-3): it is there for warm-start experiments.
+Conjugate-gradient solver (`solver='cg'`, wals_core/cg.py): `cg_steps` CG
+iterations per row (default 3, as the `implicit` library), warm-started from `x0`
+(the rows' previous factors), applying each row's matrix through its entries and the
+shared w0*G + λI without forming it; for every generalization above (entry weights,
+per-row λ_i, offsets). APPROXIMATE (float32 products, about 1e-6 relative at best;
+exact in exact arithmetic after k steps); 3 steps take 7-8·k multiply-adds per
+rating against the exact Gramian's k²/2 (2x fewer at k = 32, none at k = 16), as
+BLAS-2 products. The exact solver stays the default. Its per-row results, too, do
+not depend on threads or batching.
 """
 from __future__ import annotations
 
@@ -66,6 +68,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from threadpoolctl import ThreadpoolController
 
+from wals_core import cg
 from wals_core.sparse import Csr
 
 # Scheduling unit (chunk) of the thread pool: at most _CHUNK_ENTRIES padded entries
@@ -81,8 +84,6 @@ _MIN_CHUNK_ENTRIES = 1 << 15
 _BATCH_ELEMENTS = 1 << 17
 # Elements of one gathered (rows × length × k) piece: 2^17 float64 = 1 MiB (cache).
 _PIECE_ELEMENTS = 1 << 17
-# Gathered factors (rows × length × k elements) the CG solver holds at a time.
-_CG_ELEMENTS = 1 << 20
 # A Cholesky pivot² below this × the row's largest diagonal element means "singular".
 _PIVOT_RTOL = 1e-10
 # Pseudo-inverse cutoff (relative to the largest |eigenvalue|) for those rows.
@@ -112,7 +113,8 @@ def solve_rows(block: Csr, self_weights: np.ndarray, other_factors: np.ndarray,
     A singular system gets its least-squares (minimum-norm, pseudo-inverse) answer.
 
     solver: 'exact' (default) or 'cg': APPROXIMATE, `cg_steps` conjugate-gradient
-    steps per row starting from `x0` (block.num_rows × k; zeros if None).
+    steps per row starting from `x0` (block.num_rows × k, any float dtype; zeros if
+    None); see wals_core/cg.py.
     num_threads: worker threads (default: the CPUs this process may run on).
 
     One call; to solve the same block in every iteration, keep a RowSolver.
@@ -122,6 +124,14 @@ def solve_rows(block: Csr, self_weights: np.ndarray, other_factors: np.ndarray,
     return RowSolver(block, self_weights, other_weights, unobs_weight, regularization, k,
                      num_threads=num_threads, keep_plan=False).solve(
         factors, other_gramian, solver=solver, x0=x0, cg_steps=cg_steps)
+
+
+def _check_solver(solver: str, cg_steps: int) -> tuple[str, int]:
+    if solver not in ('exact', 'cg'):
+        raise ValueError(f"solver must be 'exact' or 'cg', got {solver!r}")
+    if isinstance(cg_steps, bool) or int(cg_steps) != cg_steps or cg_steps < 0:
+        raise ValueError(f'cg_steps must be an integer >= 0, got {cg_steps!r}')
+    return solver, int(cg_steps)
 
 
 def _default_threads() -> int:
@@ -162,6 +172,10 @@ class RowSolver:
     of the other side (its length is the other side's row count); num_factors: k.
     keep_plan: False to drop the plan after each solve (for a single call).
     other_signs: see __init__ (routed exchange: other_weights of the needed rows only).
+    solver, cg_steps: what `solve` does when not told otherwise: 'exact' (default) or
+    'cg' with cg_steps conjugate-gradient steps per row (wals_core/cg.py; give each
+    solve the rows' previous factors as x0 to warm-start it). The CG plan (about 12
+    bytes per padded rating at most) is made on the first CG solve.
     """
 
     def __init__(self, block: Csr, self_weights: np.ndarray, other_weights: np.ndarray,
@@ -169,7 +183,9 @@ class RowSolver:
                  entry_weights: np.ndarray | None = None,
                  row_regularization: np.ndarray | None = None, offsets: bool = False,
                  other_signs: tuple[bool, bool] | None = None,
-                 num_threads: int | None = None, keep_plan: bool = True):
+                 num_threads: int | None = None, keep_plan: bool = True,
+                 solver: str = 'exact', cg_steps: int = 3):
+        self.solver, self.cg_steps = _check_solver(solver, cg_steps)
         self.indptr = np.asarray(block.indptr, dtype=np.int64)
         self.indices = np.asarray(block.indices)
         self.values = np.asarray(block.values, dtype=np.float64)
@@ -217,48 +233,43 @@ class RowSolver:
         self._plan: list[list[_Batch] | None] = [None] * len(self.chunks)
         self._plan_bytes = 0          # kept up to date as chunks are planned
         self._plan_lock = threading.Lock()
+        self._cg_plan: list[cg.CgBatch] | None = None
+        self._cg_bytes = 0
 
     @property
     def plan_nbytes(self) -> int:
-        """Memory held by the plan (0 until the first exact solve)."""
-        return self._plan_bytes
+        """Memory held by the plans (0 until the first solve)."""
+        return self._plan_bytes + self._cg_bytes
 
     def solve(self, other_factors: np.ndarray, other_gramian: np.ndarray, *,
               other_offsets: np.ndarray | None = None,
-              solver: str = 'exact', x0: np.ndarray | None = None,
-              cg_steps: int = 3) -> np.ndarray:
+              solver: str | None = None, x0: np.ndarray | None = None,
+              cg_steps: int | None = None) -> np.ndarray:
         """Minimizer for every row (float64, n × k) given the other side's factors
         (m × k) and their Gramian VᵀV; see solve_rows. other_offsets (m,): o_j,
-        subtracted from every target A_ij (needs a solver made with offsets=True)."""
-        if solver not in ('exact', 'cg'):
-            raise ValueError(f"solver must be 'exact' or 'cg', got {solver!r}")
+        subtracted from every target A_ij (needs a solver made with offsets=True).
+        solver, cg_steps: this call's (default: the RowSolver's); x0 (n × k, any
+        float dtype, e.g. the block's stored float32 factors of the previous
+        iteration): where CG starts (None: 0); the exact solver ignores it."""
+        solver, cg_steps = _check_solver(self.solver if solver is None else solver,
+                                         self.cg_steps if cg_steps is None else cg_steps)
         if other_offsets is not None and not self.offsets:
             raise ValueError('other_offsets needs a RowSolver made with offsets=True')
-        if solver == 'cg' and (self.entry is not None or self.row_reg is not None
-                               or self.offsets):
-            raise ValueError("solver='cg' supports neither entry weights, per-row "
-                             "regularization nor offsets")
         factors = np.asarray(other_factors)
         if factors.shape != (self.m, self.k):
             raise ValueError(f'other factors must have shape {(self.m, self.k)}, '
                              f'got {factors.shape}')
+        start = None
+        if solver == 'cg' and x0 is not None:
+            start = np.asarray(x0)
+            if start.shape != (self.n, self.k):
+                raise ValueError(f'x0 must have shape {(self.n, self.k)}, got {start.shape}')
         call = _Call(self, factors, other_gramian, other_offsets)
         out = np.zeros((self.n, self.k), dtype=np.float64)
         if not self.chunks:
             return out
         if solver == 'cg':
-            steps = int(cg_steps)
-            if steps < 0:
-                raise ValueError(f'cg_steps must be >= 0, got {cg_steps!r}')
-            if x0 is not None:
-                start = np.asarray(x0, dtype=np.float64)
-                if start.shape != out.shape:
-                    raise ValueError(f'x0 must have shape {out.shape}, got {start.shape}')
-                out[:] = start
-
-            def work(i):
-                rows, length = self.chunks[i]
-                out[rows] = call.cg_chunk(rows, length, out[rows], steps)
+            return self._solve_cg(call, factors, start, cg_steps, out)
         else:
             def work(i):
                 batches = self._plan[i]
@@ -284,8 +295,33 @@ class RowSolver:
                         self.chunks[i][0]) * (self.chunks[i][1] + self.k))
                     for f in [pool.submit(work, i) for i in order]:
                         f.result()
-        if solver == 'cg':
-            out[np.diff(self.indptr) == 0] = 0.0
+        return out
+
+    def _solve_cg(self, call: '_Call', factors: np.ndarray, start: np.ndarray | None,
+                  steps: int, out: np.ndarray) -> np.ndarray:
+        """CG for every row with entries (wals_core/cg.py); rows without stay 0."""
+        batches = self._cg_plan
+        if batches is None:
+            batches = cg.plan(self)
+            if self.keep_plan:
+                self._cg_plan = batches
+                self._cg_bytes = sum(b.nbytes for b in batches)
+        inputs = cg.Inputs(factors, call.base, call.offsets)
+
+        def work(b: cg.CgBatch):
+            out[b.rows] = cg.solve_batch(b, inputs, None if start is None else start[b.rows],
+                                         steps)
+
+        threads = min(self.threads, len(batches))
+        with single_threaded_blas():
+            if threads <= 1:
+                for b in batches:
+                    work(b)
+            else:
+                with ThreadPoolExecutor(max_workers=threads) as pool:
+                    order = sorted(batches, key=lambda b: -b.cols.size)   # biggest first
+                    for f in [pool.submit(work, b) for b in order]:
+                        f.result()
         return out
 
     # -- chunking ---------------------------------------------------------------------
@@ -360,7 +396,10 @@ class RowSolver:
         s = self.entry_scale(rows, length, pad)
         # An entry with E_ij = 0 but a target and w0 != 0 cannot be reached through
         # sqrt(E_ij) x_j: such batches take the general path.
-        unreachable = s is not None and self.w0 != 0 and bool(np.any((s == 0) & (vals != 0)))
+        # (Padding has s = 0 and the row's last value repeated: it gathers the zero row,
+        # so it never counts as unreachable.)
+        unreachable = s is not None and self.w0 != 0 and bool(np.any(
+            (s == 0) & (vals != 0) & (True if pad is None else ~pad)))
         if not self.all_pos or unreachable:
             return _Batch(rows, pieces, cols, None, None, None, general=(cols, vals, pad, r, s))
         if not np.any(r) and self.row_reg is None:
@@ -494,8 +533,12 @@ class _Call:
         lhs += self.base
         if self.s.row_reg is not None:
             reg = self.s.row_reg[rows]
-            diag = np.arange(self.s.k)
-            lhs[:, diag, diag] += reg[:, None]
+            k = self.s.k
+            if lhs.flags.c_contiguous:      # through a view: no fancy-index round trip
+                diagonals = lhs.reshape(len(lhs), k * k)[:, ::k + 1]
+                diagonals += reg[:, None]
+            else:
+                lhs[:, np.arange(k), np.arange(k)] += reg[:, None]
             base_min += float(np.min(reg)) if len(reg) else 0.0
         # Every matrix is base + (PSD) when R, C >= 0: if base is well conditioned
         # relative to the largest diagonal element, no row can be (nearly) singular.
@@ -537,54 +580,6 @@ class _Call:
             weight = vals[i, j] * (s.w0 + conf[i, j])
             np.add.at(rhs, i, self.v[cols[i, j]] * weight[:, None])
         return self._finish(lhs, rhs, neg is None, base_min, b.rows)
-
-    # -- conjugate gradient -----------------------------------------------------------
-
-    def cg_chunk(self, rows: np.ndarray, length: int, x: np.ndarray,
-                 steps: int) -> np.ndarray:
-        """`steps` CG iterations per row on (base + R_i Σ_j C_j v_j v_jᵀ) u = b from x."""
-        s = self.s
-        cols, vals, pad = s.entries(rows, length)
-        conf = s.own[rows][:, None] * np.take(s.other, cols, mode='clip')
-        if pad is not None:
-            conf[pad] = 0.0
-            vals[pad] = 0.0
-        w = (s.w0 + conf) * vals
-        x = np.array(x, dtype=np.float64, copy=True)
-        if steps == 0:
-            return x
-        per = max(1, _CG_ELEMENTS // (length * s.k))
-        for a in range(0, len(rows), per):
-            sl = slice(a, a + per)
-            v = np.take(self.v, cols[sl], axis=0, mode='clip')       # rows × length × k
-            x[sl] = _cg(v, conf[sl], w[sl], self.base, x[sl], steps)
-        return x
-
-
-def _cg(v: np.ndarray, conf: np.ndarray, w: np.ndarray, base: np.ndarray, x: np.ndarray,
-        steps: int) -> np.ndarray:
-    """Conjugate gradient on (base + Σ_l conf[i, l] v[i, l] v[i, l]ᵀ) x[i] = Σ_l w[i, l]
-    v[i, l], `steps` iterations from x, for every row i at once."""
-    def apply(p):
-        t = np.matmul(v, p[:, :, None])[:, :, 0]
-        t *= conf
-        return p @ base + _matvec(v, t)
-
-    res = _matvec(v, w) - apply(x)
-    p = res.copy()
-    rs = np.einsum('ij,ij->i', res, res)
-    for _ in range(steps):
-        ap = apply(p)
-        pap = np.einsum('ij,ij->i', p, ap)
-        ok = (pap > 0) & (rs > 0)
-        alpha = np.divide(rs, pap, out=np.zeros_like(rs), where=ok)
-        x += alpha[:, None] * p
-        res -= alpha[:, None] * ap
-        rs_new = np.einsum('ij,ij->i', res, res)
-        beta = np.divide(rs_new, rs, out=np.zeros_like(rs), where=ok)
-        p = res + beta[:, None] * p
-        rs = rs_new
-    return x
 
 
 def _matvec(v: np.ndarray, w: np.ndarray) -> np.ndarray:

@@ -5,6 +5,10 @@ job; this module trains small data in one process (tests, the tuner).
 Factors are stored in float32 between half-steps, exactly as the pipeline does.
 Every mode of wals_core/objectives.py is supported; for `explicit` the stored
 matrices carry the bias as their last column (see objectives.split_bias).
+With params.solver 'cg' every half-step runs params.cg_steps conjugate-gradient
+steps per row, warm-started from that side's factors of the previous iteration; the
+first iteration starts from 0 (random initial factors are no better a start than 0,
+and ALS never uses the row side's).
 """
 from __future__ import annotations
 
@@ -52,9 +56,11 @@ class Problem:
 
 
 def solve_side(problem: Problem, side: str, other: np.ndarray,
-               params: WalsParams) -> np.ndarray:
+               params: WalsParams, own: np.ndarray | None = None) -> np.ndarray:
     """One half-step for all rows ('row') or all columns ('col') against the other
-    side's stored factor matrix; returns the stored matrix of this side (float32)."""
+    side's stored factor matrix; returns the stored matrix of this side (float32).
+    own: this side's current stored matrix, where the CG solver starts (ignored by
+    the exact solver; None: from 0)."""
     p = dataclasses.replace(params, num_iters=0)     # iterations do not change a solve
     key = (side, p)
     solver = problem._solvers.get(key)
@@ -66,7 +72,9 @@ def solve_side(problem: Problem, side: str, other: np.ndarray,
         solver = problem._solvers[key] = objectives.make_solver(
             block, side, params, problem.col_counts, 0, other_rows, problem.global_mean)
     factors, offsets = objectives.solve_inputs(np.asarray(other), params)
-    return solver.solve(factors, gramian(other), other_offsets=offsets).astype(np.float32)
+    x0 = own if params.solver == 'cg' else None
+    return solver.solve(factors, gramian(other), other_offsets=offsets,
+                        x0=x0).astype(np.float32)
 
 
 def initial_state(row_init: np.ndarray, col_init: np.ndarray, params: WalsParams
@@ -84,10 +92,10 @@ def train(problem: Problem, params: WalsParams, row_init: np.ndarray,
     u = np.asarray(row_init, np.float32)
     v = np.asarray(col_init, np.float32)
     for it in range(params.num_iters):
-        u = solve_side(problem, 'row', v, params)
+        u = solve_side(problem, 'row', v, params, own=u if it else None)
         if on_half_step:
             on_half_step(it, 'row', u, v)
-        v = solve_side(problem, 'col', u, params)
+        v = solve_side(problem, 'col', u, params, own=v if it else None)
         if on_half_step:
             on_half_step(it, 'col', u, v)
     return u, v
