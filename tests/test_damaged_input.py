@@ -101,6 +101,25 @@ def test_a_corrupt_compressed_file_is_an_error_naming_the_file(tmp_path, codec, 
     where(info.value.plain)   # names where it was found (damaged text may decode first)
 
 
+def test_a_corrupt_gzip_is_placed_to_within_a_few_hundred_bytes(tmp_path):
+    """zlib loses the output of the call that fails: the reader replays that step in
+    small pieces, so the message names where decoding stopped, not the step's start."""
+    data = bytearray(gzip.compress(TEXT))
+    data[len(data) // 2:len(data) // 2 + 64] = bytes(64)
+    path = tmp_path / 'ratings.tsv.gz'
+    path.write_bytes(bytes(data))
+    d, rest, decoded = zlib.decompressobj(zlib.MAX_WBITS | 16), bytes(data), b''
+    with pytest.raises(zlib.error):            # where zlib itself stops, byte by byte
+        while True:
+            decoded += d.decompress(rest, 1)
+            rest = d.unconsumed_tail
+    with pytest.raises(DamagedFile) as info:
+        read_all(path)
+    byte, line = where(info.value.plain)
+    assert len(decoded) - 256 <= byte <= len(decoded), (byte, len(decoded))
+    assert line == decoded[:byte].count(b'\n') + 1
+
+
 @pytest.mark.parametrize('codec', sorted(CODECS))
 def test_concatenated_streams_are_read_whole(tmp_path, codec):
     """Multi-member gzip (and concatenated bzip2, xz, zstd, zlib streams) is one text,

@@ -88,6 +88,7 @@ class _Member:
         self._in = b''        # compressed bytes given but not yet passed on
         self._pos = 0         # zstd: self._in[:_pos] was passed on
         self._out = b''       # zstd: decoded bytes not yet taken
+        self.good = b''       # zlib: what decoded before an error, within the failed step
 
     @property
     def eof(self) -> bool:
@@ -138,13 +139,36 @@ class _Member:
         if self._d.eof:
             return b''
         if self._zlib:
-            out = self._d.decompress(self._in, n)
+            # A copy of the state (cheap beside a step's work) lets an error be placed
+            # to the byte: the failed call's output is lost, the replay finds it.
+            before, data = self._d.copy(), self._in
+            try:
+                out = self._d.decompress(self._in, n)
+            except zlib.error:
+                self.good = _decodable_prefix(before, data, n)
+                raise
             # At the end of the stream the rest is in unused_data (and, again, in
             # unconsumed_tail when the output limit was reached at the same time).
             self._in = b'' if self._d.eof else self._d.unconsumed_tail
             return out
         data, self._in = self._in, b''
         return self._d.decompress(data, n)
+
+
+def _decodable_prefix(d, data: bytes, n: int) -> bytes:
+    """The uncompressed bytes (at most n) that zlib decompressor d gives from data
+    before it fails, decoded in small steps."""
+    good = []
+    try:
+        while sum(map(len, good)) < n:
+            piece = d.decompress(data, 256)
+            if not piece:
+                break
+            good.append(piece)
+            data = d.unconsumed_tail
+    except zlib.error:
+        pass
+    return b''.join(good)
 
 
 class DecompressedStream:
@@ -225,6 +249,8 @@ class DecompressedStream:
             try:   # in steps, so that an error's offset is known to within a step
                 out = self._member.take(min(n, _STEP_BYTES))
             except Exception as e:   # noqa: BLE001 - zlib.error, OSError, LZMAError, ZstdError
+                self.offset += len(self._member.good)
+                self.lines += self._member.good.count(b'\n')
                 raise self._damaged(str(e) or type(e).__name__) from None
             if not self._checked:
                 self._checked = self._member.has_check()
