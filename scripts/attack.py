@@ -42,6 +42,7 @@ class Case:
     absent: list[str] = field(default_factory=list)    # must not exist afterwards
     present: list[str] = field(default_factory=list)   # must exist afterwards
     stdout_forbids: str = ''        # text the stdout must not contain
+    stderr_needs: str = ''          # text the error line must hold
     setup: object = None            # callable(work) run before the command
     timeout: float = 300
 
@@ -134,13 +135,13 @@ def cases(work: Path) -> list[Case]:
                       '--overwrite', *SMALL], {2}, protect=['model']),
         Case('2', 'truncated .gz',
              train + ['--input', 'cut.gz', '--output', 'o_cutgz', *SMALL], {1, 2},
-             absent=['o_cutgz']),
+             absent=['o_cutgz'], stderr_needs='truncated'),
         Case('2', 'truncated .bz2',
              train + ['--input', 'cut.bz2', '--output', 'o_cutbz', *SMALL], {1, 2},
-             absent=['o_cutbz']),
+             absent=['o_cutbz'], stderr_needs='truncated'),
         Case('2', 'corrupt .gz',
              train + ['--input', 'corrupt.gz', '--output', 'o_corrupt', *SMALL], {1, 2},
-             absent=['o_corrupt']),
+             absent=['o_corrupt'], stderr_needs='corrupt'),
         Case('3', 'one rating of 1e20 in MovieLens 100k (bad line, model fine)',
              train + ['--input', 'ml1e20.tsv', '--output', 'o_1e20', *SMALL], {0},
              present=['o_1e20/_SUCCESS']),
@@ -153,6 +154,13 @@ def cases(work: Path) -> list[Case]:
         Case('3', '--model implicit on all-zero values',
              train + ['--input', 'zeros.tsv', '--output', 'o_zeros', '--model', 'implicit',
                       *SMALL], {1, 4}, absent=['o_zeros']),
+        Case('4', 'two runs on one model root at once, each pruning to 1 version',
+             ['sh', '-c', 'T="--input data.tsv --model_root root --num_iters 2 '
+              '--latent_factors 3 --keep_versions 1"; "$PY" -m pipeline.train $T '
+              '>/dev/null 2>&1 || exit 9; "$PY" -m pipeline.train $T & a=$!; '
+              '"$PY" -m pipeline.train $T & b=$!; wait $a; ra=$?; wait $b; rb=$?; '
+              'echo "exits $ra $rb" >&2; test $ra = 0 && test $rb = 0 && test -f root/LATEST'],
+             {0}),
         Case('5', '--input /dev/zero',
              train + ['--input', '/dev/zero', '--output', 'o_zero', *SMALL], {2},
              absent=['o_zero'], timeout=120),
@@ -234,6 +242,8 @@ def run_case(case: Case, work: Path, python: str, env: dict) -> tuple[int | None
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     errors = [line for line in lines if line.startswith('error:') or ': error:' in line]
     message = (errors or lines or [''])[0][:160]
+    if case.stderr_needs and case.stderr_needs not in ' '.join(errors):
+        problems.append(f'no error line saying {case.stderr_needs!r}')
     return done.returncode, '; '.join(problems) if problems else f'ok: {message}'
 
 
