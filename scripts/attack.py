@@ -44,6 +44,7 @@ class Case:
     stdout_forbids: str = ''        # text the stdout must not contain
     stderr_needs: str = ''          # text the error line must hold
     setup: object = None            # callable(work) run before the command
+    post: object = None             # callable(work) -> a problem or None, run after
     timeout: float = 300
 
 
@@ -89,6 +90,24 @@ def prepare(work: Path, python: str, env: dict) -> None:
     (work / 'huge.txt').write_text('1\t1e300\n')
     (work / 'empty_users.txt').write_text('')
     (work / 'afile').write_text('not a folder\n')
+
+
+def collapsed(folder: str):
+    """A check: the model at folder has no more all-zero vectors than a model of
+    MovieLens without the absurd value would (a user or item without training
+    ratings is zero; nearly every one has some)."""
+    def check(work: Path) -> str | None:
+        import numpy as np
+        for name in ('row', 'col'):
+            path = work / folder / 'model' / f'{name}.npy'
+            if not path.exists():
+                return f'{path.name} missing'
+            m = np.load(path)
+            zero = int((~m.any(axis=1)).sum())
+            if zero > 0.01 * len(m):
+                return f'{zero} of {len(m)} {name} vectors are all zero (collapsed model)'
+        return None
+    return check
 
 
 def cases(work: Path) -> list[Case]:
@@ -144,13 +163,13 @@ def cases(work: Path) -> list[Case]:
              absent=['o_corrupt'], stderr_needs='corrupt'),
         Case('3', 'one rating of 1e20 in MovieLens 100k (bad line, model fine)',
              train + ['--input', 'ml1e20.tsv', '--output', 'o_1e20', *SMALL], {0},
-             present=['o_1e20/_SUCCESS']),
+             present=['o_1e20/_SUCCESS'], post=collapsed('o_1e20')),
         Case('3', 'one rating of 1e20 with --max_bad_fraction 0',
              train + ['--input', 'ml1e20.tsv', '--output', 'o_1e20b', '--max_bad_fraction',
                       '0', *SMALL], {1}, absent=['o_1e20b']),
         Case('3', 'one rating of 1e300',
              train + ['--input', 'ml1e300.tsv', '--output', 'o_1e300', *SMALL], {0},
-             present=['o_1e300/_SUCCESS']),
+             present=['o_1e300/_SUCCESS'], post=collapsed('o_1e300')),
         Case('3', '--model implicit on all-zero values',
              train + ['--input', 'zeros.tsv', '--output', 'o_zeros', '--model', 'implicit',
                       *SMALL], {1, 4}, absent=['o_zeros']),
@@ -237,6 +256,10 @@ def run_case(case: Case, work: Path, python: str, env: dict) -> tuple[int | None
     for name in case.present:
         if not (work / name).exists():
             problems.append(f'{name} missing')
+    if case.post and not problems:
+        found = case.post(work)
+        if found:
+            problems.append(found)
     if case.stdout_forbids and case.stdout_forbids in done.stdout:
         problems.append(f'stdout holds {case.stdout_forbids}')
     lines = [line for line in done.stderr.splitlines() if line.strip()]
