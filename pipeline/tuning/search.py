@@ -31,8 +31,9 @@ from pipeline.runners.factory import make_pipeline
 from pipeline.store.output_guard import OutputGuard
 from pipeline.store.publish import describe_inputs, discard, new_run_id, remove_tree
 from pipeline.tuning.data import DataConfig, PrepareTuning, load_data
-from pipeline.tuning.trials import (MODE_DEFAULTS, Range, TrialSettings, default_trial,
+from pipeline.tuning.trials import (Range, TrialSettings, default_trial,
                                     metric_name, search_space, train_and_score)
+from wals_core.defaults import PARAMETER
 from wals_core.params import default_wt_type
 
 log = logging.getLogger(__name__)
@@ -86,7 +87,7 @@ def config_from_args(args: argparse.Namespace) -> TuneConfig:
                       args.max_abs_value)
     settings = TrialSettings(
         model=args.model, metric=metric,
-        num_iters=args.num_iters or MODE_DEFAULTS[args.model]['num_iters'], seed=args.seed,
+        num_iters=args.num_iters or PARAMETER['num_iters'].default_for(args.model), seed=args.seed,
         wt_type=args.wt_type or default_wt_type(args.data_type),
         confidence=args.confidence or 'log',
         implicit_data=args.data_type == 'web_views',
