@@ -16,8 +16,9 @@ from pipeline.option_table import (DEFAULT_BLOCK_SIZE, DEFAULT_MAX_ABS_VALUE,  #
                                    DEFAULT_MAX_BROADCAST_MB, DEFAULT_MAX_ID_LENGTH,
                                    DEFAULT_MAX_LINE_BYTES, EXCHANGES, VOCABULARIES,
                                    add_input_options, add_train_arguments)
-from wals_core.defaults import (PARAMS, default_wt_type, mode_overrides,  # noqa: F401
-                                parse_bool)
+from wals_core.defaults import (PARAMETER, PARAMS, default_wt_type,  # noqa: F401
+                                mode_overrides, parse_bool)
+from wals_core.models import get_model
 from wals_core.params import OPTIMIZED, WalsParams
 
 
@@ -66,12 +67,6 @@ class TrainConfig:
         out = dataclasses.asdict(self)
         out.update(out.pop('params'))
         return out
-
-
-# The parameters of each model, and the wals parameters (the original trainer's
-# defaults, task.py) that the other models do not use: wals_core/defaults.py.
-WALS_ONLY = tuple(o.name for o in PARAMS if o.cli and o.models == ('wals',))
-IMPLICIT_ONLY = tuple(o.name for o in PARAMS if o.cli and o.models == ('implicit',))
 
 
 class ConfigError(ValueError):
@@ -136,19 +131,19 @@ def config_from_options(options: PipelineOptions) -> TrainConfig:
         raise ConfigError('--input is required (a ratings file or glob)')
     base = {o.name: o.value for o in PARAMS if o.cli and o.name != 'model'}
     base.update(wt_type=default_wt_type(args.data_type))
+    model = get_model(args.model)
     if args.use_optimized:
-        if args.model != 'wals':
+        if not model.uses('use_optimized'):
             raise ConfigError('--use_optimized holds the original WALS tuning: it needs '
                               '--model wals')
         base.update(OPTIMIZED[args.data_type])
     base.update(mode_overrides(args.model))
     for name in base:
         if getattr(args, name, None) is not None:
-            if name in WALS_ONLY and args.model != 'wals':
-                raise ConfigError(f'--{name} is a parameter of --model wals, not of '
+            if not model.uses(name):
+                owners = ' or '.join(PARAMETER[name].models)
+                raise ConfigError(f'--{name} is a parameter of --model {owners}, not of '
                                   f'--model {args.model}')
-            if name in IMPLICIT_ONLY and args.model != 'implicit':
-                raise ConfigError(f'--{name} is a parameter of --model implicit')
             base[name] = getattr(args, name)
     params = WalsParams(model=args.model, **base)
     checks = [
@@ -181,10 +176,10 @@ def config_from_options(options: PipelineOptions) -> TrainConfig:
         if not ok:
             raise ConfigError(message)
     check_limits(args, params)
-    gate_metric = args.gate_metric or ('ndcg' if args.model == 'implicit' else 'rmse')
-    if gate_metric == 'rmse' and args.model == 'implicit' and args.max_regression is not None:
-        raise ConfigError('--gate_metric rmse does not apply to --model implicit (no RMSE): '
-                          'use --gate_metric ndcg')
+    gate_metric = args.gate_metric or model.default_metric
+    if gate_metric == 'rmse' and not model.predicts_ratings and args.max_regression is not None:
+        raise ConfigError(f'--gate_metric rmse does not apply to --model {args.model} (no '
+                          'RMSE): use --gate_metric ndcg')
     if gate_metric == 'ndcg' and args.rank_k < 1:
         raise ConfigError('--gate_metric ndcg needs --rank_k 1 or more')
     # With a model root, the version folder is chosen at run time (model_root.py);

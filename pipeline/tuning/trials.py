@@ -11,7 +11,8 @@ import time
 import numpy as np
 
 from wals_core import objectives
-from wals_core.defaults import PARAMETER, Range, model_defaults, search_ranges  # noqa: F401
+from wals_core.defaults import Range, model_defaults, search_ranges  # noqa: F401
+from wals_core.models import get_model, model_names
 from wals_core.params import WalsParams
 from wals_core.ranking import rank_and_score
 from wals_core.sums import sum_of_squares
@@ -25,19 +26,14 @@ RANK_K = 10   # the ndcg metric is NDCG@10
 # The tuner's ranges of each mode, from the table of parameters (wals_core/defaults.py)
 # as are the modes' defaults (trial 0 and every unsearched value).
 SPACES: dict[str, dict[str, Range]] = {model: search_ranges(model)
-                                        for model in PARAMETER['model'].choices}
+                                        for model in model_names()}
 
 
 def search_space(model: str, wt_type: str = 'linear', confidence: str = 'log'
                  ) -> dict[str, Range]:
     """The parameters searched for a mode, in table order. wals searches the weight
     parameter of its wt_type only; implicit searches epsilon only for log confidence."""
-    space = dict(SPACES[model])
-    if model == 'wals':
-        space.pop('feature_wt_exp' if wt_type == 'linear' else 'feature_wt_factor')
-    if model == 'implicit' and confidence == 'linear':
-        space.pop('epsilon')
-    return space
+    return get_model(model).search_space(wt_type, confidence)
 
 
 def default_trial(model: str, space: dict[str, Range]) -> dict:
@@ -63,7 +59,7 @@ class TrialSettings:
         values['latent_factors'] = int(values['latent_factors'])
         values.update(wt_type=self.wt_type, confidence=self.confidence,
                       scale_regularization=self.scale_regularization
-                      and self.model == 'implicit')
+                      and get_model(self.model).uses('scale_regularization'))
         return WalsParams(**values)
 
 
@@ -76,7 +72,7 @@ def validation_rmse(data: TuneData, problem: Problem, u: np.ndarray, v: np.ndarr
     """RMSE on the validation pairs; explicit predictions are clipped to the range
     of the training ratings (a rating outside it is never right)."""
     clip = None
-    if params.model == 'explicit':
+    if get_model(params.model).clips_predictions:
         clip = (float(data.train_values.min()), float(data.train_values.max()))
     pred = objectives.predict(data.val_rows.astype(np.int64), data.val_cols.astype(np.int64),
                               u, v, params, problem.global_mean, clip=clip)
@@ -91,7 +87,7 @@ def relevance_threshold(settings: TrialSettings, problem: Problem) -> float:
     implicit data, else the mean training rating) unless given."""
     if settings.relevance_threshold is not None:
         return settings.relevance_threshold
-    if settings.implicit_data or settings.model == 'implicit':
+    if settings.implicit_data or get_model(settings.model).implicit_feedback:
         return 0.0
     return problem.global_mean
 
