@@ -100,16 +100,15 @@ def split_of(d: dict):
 
 
 def mode_params(model: str, solver: str, rank: int | None = None, iters: int | None = None):
-    """WalsParams of a mode with the command line's defaults (pipeline/options.py)."""
-    from pipeline.options import MODE_DEFAULTS, WALS_DEFAULTS
-    from wals_core.params import WalsParams, default_wt_type
-    kw = dict(WALS_DEFAULTS, wt_type=default_wt_type('ratings'))
-    kw.update(MODE_DEFAULTS[model])
+    """WalsParams of a mode with the command line's defaults (wals_core/defaults.py)."""
+    from wals_core.defaults import model_defaults
+    from wals_core.params import WalsParams
+    kw = dict(model_defaults(model), solver=solver, cg_steps=CG_STEPS)   # ratings: linear
     if rank:
         kw['latent_factors'] = rank
     if iters:
         kw['num_iters'] = iters
-    return WalsParams(model=model, solver=solver, cg_steps=CG_STEPS, **kw)
+    return WalsParams(**kw)
 
 
 def initial(d: dict, p, seed: int = 0):

@@ -39,8 +39,9 @@ TIMING_KEYS = {'phase_seconds', 'seconds', 'solve_seconds', 'published', 'update
                'run_id', 'model_run_id', 'started', 'finished', 'version',
                'manifest_sha256'}
 # Files whose bytes hold wall-clock times: a manifest's checksums of them are dropped
-# (the files themselves are compared scrubbed).
-TIMED_FILES = ('metrics.json', 'report.json')
+# (the files themselves are compared scrubbed). trials.csv and best.json hold each
+# trial's seconds, so a tuning's _SUCCESS differed between two runs of the same code.
+TIMED_FILES = ('metrics.json', 'report.json', 'best.json', 'trials.csv')
 CASES = ('train', 'rerun', 'recommend', 'export', 'tune')
 
 

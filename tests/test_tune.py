@@ -24,9 +24,10 @@ from pipeline.cli.common import split_beam_args
 from pipeline.cli.train import build_parser as train_parser
 from pipeline.options import config_from_options
 from pipeline.tuning.data import DataConfig, PrepareTuning, load_data
-from pipeline.tuning.trials import (MODE_DEFAULTS, SPACES, TrialSettings, search_space,
+from pipeline.tuning.trials import (SPACES, TrialSettings, search_space,
                                   validation_ndcg)
 from tests.conftest import write_ratings
+from wals_core.defaults import model_defaults
 from wals_core.hashing import id_hashes, is_test
 from wals_core.init import initial_factors
 from wals_core.train import Problem, initial_state, train
@@ -71,8 +72,8 @@ def test_four_trials_table_and_best(explicit_run):
     assert (table['state'] == 'complete').all()
     assert table['rmse'].between(0.3, 2.0).all()
     # Trial 0 is the mode's defaults; the others are proposals inside the search ranges.
-    assert table.loc[0, 'latent_factors'] == MODE_DEFAULTS['explicit']['latent_factors']
-    assert table.loc[0, 'regularization'] == MODE_DEFAULTS['explicit']['regularization']
+    assert table.loc[0, 'latent_factors'] == model_defaults('explicit')['latent_factors']
+    assert table.loc[0, 'regularization'] == model_defaults('explicit')['regularization']
     for name, r in SPACES['explicit'].items():
         assert table[name].between(r.low, r.high).all()
     assert table['regularization'].nunique() == 4
@@ -105,14 +106,14 @@ def test_best_command_parses_with_the_trainer_parser(explicit_run, synth):
     assert config.params.model == 'explicit'
     assert config.params.latent_factors == best['params']['latent_factors']
     assert config.params.regularization == best['params']['regularization']
-    assert config.params.num_iters == MODE_DEFAULTS['explicit']['num_iters']
+    assert config.params.num_iters == model_defaults('explicit')['num_iters']
     assert (config.split_seed, config.test_fraction, config.seed) == (0, 0.1, 0)
 
 
 @pytest.mark.parametrize('model', ['wals', 'implicit', 'explicit'])
 def test_mode_defaults_are_the_trainer_defaults(model):
     params = config_from_options(PipelineOptions(['--input', 'x', '--model', model])).params
-    assert TrialSettings(model, 'ndcg', MODE_DEFAULTS[model]['num_iters'], 0).params({}) \
+    assert TrialSettings(model, 'ndcg', model_defaults(model)['num_iters'], 0).params({}) \
         == params
 
 
@@ -236,8 +237,8 @@ def test_search_spaces_follow_the_mode():
     assert list(search_space('explicit')) == ['latent_factors', 'regularization']
     for model, space in SPACES.items():
         for name, r in space.items():
-            if name in MODE_DEFAULTS[model]:
-                assert r.low <= MODE_DEFAULTS[model][name] <= r.high, (model, name)
+            if name in model_defaults(model):
+                assert r.low <= model_defaults(model)[name] <= r.high, (model, name)
 
 
 def naive_ndcg(u, v, params, train_pairs, val, threshold, k=10):

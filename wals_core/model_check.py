@@ -27,17 +27,14 @@ import dataclasses
 
 import numpy as np
 
+from wals_core.models import get_model
 from wals_core.params import WalsParams
 
 
 def target_entries(values: np.ndarray, params: WalsParams, global_mean: float) -> np.ndarray:
     """bool per training entry: its target is not zero (see the module docstring)."""
     values = np.asarray(values, dtype=np.float64)
-    if params.model == 'implicit':
-        return values > 0
-    if params.model == 'explicit':
-        return values != global_mean
-    return values != 0
+    return get_model(params.model).target_entries(values, global_mean)
 
 
 def target_rows(indptr: np.ndarray, values: np.ndarray, params: WalsParams,

@@ -18,45 +18,34 @@ chooses the weights, the targets, the regularization and the factor layout:
   solver as an offset), and a column [v_j, c_j] against [u_i, 1] with r_ij - μ - b_i.
   Factor matrices of this mode carry the bias as their last column.
   Prediction: μ + b_i + c_j + u_i · v_j.
+
+What differs between the modes is a method of the mode's class (wals_core/models.py,
+`get_model(params.model)`); this module holds the steps they share.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from wals_core.params import MODELS, WalsParams
+from wals_core.models import confidence, get_model, preference  # noqa: F401
+from wals_core.params import WalsParams
 from wals_core.solve import RowSolver, single_threaded_blas
 from wals_core.sparse import Csr
 from wals_core.sums import fixed_dot
-from wals_core.weights import column_weights, row_weights
-
 
 
 def counts_scale_regularization(params: WalsParams) -> bool:
     """True when λ is multiplied by each row's training-rating count (ALS-WR)."""
-    return params.model == 'explicit' or (params.model == 'implicit'
-                                          and params.scale_regularization)
+    return get_model(params.model).counts_scale_regularization(params)
 
 
 def has_bias(params: WalsParams) -> bool:
     """True when factor matrices carry a bias column after the k factors."""
-    return params.model == 'explicit'
+    return get_model(params.model).has_bias
 
 
 def stored_width(params: WalsParams) -> int:
     """Columns of a factor matrix as it flows between half-steps."""
     return params.latent_factors + (1 if has_bias(params) else 0)
-
-
-def confidence(values: np.ndarray, params: WalsParams) -> np.ndarray:
-    """alpha · g(|r|) for the implicit mode (float64): the confidence above 1."""
-    r = np.abs(np.asarray(values, dtype=np.float64))
-    g = np.log1p(r / params.epsilon) if params.confidence == 'log' else r
-    return params.alpha * g
-
-
-def preference(values: np.ndarray) -> np.ndarray:
-    """p_ij of the implicit mode: 1 where r > 0, else 0 (float64)."""
-    return (np.asarray(values, dtype=np.float64) > 0).astype(np.float64)
 
 
 def make_solver(train: Csr, side: str, params: WalsParams, col_counts: np.ndarray,
@@ -75,38 +64,10 @@ def make_solver(train: Csr, side: str, params: WalsParams, col_counts: np.ndarra
     (this side's rows, the explicit mode's bias column included) as x0.
     """
     p = params
-    n = train.num_rows
     needed = other_rows if other_index is None else len(other_index)
     solver_options = dict(dict(solver=p.solver, cg_steps=p.cg_steps), **solver_options)
-    if p.model == 'wals':
-        if side == 'row':
-            own, full = row_weights(n, p), column_weights(col_counts, p)
-        else:
-            own = column_weights(col_counts[start:start + n], p)
-            full = row_weights(other_rows if other_index is None else 1, p)
-        others, signs = full, None
-        if other_index is not None:
-            others = full[other_index] if side == 'row' else np.repeat(full, needed)
-            signs = (bool(np.all(full > 0)), bool(np.any(full < 0)))
-        return RowSolver(train, own, others, p.unobs_weight, p.regularization,
-                         p.latent_factors, other_signs=signs, **solver_options)
-    ones_own, ones_other = np.ones(n), np.ones(needed)
-    signs = None if other_index is None else (True, False)
-    if p.model == 'implicit':
-        block = Csr(train.indptr, train.indices, preference(train.values))
-        per_row = p.regularization * np.diff(train.indptr).astype(np.float64) \
-            if p.scale_regularization else None
-        return RowSolver(block, ones_own, ones_other, 1.0, p.regularization,
-                         p.latent_factors, entry_weights=confidence(train.values, p),
-                         row_regularization=per_row, other_signs=signs, **solver_options)
-    if p.model == 'explicit':
-        block = Csr(train.indptr, train.indices,
-                    np.asarray(train.values, np.float64) - global_mean)
-        per_row = p.regularization * np.diff(train.indptr).astype(np.float64)
-        return RowSolver(block, ones_own, ones_other, 0.0, p.regularization,
-                         p.latent_factors + 1, row_regularization=per_row, offsets=True,
-                         other_signs=signs, **solver_options)
-    raise ValueError(f'unknown model {p.model!r} (expected one of {", ".join(MODELS)})')
+    return get_model(p.model).make_solver(train, side, p, col_counts, start, other_rows,
+                                          global_mean, other_index, needed, solver_options)
 
 
 def solve_inputs(other: np.ndarray, params: WalsParams
@@ -126,13 +87,7 @@ def initial_matrix(factors: np.ndarray, params: WalsParams) -> np.ndarray:
     """Stored initial factors (float32) from today's per-ID N(0, 1) draws: unchanged
     for wals; scaled by 1/sqrt(k) (unit expected norm, as Spark and `implicit` start
     small) and with a zero bias column where the mode has one."""
-    f = np.asarray(factors, np.float32)
-    if params.model == 'wals':
-        return f
-    f = (f / np.float32(np.sqrt(params.latent_factors))).astype(np.float32)
-    if has_bias(params):
-        f = np.concatenate([f, np.zeros((len(f), 1), np.float32)], axis=1)
-    return f
+    return get_model(params.model).initial_matrix(np.asarray(factors, np.float32), params)
 
 
 def split_bias(matrix: np.ndarray, params: WalsParams
@@ -178,19 +133,8 @@ def objective(by_row: Csr, col_counts: np.ndarray, row_matrix: np.ndarray,
         reg = p.regularization * (n_row @ np.sum(u * u, axis=1) + n_col @ np.sum(v * v, axis=1))
     else:
         reg = p.regularization * (np.sum(u * u) + np.sum(v * v))
-    if p.model == 'explicit':
-        err = a - (global_mean + u[rows, k] + v[cols, k] + dot)
-        return float(err @ err + reg)
-    gram = np.sum((u[:, :k].T @ u[:, :k]) * (v[:, :k].T @ v[:, :k]))
-    if p.model == 'implicit':
-        pref, conf = preference(a), confidence(a, p)
-        observed = np.sum((1.0 + conf) * (pref - dot) ** 2)
-        return float(observed + gram - np.sum(dot ** 2) + reg)
-    cw = column_weights(col_counts, p)
-    rw = row_weights(by_row.num_rows, p)
-    w0 = p.unobs_weight
-    observed = np.sum((w0 + rw[rows] * cw[cols]) * (a - dot) ** 2)
-    return float(observed + w0 * (gram - np.sum(dot ** 2)) + reg)
+    return get_model(p.model).objective(p, u, v, rows, cols, a, dot, reg, global_mean,
+                                        by_row, col_counts)
 
 
 # Entries per slice of block_objective: the gathered factor rows stay in cache.
@@ -214,12 +158,8 @@ class ObjectiveTerms:
                               np.diff(train.indptr))
         self.cols = np.asarray(train.indices)
         self.values = np.asarray(train.values, np.float64)
-        self.weight = None
-        if p.model == 'wals':
-            rw, cw = row_weights(n, p), column_weights(col_counts, p)
-            self.weight = p.unobs_weight + rw[self.rows] * cw[self.cols]
-        elif p.model == 'implicit':
-            self.weight = confidence(self.values, p)
+        self.weight = get_model(p.model).entry_weights(p, n, self.rows, self.cols,
+                                                       self.values, col_counts)
 
     @property
     def plan_nbytes(self) -> int:
@@ -276,18 +216,7 @@ def _slice_terms(rows, cols, a, u, col_matrix, p: WalsParams, global_mean: float
     # memory traffic than float64 copies), summed in float64.
     ur, vc = u[rows], col_matrix[cols]
     dot = np.einsum('ij,ij->i', ur[:, :k], vc[:, :k]).astype(np.float64)
-    if p.model == 'explicit':
-        err = a - (global_mean + ur[:, k].astype(np.float64) + vc[:, k] + dot)
-        e2 = fixed_dot(err, err)
-        return e2, e2
-    if p.model == 'implicit':
-        err = preference(a) - dot
-        e2 = fixed_dot(err, err)
-        return float(np.sum(weight * err * err)) + e2 - fixed_dot(dot, dot), e2
-    err = a - dot
-    e2 = fixed_dot(err, err)
-    return (float(np.sum(weight * err * err))
-            - p.unobs_weight * fixed_dot(dot, dot)), e2
+    return get_model(p.model).slice_terms(p, a, dot, ur, vc, global_mean, weight)
 
 
 def count_norm(counts: np.ndarray, matrix: np.ndarray) -> float:
@@ -305,13 +234,8 @@ def global_objective(row_gramian: np.ndarray, col_gramian: np.ndarray,
     (w0 Σ_all (u_i·v_j)² = w0 sum(UᵀU ∘ VᵀV)) and the column regularization
     (col_count_norm: count_norm of every column, used when λ is count-scaled)."""
     p = params
-    k = p.latent_factors
     if counts_scale_regularization(p):
         reg = p.regularization * float(col_count_norm)
     else:
         reg = p.regularization * float(np.trace(np.asarray(col_gramian)))
-    if p.model == 'explicit':
-        return reg
-    w0 = 1.0 if p.model == 'implicit' else p.unobs_weight
-    all_pairs = float(np.sum(np.asarray(row_gramian)[:k, :k] * np.asarray(col_gramian)[:k, :k]))
-    return w0 * all_pairs + reg
+    return get_model(p.model).global_terms(p, row_gramian, col_gramian, reg)

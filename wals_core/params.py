@@ -1,4 +1,4 @@
-"""Model parameters: names, defaults and tuned sets of the original TF trainer.
+"""Model parameters: the WalsParams record (its defaults: wals_core/defaults.py).
 
 Names and defaults follow Google's tensorflow-recommendation-wals `task.py` /
 `model.py` so that its users can switch command lines without surprises.
@@ -9,51 +9,45 @@ import dataclasses
 
 import numpy as np
 
-LOG_RATINGS = 0      # the original's constant: log weights, C_j = (1/n_j) ** feature_wt_exp
-LINEAR_RATINGS = 1   # the original's constant: linear weights, C_j = feature_wt_factor / n_j
+from wals_core.defaults import (CONFIDENCES, DATA_TYPES, LINEAR_RATINGS, LOG_RATINGS,  # noqa: F401
+                                MODELS, OPTIMIZED, SOLVERS, WT_TYPES, default_wt_type,
+                                param_defaults, parse_wt_type)
 
-DATA_TYPES = ('ratings', 'web_views')
-MODELS = ('wals', 'implicit', 'explicit')
-SOLVERS = ('exact', 'cg')
-
-# The original's `--use-optimized` hyperparameter sets (from its tuning runs).
-OPTIMIZED = {
-    'ratings': dict(latent_factors=34, regularization=9.83, unobs_weight=0.001,
-                    feature_wt_factor=189.8),
-    'web_views': dict(latent_factors=30, regularization=7.27, unobs_weight=0.01,
-                      feature_wt_exp=5.05),
-}
+# The field defaults come from the one table of parameters (wals_core/defaults.py).
+_DEFAULT = param_defaults()
 
 
 @dataclasses.dataclass(frozen=True)
 class WalsParams:
     """Hyperparameters of the WALS model (see README "The math")."""
-    latent_factors: int = 5
-    num_iters: int = 20
-    regularization: float = 0.07
-    unobs_weight: float = 0.01
-    weights: bool = True
-    wt_type: str = 'linear'          # 'linear' or 'log'
-    feature_wt_factor: float = 130.0
-    feature_wt_exp: float = 0.08
+    latent_factors: int = _DEFAULT['latent_factors']
+    num_iters: int = _DEFAULT['num_iters']
+    regularization: float = _DEFAULT['regularization']
+    unobs_weight: float = _DEFAULT['unobs_weight']
+    weights: bool = _DEFAULT['weights']
+    wt_type: str = _DEFAULT['wt_type']                # 'linear' or 'log'
+    feature_wt_factor: float = _DEFAULT['feature_wt_factor']
+    feature_wt_exp: float = _DEFAULT['feature_wt_exp']
     # The objective (wals_core/objectives.py) and the implicit mode's confidence.
-    model: str = 'wals'               # 'wals', 'implicit' or 'explicit'
-    alpha: float = 1.0                # implicit: confidence 1 + alpha * g(r)
-    epsilon: float = 1.0              # implicit, log confidence: g(r) = log1p(r / epsilon)
-    confidence: str = 'log'           # implicit: 'log' or 'linear' (g(r) = r)
-    scale_regularization: bool = False  # implicit: λ·n_i per row (as Spark) instead of λ
+    model: str = _DEFAULT['model']                    # 'wals', 'implicit' or 'explicit'
+    alpha: float = _DEFAULT['alpha']                  # implicit: confidence 1 + alpha * g(r)
+    epsilon: float = _DEFAULT['epsilon']              # implicit: g(r) = log1p(r / epsilon)
+    confidence: str = _DEFAULT['confidence']          # implicit: 'log' or 'linear' (g(r) = r)
+    # implicit: λ·n_i per row (as Spark) instead of λ; the implicit mode's default is
+    # true (model_defaults), the field's false.
+    scale_regularization: bool = _DEFAULT['scale_regularization']
     # The half-step solver (wals_core/solve.py, wals_core/cg.py): 'exact' (default;
     # TF parity) or 'cg': cg_steps conjugate-gradient steps per row, warm-started
     # from the row's factors of the previous iteration (approximate, faster).
-    solver: str = 'exact'
-    cg_steps: int = 3
+    solver: str = _DEFAULT['solver']
+    cg_steps: int = _DEFAULT['cg_steps']
 
     def __post_init__(self) -> None:
-        if self.wt_type not in ('linear', 'log'):
+        if self.wt_type not in WT_TYPES:
             raise ValueError(f"wt_type must be 'linear' or 'log', got {self.wt_type!r}")
         if self.model not in MODELS:
             raise ValueError(f'model must be one of {", ".join(MODELS)}, got {self.model!r}')
-        if self.confidence not in ('log', 'linear'):
+        if self.confidence not in CONFIDENCES:
             raise ValueError(f"confidence must be 'log' or 'linear', got {self.confidence!r}")
         if self.solver not in SOLVERS:
             raise ValueError(f"solver must be 'exact' or 'cg', got {self.solver!r}")
@@ -65,16 +59,3 @@ class WalsParams:
         return dataclasses.asdict(self)
 
 
-def default_wt_type(data_type: str) -> str:
-    """The original used linear weights for ratings and log weights for web views."""
-    return 'log' if data_type == 'web_views' else 'linear'
-
-
-def parse_wt_type(value: str | int) -> str:
-    """Accepts 'log' / 'linear' or the original's numeric codes (0 = log, 1 = linear)."""
-    text = str(value).strip().lower()
-    if text in ('log', str(LOG_RATINGS)):
-        return 'log'
-    if text in ('linear', str(LINEAR_RATINGS)):
-        return 'linear'
-    raise ValueError(f"wt_type must be log, linear, 0 (log) or 1 (linear), got {value!r}")

@@ -13,10 +13,11 @@ import argparse
 import sys
 
 from pipeline.cli.common import prog, run_command, setup_logging, split_beam_args
-from pipeline.options import ConfigError, add_input_options
+from pipeline.option_table import TRAIN, add_input_options
+from pipeline.options import ConfigError
 from pipeline.strict_json import dumps
 from pipeline.tuning.search import config_from_args, run
-from wals_core.params import MODELS, parse_wt_type
+from wals_core.defaults import PARAMETER
 
 EPILOG = """The data must fit one worker: every trial trains wals_core's in-memory
 trainer on the whole (sampled) training split. For bigger inputs pass
@@ -39,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument('--output', required=True,
                       help='Folder (local or gs://) for trials.csv and best.json.')
     add_input_options(data)     # the trainer's: read and split the same way
-    data.add_argument('--seed', type=int, default=0, help='Seed of the initial factors.')
+    PARAMETER['seed'].add_to(data)
     data.add_argument('--validation_fraction', type=float, default=0.1,
                       help='Share of the training pairs (by a stable hash) used to score '
                            'trials. Default: 0.1.')
@@ -49,7 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help='Replace the results of an earlier search in --output.')
 
     search = p.add_argument_group('search')
-    search.add_argument('--model', choices=MODELS, default='wals')
+    # The trainer's options (wals_core/defaults.py, pipeline/option_table.py), with the
+    # tuner's help where a search gives them another meaning.
+    PARAMETER['model'].add_to(search, help='The objective (python -m pipeline.train '
+                              '--help tells them apart). Default: wals.')
     search.add_argument('--metric', choices=('rmse', 'ndcg'), default=None,
                         help='rmse (lower is better; not for --model implicit) or ndcg '
                              '(NDCG@10 on the validation pairs). Default: rmse, ndcg for '
@@ -58,17 +62,17 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument('--parallel', type=int, default=None,
                         help='Trials per batch (one Beam pipeline each). Default: 2 x cores.')
     search.add_argument('--search_seed', type=int, default=0, help='Seed of the TPE sampler.')
-    search.add_argument('--num_iters', type=int, default=None,
-                        help='Iterations per trial. Default: the mode\'s (wals 20, else 15).')
-    search.add_argument('--wt_type', type=parse_wt_type, default=None,
-                        help='wals: linear (searches feature_wt_factor) or log '
-                             '(feature_wt_exp). Default: linear for ratings, log for web_views.')
-    search.add_argument('--confidence', choices=('log', 'linear'), default=None,
-                        help='implicit: confidence 1 + alpha*log1p(r/epsilon) or '
-                             '1 + alpha*r (epsilon is then not searched). Default: log.')
-    search.add_argument('--relevance_threshold', type=float, default=None,
-                        help='ndcg: validation ratings >= this are relevant. Default: 0 '
-                             'for implicit / web_views, else the mean training rating.')
+    num_iters, wt_type = PARAMETER['num_iters'], PARAMETER['wt_type']
+    num_iters.add_to(search, help='Iterations per trial. Default: the mode\'s '
+                     f'({num_iters.default_description()}).')
+    wt_type.add_to(search, help='wals: linear (searches feature_wt_factor) or log '
+                   f'(feature_wt_exp). Default: {wt_type.default_description()}.')
+    PARAMETER['confidence'].add_to(
+        search, help='implicit: confidence 1 + alpha*log1p(r/epsilon) or 1 + alpha*r '
+                     '(epsilon is then not searched). Default: log.')
+    TRAIN['relevance_threshold'].add_to(
+        search, help='ndcg: validation ratings >= this are relevant. Default: 0 for '
+                     'implicit / web_views, else the mean training rating.')
     return p
 
 

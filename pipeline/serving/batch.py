@@ -35,6 +35,7 @@ from pipeline.store.model_files import (ModelFiles, load_model_files, load_seen_
                                         read_verified)
 from pipeline.strict_json import dumps
 from pipeline.store.publish import SUCCESS, UntrustedModel
+from wals_core.models import get_model
 from wals_core.topk import similar_items, top_k
 
 log = logging.getLogger('pipeline.cli.recommend')
@@ -315,10 +316,11 @@ class WriteShard(beam.DoFn):
                     + np.arange(sub[-1], dtype=np.int64))
             excl = dict(exclude_indptr=sub, exclude_indices=indices[take])
         users = start + rows
-        offsets = files.col_bias if files.params.model == 'explicit' else None
+        has_bias = get_model(files.params.model).has_bias
+        offsets = files.col_bias if has_bias else None
         ids, scores = top_k(files.row[users], files.col, self._k(files), item_offsets=offsets,
                             num_threads=spec.kernel_threads, **excl)
-        if files.params.model == 'explicit':
+        if has_bias:
             # The predicted rating μ + b_u + c_j + u·v: the kernel ranked by u·v + c_j
             # (μ and b_u are the same for every item of a user).
             shift = files.global_mean + files.row_bias[users].astype(np.float64)

@@ -17,6 +17,7 @@ from apache_beam.io.filesystems import FileSystems
 
 from pipeline.strict_json import first_non_finite
 from wals_core.model_check import count_zero_rows
+from wals_core.models import get_model
 from wals_core.params import WalsParams
 
 _ROWS_PER_PASS = 1 << 20   # rows of a factor file checked at a time (memory mapped)
@@ -36,7 +37,8 @@ def _side(folder: str, side: str, params: WalsParams) -> tuple[int, int, int]:
     """(rows, rows with a non-finite value, all-zero rows) of one side's stored rows
     (factors, and the bias for explicit)."""
     factors = _load(f'{folder}/model/{side}.npy')
-    bias = _load(f'{folder}/model/{side}_bias.npy') if params.model == 'explicit' else None
+    bias = (_load(f'{folder}/model/{side}_bias.npy') if get_model(params.model).has_bias
+            else None)
     nonfinite = zero = 0
     for lo in range(0, len(factors), _ROWS_PER_PASS):
         part = np.asarray(factors[lo:lo + _ROWS_PER_PASS], np.float64)
@@ -67,7 +69,7 @@ def check_saved_model(folder: str, params: WalsParams, facts: dict | None,
                 out.append(f'{folder}/model/{side}.npy has {zero:,} all-zero rows of '
                            f'{rows:,} where the trained model had at most {allowed:,} of '
                            f'{expected["rows"]:,} (the {name} without training ratings)')
-    if params.model == 'explicit':
+    if get_model(params.model).has_bias:
         mean = float(_load(f'{folder}/model/global_mean.npy'))
         if not np.isfinite(mean):
             out.append(f'the global mean is {mean}')

@@ -17,6 +17,7 @@ from apache_beam.io.filesystems import FileSystems
 
 from pipeline.store.publish import (SUCCESS, UntrustedModel, old_copies, read_manifest,
                               read_manifest_bytes)
+from wals_core.models import get_model
 from wals_core.params import WalsParams
 
 SEEN_FOLDER = 'model/seen'   # part-NNNNN.npz per row block: the items each user rated
@@ -133,7 +134,7 @@ def load_model_files(path: str) -> ModelFiles:
     out = ModelFiles(root, manifest, params, _npy(root, manifest, 'user'),
                      _npy(root, manifest, 'item'), _npy(root, manifest, 'row'),
                      _npy(root, manifest, 'col'), _npy(root, manifest, 'col_counts'))
-    if params.model == 'explicit':
+    if get_model(params.model).has_bias:
         out.row_bias = _npy(root, manifest, 'row_bias')
         out.col_bias = _npy(root, manifest, 'col_bias')
         out.global_mean = float(_npy(root, manifest, 'global_mean'))

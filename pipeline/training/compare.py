@@ -25,6 +25,7 @@ from pipeline.store.model_files import cached_model_files, index_map, stored_mat
 from pipeline.training.rating_stats import RatingStats
 from wals_core import objectives
 from wals_core.metrics import rmse
+from wals_core.models import get_model
 from wals_core.params import WalsParams
 from wals_core.ranking import RankingSums, rank_and_score
 from wals_core.sums import sum_of_squares
@@ -73,10 +74,11 @@ def _previous(path: str, users: Vocabulary, items: Vocabulary) -> _Previous:
 
 
 def _sse(rows, cols, values, u, v, params, mean, clip) -> float:
-    if not len(rows) or params.model == 'implicit':
+    model = get_model(params.model)
+    if not len(rows) or not model.predicts_ratings:
         return 0.0
     err = values - objectives.predict(rows, cols, u, v, params, mean,
-                                      clip if params.model == 'explicit' else None)
+                                      clip if model.clips_predictions else None)
     return sum_of_squares(err)     # fixed order: the same for any BLAS thread count
 
 
@@ -144,7 +146,8 @@ def _summary(sums, config: EvalConfig, previous_params: WalsParams) -> dict:
     count, new_sse, old_sse, new_rank, old_rank = sums
 
     def side(sse, rank, params):
-        out = {'test_rmse': None if params.model == 'implicit' else rmse(sse, count)}
+        out = {'test_rmse': rmse(sse, count) if get_model(params.model).predicts_ratings
+               else None}
         if config.rank_k > 0:
             out.update(rank.summary(config.rank_k))
         return out

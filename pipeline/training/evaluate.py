@@ -14,6 +14,7 @@ from pipeline.training.factors import Factors
 from pipeline.training.rating_stats import RatingStats
 from wals_core import objectives
 from wals_core.metrics import rmse, squared_error
+from wals_core.models import get_model
 from wals_core.params import WalsParams
 from wals_core.ranking import RankingSums, rank_and_score
 from wals_core.sums import sum_of_squares
@@ -31,7 +32,7 @@ class EvalConfig:
         test pair), else the mean training rating unless given."""
         if self.relevance_threshold is not None:
             return self.relevance_threshold
-        if self.implicit_data or self.params.model == 'implicit':
+        if self.implicit_data or get_model(self.params.model).implicit_feedback:
             return 0.0
         return ratings.mean
 
@@ -73,7 +74,8 @@ class Evaluation:
     def summary(self) -> dict:
         """metrics.json's evaluation keys. RMSE does not apply to --model implicit
         (it predicts preferences, not ratings): null there."""
-        out = self.stats.summary(has_rmse=self.config.params.model != 'implicit')
+        out = self.stats.summary(
+            has_rmse=get_model(self.config.params.model).predicts_ratings)
         if self.config.rank_k > 0:
             out.update(self.ranking.summary(self.config.rank_k))
         out['rank_k'] = self.config.rank_k
@@ -82,7 +84,7 @@ class Evaluation:
 
 
 def _squared_errors(rows, cols, values, u, v, p: WalsParams, ratings: RatingStats) -> float:
-    if p.model == 'wals':
+    if get_model(p.model).original_rmse:
         return squared_error(rows, cols, values, u, v)     # the original's, unchanged
     if not len(rows):
         return 0.0

@@ -20,6 +20,7 @@ from pipeline.training.block_store import BlockRef
 from pipeline.training.factors import Factors
 from pipeline.training.rating_stats import RatingStats
 from wals_core.model_check import SideCheck, check_rows, target_rows
+from wals_core.models import get_model
 from wals_core.params import WalsParams
 
 FACTS = 'model_check.json'    # in the run's work folder: the facts for the launcher
@@ -49,11 +50,9 @@ class ModelCheck:
                            f'{_id(ids, c.first_zero)}): the factorization collapsed, as one '
                            'extreme rating (see --max_abs_value) or extreme parameters can '
                            'make it')
-        if self.model != 'explicit' and self.row.rows and not self.row.target_rows:
-            out.append('no training rating is positive: --model implicit learns from '
-                       'positive values (plays, clicks, views), so every vector is zero'
-                       if self.model == 'implicit' else
-                       'every training rating is 0, so every vector is zero')
+        message = get_model(self.model).no_target_message
+        if message and self.row.rows and not self.row.target_rows:
+            out.append(message)
         return out
 
     def facts(self) -> dict:

@@ -19,6 +19,7 @@ from pipeline.strict_json import first_non_finite
 from pipeline.training.model_check import ModelCheck
 from pipeline.training.trained_model import TrainedModel
 from wals_core import objectives
+from wals_core.models import get_model
 from wals_core.sparse import pair_keys
 
 
@@ -125,7 +126,8 @@ class _WriteOutputs(beam.DoFn):
         })
         phases = metrics['phase_seconds']
         metrics['history'] = history(states, phases, dict(checkpoints))
-        if p.model == 'implicit':
+        model = get_model(p.model)
+        if not model.predicts_ratings:
             for entry in metrics['history']:
                 entry['train_rmse'] = None    # preferences, not ratings
         metrics['iterations_run'] = sum(1 for e in metrics['history'] if e['solved'])
@@ -135,8 +137,9 @@ class _WriteOutputs(beam.DoFn):
             metrics['comparison'] = comparison
         if changes is not None:
             metrics['changes'] = changes
-        if p.model == 'explicit':
+        if model.has_bias:
             metrics['global_mean'] = ratings.mean
+        if model.clips_predictions:
             metrics['rmse_clipped_to'] = list(ratings.range) if ratings.range else None
         if test_reads is not None:
             metrics['test_lines'] = test_reads.line_report()

@@ -31,8 +31,10 @@ from pipeline.runners.factory import make_pipeline
 from pipeline.store.output_guard import OutputGuard
 from pipeline.store.publish import describe_inputs, discard, new_run_id, remove_tree
 from pipeline.tuning.data import DataConfig, PrepareTuning, load_data
-from pipeline.tuning.trials import (MODE_DEFAULTS, Range, TrialSettings, default_trial,
+from pipeline.tuning.trials import (Range, TrialSettings, default_trial,
                                     metric_name, search_space, train_and_score)
+from wals_core.defaults import PARAMETER
+from wals_core.models import get_model
 from wals_core.params import default_wt_type
 
 log = logging.getLogger(__name__)
@@ -53,17 +55,17 @@ class TuneConfig:
 
 
 def config_from_args(args: argparse.Namespace) -> TuneConfig:
-    metric = args.metric or ('ndcg' if args.model == 'implicit' else 'rmse')
-    if metric == 'rmse' and args.model == 'implicit':
-        raise ConfigError('--metric rmse does not apply to --model implicit (its '
+    model = get_model(args.model)
+    metric = args.metric or model.default_metric
+    if metric == 'rmse' and not model.predicts_ratings:
+        raise ConfigError(f'--metric rmse does not apply to --model {args.model} (its '
                           'predictions are preferences, not ratings): use --metric ndcg')
     # An option that the chosen mode would ignore is a mistake, as in the trainer.
-    if args.wt_type is not None and args.model != 'wals':
-        raise ConfigError(f'--wt_type is a parameter of --model wals: --model {args.model} '
-                          'would ignore it')
-    if args.confidence is not None and args.model != 'implicit':
-        raise ConfigError(f'--confidence is a parameter of --model implicit: --model '
-                          f'{args.model} would ignore it')
+    for name in ('wt_type', 'confidence'):
+        if getattr(args, name) is not None and not model.uses(name):
+            owners = ' or '.join(PARAMETER[name].models)
+            raise ConfigError(f'--{name} is a parameter of --model {owners}: --model '
+                              f'{args.model} would ignore it')
     check_finite(relevance_threshold=args.relevance_threshold)
     check_input_limits(args)
     checks = [
@@ -86,7 +88,7 @@ def config_from_args(args: argparse.Namespace) -> TuneConfig:
                       args.max_abs_value)
     settings = TrialSettings(
         model=args.model, metric=metric,
-        num_iters=args.num_iters or MODE_DEFAULTS[args.model]['num_iters'], seed=args.seed,
+        num_iters=args.num_iters or PARAMETER['num_iters'].default_for(args.model), seed=args.seed,
         wt_type=args.wt_type or default_wt_type(args.data_type),
         confidence=args.confidence or 'log',
         implicit_data=args.data_type == 'web_views',
@@ -113,10 +115,8 @@ def train_command(config: TuneConfig, params: dict) -> str:
     argv += ['--max_bad_fraction', repr(d.max_bad_fraction),
              '--test_fraction', repr(d.test_fraction), '--split_seed', str(d.split_seed),
              '--seed', str(s.seed), '--num_iters', str(s.num_iters)]
-    if s.model == 'wals':
-        argv += ['--wt_type', s.wt_type]
-    if s.model == 'implicit':
-        argv += ['--confidence', s.confidence]
+    for name, value in get_model(s.model).fixed_tune_options(s.wt_type, s.confidence).items():
+        argv += [f'--{name}', value]
     for name, value in params.items():
         argv += [f'--{name}', str(value) if isinstance(value, int) else repr(float(value))]
     return shlex.join(argv)
@@ -267,8 +267,7 @@ def _search(config: TuneConfig, beam_args: list[str], staging: str, started: flo
             'model': s.model, 'metric': name, 'value': best['value'],
             'trial': best['number'], 'params': best['params'],
             'fixed': {'num_iters': s.num_iters, 'seed': s.seed,
-                      **({'wt_type': s.wt_type} if s.model == 'wals' else {}),
-                      **({'confidence': s.confidence} if s.model == 'implicit' else {})},
+                      **get_model(s.model).fixed_tune_options(s.wt_type, s.confidence)},
             'command': train_command(config, best['params']),
             'trials': config.trials, 'search_seed': config.search_seed,
             'data': counts,

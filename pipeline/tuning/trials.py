@@ -1,5 +1,6 @@
-"""One tuning trial (no Beam): the search space of each mode, and training one
-parameter set with wals_core's in-memory trainer, scored on the validation pairs.
+"""One tuning trial (no Beam): the search space of each mode (from the table of
+wals_core/defaults.py), and training one parameter set with wals_core's in-memory
+trainer, scored on the validation pairs.
 """
 from __future__ import annotations
 
@@ -10,65 +11,34 @@ import time
 import numpy as np
 
 from wals_core import objectives
+from wals_core.defaults import Range, model_defaults, search_ranges  # noqa: F401
+from wals_core.models import get_model, model_names
 from wals_core.params import WalsParams
 from wals_core.ranking import rank_and_score
 from wals_core.sums import sum_of_squares
 from wals_core.train import Problem, fit
 
-from pipeline.options import MODE_DEFAULTS as TRAINER_MODE_DEFAULTS, WALS_DEFAULTS
 from pipeline.tuning.data import TuneData
 
 RANK_K = 10   # the ndcg metric is NDCG@10
 
 
-@dataclasses.dataclass(frozen=True)
-class Range:
-    """A searched parameter: log-uniform in [low, high] (integers for k)."""
-    low: float
-    high: float
-    integer: bool = False
-
-
-# Log-uniform ranges around each mode's defaults (README "Tuning"): a decade or two
-# either side, and for wals the original's --use_optimized values inside them.
-_K_SMALL = Range(2, 64, integer=True)
-SPACES: dict[str, dict[str, Range]] = {
-    'wals': {'latent_factors': _K_SMALL, 'regularization': Range(1e-3, 100.0),
-             'unobs_weight': Range(1e-4, 1.0),
-             'feature_wt_factor': Range(1.0, 1000.0),   # linear weights
-             'feature_wt_exp': Range(0.01, 10.0)},      # log weights
-    'implicit': {'latent_factors': Range(4, 128, integer=True),
-                 'regularization': Range(1e-3, 10.0),   # scaled by counts (λ·n_i)
-                 'alpha': Range(0.01, 100.0), 'epsilon': Range(0.01, 100.0)},
-    'explicit': {'latent_factors': _K_SMALL, 'regularization': Range(1e-3, 10.0)},
-}
-
-# The CLI defaults of each mode (INTERFACES.md): trial 0 and every unsearched value.
-_MODE_KEYS = {
-    'wals': ('latent_factors', 'num_iters', 'regularization', 'unobs_weight',
-             'feature_wt_factor', 'feature_wt_exp'),
-    'implicit': ('latent_factors', 'num_iters', 'regularization', 'alpha', 'epsilon'),
-    'explicit': ('latent_factors', 'num_iters', 'regularization'),
-}
-MODE_DEFAULTS: dict[str, dict] = {
-    mode: {k: {**WALS_DEFAULTS, **TRAINER_MODE_DEFAULTS[mode]}[k] for k in keys}
-    for mode, keys in _MODE_KEYS.items()}
+# The tuner's ranges of each mode, from the table of parameters (wals_core/defaults.py)
+# as are the modes' defaults (trial 0 and every unsearched value).
+SPACES: dict[str, dict[str, Range]] = {model: search_ranges(model)
+                                        for model in model_names()}
 
 
 def search_space(model: str, wt_type: str = 'linear', confidence: str = 'log'
                  ) -> dict[str, Range]:
     """The parameters searched for a mode, in table order. wals searches the weight
     parameter of its wt_type only; implicit searches epsilon only for log confidence."""
-    space = dict(SPACES[model])
-    if model == 'wals':
-        space.pop('feature_wt_exp' if wt_type == 'linear' else 'feature_wt_factor')
-    if model == 'implicit' and confidence == 'linear':
-        space.pop('epsilon')
-    return space
+    return get_model(model).search_space(wt_type, confidence)
 
 
 def default_trial(model: str, space: dict[str, Range]) -> dict:
-    return {name: MODE_DEFAULTS[model][name] for name in space}
+    defaults = model_defaults(model)
+    return {name: defaults[name] for name in space}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,12 +55,12 @@ class TrialSettings:
     relevance_threshold: float | None = None
 
     def params(self, searched: dict) -> WalsParams:
-        values = dict(MODE_DEFAULTS[self.model], num_iters=self.num_iters, **searched)
+        values = dict(model_defaults(self.model), num_iters=self.num_iters, **searched)
         values['latent_factors'] = int(values['latent_factors'])
-        return WalsParams(model=self.model, wt_type=self.wt_type,
-                          confidence=self.confidence,
-                          scale_regularization=self.scale_regularization
-                          and self.model == 'implicit', **values)
+        values.update(wt_type=self.wt_type, confidence=self.confidence,
+                      scale_regularization=self.scale_regularization
+                      and get_model(self.model).uses('scale_regularization'))
+        return WalsParams(**values)
 
 
 def metric_name(metric: str) -> str:
@@ -102,7 +72,7 @@ def validation_rmse(data: TuneData, problem: Problem, u: np.ndarray, v: np.ndarr
     """RMSE on the validation pairs; explicit predictions are clipped to the range
     of the training ratings (a rating outside it is never right)."""
     clip = None
-    if params.model == 'explicit':
+    if get_model(params.model).clips_predictions:
         clip = (float(data.train_values.min()), float(data.train_values.max()))
     pred = objectives.predict(data.val_rows.astype(np.int64), data.val_cols.astype(np.int64),
                               u, v, params, problem.global_mean, clip=clip)
@@ -117,7 +87,7 @@ def relevance_threshold(settings: TrialSettings, problem: Problem) -> float:
     implicit data, else the mean training rating) unless given."""
     if settings.relevance_threshold is not None:
         return settings.relevance_threshold
-    if settings.implicit_data or settings.model == 'implicit':
+    if settings.implicit_data or get_model(settings.model).implicit_feedback:
         return 0.0
     return problem.global_mean
 
