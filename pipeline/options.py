@@ -13,7 +13,7 @@ import os
 
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
-from wals_core.params import (DATA_TYPES, MODELS, OPTIMIZED, WalsParams,
+from wals_core.params import (DATA_TYPES, MODELS, OPTIMIZED, SOLVERS, WalsParams,
                               default_wt_type, parse_wt_type)
 
 # Big enough that a block's solve keeps both cores busy and a half-step pays little
@@ -262,6 +262,16 @@ class WalsOptions(PipelineOptions):
                                 '--max_broadcast_mb). Results are bit-identical. '
                                 'Default: auto on Dataflow, broadcast elsewhere (routing '
                                 'costs a shuffle per half-step).')
+        model.add_argument('--solver', default='exact', choices=SOLVERS,
+                           help='How each row\'s k x k system is solved: exact (a batched '
+                                'Cholesky/LU in float64, as the original; TF parity) or cg '
+                                '(--cg_steps conjugate-gradient steps per row, warm-started '
+                                'from the row\'s factors of the previous iteration, as the '
+                                'implicit library: approximate, faster from k of about 16; '
+                                'docs/math.md "Solvers"). Default: exact.')
+        model.add_argument('--cg_steps', '--cg-steps', dest='cg_steps', type=int, default=3,
+                           help='--solver cg: conjugate-gradient steps per row and '
+                                'half-step. Default: 3.')
         model.add_argument('--max_broadcast_mb', '--max-broadcast-mb',
                            dest='max_broadcast_mb', type=float,
                            default=DEFAULT_MAX_BROADCAST_MB,
@@ -400,7 +410,9 @@ def config_from_options(options: PipelineOptions) -> TrainConfig:
             if name in implicit_only and args.model != 'implicit':
                 raise ConfigError(f'--{name} is a parameter of --model implicit')
             base[name] = getattr(args, name)
-    params = WalsParams(model=args.model, **base)
+    if args.cg_steps < 1:
+        raise ConfigError('--cg_steps must be at least 1')
+    params = WalsParams(model=args.model, solver=args.solver, cg_steps=args.cg_steps, **base)
     checks = [
         (params.latent_factors >= 1, '--latent_factors must be at least 1'),
         (params.num_iters >= 0, '--num_iters must be 0 or more'),
