@@ -5,6 +5,7 @@ one error line; the same files under 1 and 2 BLAS threads."""
 from __future__ import annotations
 
 import json
+import shlex
 import subprocess
 import sys
 
@@ -140,3 +141,33 @@ def test_cg_files_are_the_same_under_1_and_2_blas_threads(tmp_path):
     hashes = assert_same_outputs(tmp_path / 'out-1', tmp_path / 'out-2')
     assert any(name.endswith('row.npy') for name in hashes)
     assert load_metrics(tmp_path / 'out-1')['parameters']['solver'] == 'cg'
+
+
+def test_the_tuner_takes_the_solver_as_a_fixed_parameter(tmp_path, capsys):
+    """python -m pipeline.tune --solver cg: every trial trains with CG, best.json
+    records it as fixed, and its command trains with it."""
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    from pipeline.cli import tune
+    from pipeline.options import config_from_options
+    users, items, ratings, stamps = generate_ratings(200, 150, 6_000, seed=2)
+    data = tmp_path / 'ratings.tsv'
+    write_movielens(str(data), users, items, ratings, stamps)
+    common = ['--input', str(data), '--model', 'implicit', '--trials', '1',
+              '--num_iters', '4', '--direct_running_mode', 'in_memory']
+    best = {}
+    for solver in ('exact', 'cg'):
+        assert tune.main([*common, '--output', str(tmp_path / solver),
+                          '--solver', solver, '--cg_steps', '2']) == 0
+        best[solver] = json.loads((tmp_path / solver / 'best.json').read_text())
+    assert best['cg']['fixed']['solver'] == 'cg' and best['cg']['fixed']['cg_steps'] == 2
+    assert 'solver' not in best['exact']['fixed']      # the default, as before
+    assert best['cg']['params'] == best['exact']['params']        # trial 0: the defaults
+    assert best['cg']['value'] != best['exact']['value']
+    argv = shlex.split(best['cg']['command'])[3:]
+    params = config_from_options(PipelineOptions(argv)).params
+    assert (params.solver, params.cg_steps) == ('cg', 2)
+    with pytest.raises(SystemExit) as exc:
+        tune.main([*common, '--output', str(tmp_path / 'bad'), '--cg_steps', '0'])
+    assert exc.value.code == 2
+    assert '--cg_steps must be at least 1' in capsys.readouterr().err

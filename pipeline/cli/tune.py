@@ -16,7 +16,7 @@ from pipeline.cli.common import prog, run_command, setup_logging, split_beam_arg
 from pipeline.options import ConfigError, add_input_options
 from pipeline.strict_json import dumps
 from pipeline.tuning.search import config_from_args, run
-from wals_core.params import MODELS, parse_wt_type
+from wals_core.params import MODELS, SOLVERS, parse_wt_type
 
 EPILOG = """The data must fit one worker: every trial trains wals_core's in-memory
 trainer on the whole (sampled) training split. For bigger inputs pass
@@ -66,6 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument('--confidence', choices=('log', 'linear'), default=None,
                         help='implicit: confidence 1 + alpha*log1p(r/epsilon) or '
                              '1 + alpha*r (epsilon is then not searched). Default: log.')
+    search.add_argument('--solver', choices=SOLVERS, default='exact',
+                        help='Every trial\'s solver, as the trainer\'s --solver (fixed, '
+                             'not searched). Default: exact.')
+    search.add_argument('--cg_steps', type=int, default=3,
+                        help='--solver cg: conjugate-gradient steps per row. Default: 3.')
     search.add_argument('--relevance_threshold', type=float, default=None,
                         help='ndcg: validation ratings >= this are relevant. Default: 0 '
                              'for implicit / web_views, else the mean training rating.')

@@ -83,6 +83,8 @@ class TrialSettings:
     scale_regularization: bool = True   # implicit: λ·n_i (the trainer's default)
     implicit_data: bool = False  # web_views: relevance threshold 0
     relevance_threshold: float | None = None
+    solver: str = 'exact'        # the trainer's --solver and --cg_steps
+    cg_steps: int = 3
 
     def params(self, searched: dict) -> WalsParams:
         values = dict(MODE_DEFAULTS[self.model], num_iters=self.num_iters, **searched)
@@ -90,7 +92,8 @@ class TrialSettings:
         return WalsParams(model=self.model, wt_type=self.wt_type,
                           confidence=self.confidence,
                           scale_regularization=self.scale_regularization
-                          and self.model == 'implicit', **values)
+                          and self.model == 'implicit', solver=self.solver,
+                          cg_steps=self.cg_steps, **values)
 
 
 def metric_name(metric: str) -> str:
