@@ -171,3 +171,19 @@ def test_the_tuner_takes_the_solver_as_a_fixed_parameter(tmp_path, capsys):
         tune.main([*common, '--output', str(tmp_path / 'bad'), '--cg_steps', '0'])
     assert exc.value.code == 2
     assert '--cg_steps must be at least 1' in capsys.readouterr().err
+
+
+def test_fold_in_of_a_cg_model_is_the_exact_solve(small_ratings, tmp_path):
+    """A model trained with --solver cg records it; serving's fold-in still solves
+    a new user's row exactly (CG would start it from 0)."""
+    from pipeline.serving.recommender import Recommender
+    from tests.test_recommender import _dense_fold_in
+    run_pipeline(small_ratings, tmp_path / 'out', '--model', 'implicit', '--num_iters', '2',
+                 '--latent_factors', '6', '--solver', 'cg', '--cg_steps', '1')
+    rec = Recommender.load(str(tmp_path / 'out'))
+    assert (rec.params.solver, rec.params.cg_steps) == ('cg', 1)
+    cols = np.array([0, 3, 7, 11, 20, 25, 30])
+    values = np.array([5.0, 1, 3, 4, 2, 5, 4])
+    got = rec.fold_in([(rec.item_id(j), r) for j, r in zip(cols, values)])
+    want = _dense_fold_in(rec, cols, values)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
