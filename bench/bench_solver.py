@@ -19,6 +19,13 @@ plans) is not timed. Also per mode: the per-iteration objective
 (objectives.block_objective over the whole matrix as one block) without and with
 the cached ObjectiveTerms.
 
+Beam (--beam_data, default 10m; --beam_models, default wals,implicit; --beam_rank,
+default 32): the whole pipeline, python -m pipeline.train on the DirectRunner
+(in_memory) with --solver exact and cg, --beam_iters iterations; s/iter and the
+solve's share from its metrics.json (phase_seconds.per_iteration and
+solve_per_iteration, the median after the first iteration), next to the core and
+`implicit` of the same run, with its test metrics (CG vs exact).
+
 Quality (--quality_data, default 100k,10m): every mode with its command-line
 defaults (pipeline/options.py) trained by the in-memory trainer with the exact and
 the CG solver from the same initial factors; precision@10 and NDCG@10 (every warm
@@ -274,8 +281,42 @@ def worker_quality(case: dict) -> dict:
     return out
 
 
+def worker_beam_speed(case: dict) -> dict:
+    """The Beam pipeline (python -m pipeline.train, DirectRunner in_memory) on the
+    raw ratings with one mode, solver and rank: s/iter and solve s/iter from its
+    metrics.json (phase_seconds.per_iteration, solve_per_iteration; the median of
+    the iterations after the first, which makes the plans), and its test metrics."""
+    import shutil
+    import tempfile
+    out = pathlib.Path(tempfile.mkdtemp(prefix='beam-', dir=ROOT / 'output')) / 'run'
+    cmd = [sys.executable, '-m', 'pipeline.train', '--input', str(paths(case['data'])['raw']),
+           '--output', str(out), '--model', case['model'],
+           '--latent_factors', str(case['rank']), '--num_iters', str(case['iters']),
+           '--solver', case['solver'], '--cg_steps', str(CG_STEPS),
+           '--runner', 'DirectRunner', '--direct_running_mode', 'in_memory']
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f'exit {proc.returncode}: {proc.stderr[-2000:]}')
+        m = json.loads((out / 'metrics.json').read_text())
+    finally:
+        shutil.rmtree(out.parent, ignore_errors=True)
+    ps = m['phase_seconds']
+    per, solve = ps['per_iteration'], ps['solve_per_iteration']
+    return {'per_iteration': per[1:], 'first_iteration': per[0],
+            'seconds_per_iteration': statistics.median(per[1:]),
+            'solve_per_iteration': statistics.median(solve[1:]),
+            'read_and_group': ps.get('read_and_group'),
+            'evaluate_and_write': ps.get('evaluate_and_write'),
+            'ranking': {'precision_at_k': m.get('precision_at_k'),
+                        'ndcg_at_k': m.get('ndcg_at_k')},
+            'test_rmse': m.get('test_rmse'),
+            'objective': (m.get('history') or [{}])[-1].get('objective')}
+
+
 WORKERS = {'core_speed': worker_core_speed, 'implicit_speed': worker_implicit_speed,
-           'models_interleaved': worker_models_interleaved, 'quality': worker_quality}
+           'models_interleaved': worker_models_interleaved, 'quality': worker_quality,
+           'beam_speed': worker_beam_speed}
 
 
 # ---------------------------------------------------------------------------------
@@ -286,6 +327,11 @@ def plan(args) -> list[dict]:
     cases = []
     for rnd in range(1, args.rounds + 1):
         cases += [dict(c, round=rnd) for c in _speed_plan(args)]
+    for data in args.beam_data:
+        for model in args.beam_models:
+            for solver in ('exact', 'cg'):
+                cases.append(dict(kind='beam_speed', data=data, rank=args.beam_rank,
+                                  model=model, solver=solver, iters=args.beam_iters))
     for data in args.speed_data:
         for rank in args.ranks:
             for solver in ('exact', 'cg'):
@@ -345,6 +391,9 @@ def _summary(r: dict) -> str:
     if r['kind'] == 'models_interleaved':
         return ' '.join(f'{m} {t:.3f}' for m, t in r['cpu_per_iteration'].items()) + \
             ' CPU s/iter'
+    if r['kind'] == 'beam_speed':
+        return (f"{r['seconds_per_iteration']:.3f} s/iter (solve "
+                f"{r['solve_per_iteration']:.3f}), NDCG@10 {_f(r['ranking']['ndcg_at_k'], '{:.4f}')}")
     if r['kind'] == 'quality':
         rk = r['ranking']
         rm = r.get('rmse', {}).get('test_rmse')
@@ -450,6 +499,47 @@ def report(results: list[dict], args, started: datetime.datetime) -> str:
                                  f"{r['objective_cached']:.3f} | "
                                  f"{'yes' if r['objective_same_bits'] else 'NO'} |")
         lines.append('')
+    beam = {(r['data'], r['model'], r['solver']): r for r in ok if r['kind'] == 'beam_speed'}
+    for data in args.beam_data:
+        rank = args.beam_rank
+        icg = sp(data, rank, 'implicit-lib', 'cg')
+        lines += [f'### Beam pipeline (DirectRunner in_memory), {data}, k={rank}, '
+                  f'{args.beam_iters} iterations', '',
+                  'python -m pipeline.train --solver exact|cg on the raw ratings (its own '
+                  'hashed 10% test split); s/iter and solve s/iter: medians of metrics.json '
+                  'phase_seconds.per_iteration and solve_per_iteration after the first '
+                  'iteration; "vs core": the in-memory core\'s s/iter of the same mode, '
+                  'solver and k in this run; quality deltas: CG against the exact solver after '
+                  'the same iterations.', '',
+                  '| mode | solver | s/iter | solve s/iter | vs `implicit` CG | vs same mode '
+                  'exact | vs core | P@10 | NDCG@10 | test RMSE | ΔP@10 | ΔNDCG@10 | ΔRMSE |',
+                  '|---|---|---|---|---|---|---|---|---|---|---|---|---|']
+        for m in args.beam_models:
+            ex = beam.get((data, m, 'exact'))
+            for solver in ('exact', 'cg'):
+                r = beam.get((data, m, solver))
+                if r is None:
+                    continue
+                s_ = r['seconds_per_iteration']
+                pk, nd, rm = r['ranking']['precision_at_k'], r['ranking']['ndcg_at_k'], \
+                    r['test_rmse']
+                deltas = ['', '', '']
+                if solver == 'cg' and ex is not None:
+                    rel = [_ratio(pk, ex['ranking']['precision_at_k']),
+                           _ratio(nd, ex['ranking']['ndcg_at_k']), _ratio(rm, ex['test_rmse'])]
+                    deltas = [_f(None if x is None else x - 1, '{:+.2%}') for x in rel]
+                same = _ratio(s_, ex['seconds_per_iteration']) if ex else None
+                lines.append(
+                    f"| {m} | {solver} | {s_:.3f} | {r['solve_per_iteration']:.3f} | "
+                    f"{_f(_ratio(s_, icg), '{:.2f}×')} | {_f(same, '{:.2f}×')} | "
+                    f"{_f(_ratio(s_, sp(data, rank, m, solver)), '{:.2f}×')} | "
+                    f"{_f(pk, '{:.4f}')} | {_f(nd, '{:.4f}')} | {_f(rm, '{:.4f}')} | "
+                    + ' | '.join(deltas) + ' |')
+        lines += ['', f'Command per case: `python -m pipeline.train --input <{data} ratings> '
+                  f'--output <temporary folder> --model {{{",".join(args.beam_models)}}} '
+                  f'--latent_factors {rank} --num_iters {args.beam_iters} --solver '
+                  f'{{exact,cg}} --cg_steps {CG_STEPS} --runner DirectRunner '
+                  '--direct_running_mode in_memory`', '']
     noise: dict[str, list[float]] = {}
     if args.quality_data:
         lines += ['### Quality: exact vs CG (each mode\'s command-line defaults)', '',
@@ -570,6 +660,13 @@ def main(argv=None) -> int:
     ap.add_argument('--quality_data', default='100k,10m', help='data sets scored')
     ap.add_argument('--ranks', default='32,10', help='k of the speed cases')
     ap.add_argument('--iters', type=int, default=5, help='timed iterations per speed case')
+    ap.add_argument('--beam_data', default='10m',
+                    help='data sets the Beam pipeline is timed on, exact vs cg (comma list; '
+                         'empty: none)')
+    ap.add_argument('--beam_models', default='wals,implicit', help='--model of the Beam cases')
+    ap.add_argument('--beam_rank', type=int, default=32, help='k of the Beam cases')
+    ap.add_argument('--beam_iters', type=int, default=6,
+                    help='--num_iters of the Beam cases (the first is not timed)')
     ap.add_argument('--threads', type=int, default=THREADS)
     ap.add_argument('--rounds', type=int, default=1,
                     help='run the speed cases this many times in turn and keep each '
@@ -587,13 +684,15 @@ def main(argv=None) -> int:
         return 0
     if args.quick:
         args.speed_data, args.quality_data, args.iters = '100k', '100k', 2
+        args.beam_data, args.beam_iters = '100k', 3
     split = lambda s: [x for x in s.split(',') if x]            # noqa: E731
     args.speed_data, args.quality_data = split(args.speed_data), split(args.quality_data)
+    args.beam_data, args.beam_models = split(args.beam_data), split(args.beam_models)
     args.ranks = [int(x) for x in split(args.ranks)]
     args.command = 'python bench/bench_solver.py' + ''.join(
         f' {shlex.quote(a)}' for a in (sys.argv[1:] if argv is None else argv))
     started = datetime.datetime.now()
-    for name in dict.fromkeys(args.speed_data + args.quality_data):
+    for name in dict.fromkeys(args.speed_data + args.quality_data + args.beam_data):
         prepare(name)
         load_split(name)
     work = ROOT / 'output' / 'bench-solver' / started.strftime('%Y%m%d-%H%M%S')

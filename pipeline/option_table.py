@@ -8,7 +8,7 @@ from wals_core.defaults.PARAMETER) and the options table of docs/options.md
 """
 from __future__ import annotations
 
-from wals_core.defaults import DATA_TYPES, PARAMETER, PARAMETERS, Option
+from wals_core.defaults import DATA_TYPES, PARAMETERS, Option
 
 # Big enough that a block's solve keeps both cores busy and a half-step pays little
 # per-block overhead (10M ratings, k=10, 2 cores, back to back: 2048 -> 0.97 s per

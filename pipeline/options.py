@@ -145,6 +145,8 @@ def config_from_options(options: PipelineOptions) -> TrainConfig:
                 raise ConfigError(f'--{name} is a parameter of --model {owners}, not of '
                                   f'--model {args.model}')
             base[name] = getattr(args, name)
+    if base['cg_steps'] < 1:
+        raise ConfigError('--cg_steps must be at least 1')
     params = WalsParams(model=args.model, **base)
     checks = [
         (params.latent_factors >= 1, '--latent_factors must be at least 1'),

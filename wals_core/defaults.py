@@ -213,14 +213,16 @@ PARAMETERS: tuple[Option, ...] = (
            value='log', models=('implicit',)),
     Option('seed', 'Seed of the initial factors (each ID gets the same vector on any '
            'runner).', _MODEL, type=int, default=0),
-    # Not on the command line (the solver work of wals_core/cg.py): 'exact' (TF parity)
-    # or 'cg', cg_steps conjugate-gradient steps per row, warm-started from the row's
-    # factors of the previous iteration (approximate, faster).
-    Option('solver', 'The half-step solver.', _MODEL, choices=SOLVERS, param=True,
-           value='exact', cli=False),
-    Option('cg_steps', 'cg: conjugate-gradient steps per row.', _MODEL, type=int,
-           param=True, value=3, cli=False),
+    Option('solver', 'How each row\'s k x k system is solved: exact (a batched '
+           'Cholesky/LU in float64, as the original; TF parity) or cg (--cg_steps '
+           'conjugate-gradient steps per row, warm-started from the row\'s factors of the '
+           'previous iteration, as the implicit library: approximate, faster from k of '
+           'about 16; docs/math.md "Solvers").', _MODEL, choices=SOLVERS, param=True,
+           value='exact'),
+    Option('cg_steps', '--solver cg: conjugate-gradient steps per row and half-step.',
+           _MODEL, type=int, param=True, value=3),
 )
+
 PARAMETER = {o.name: o for o in PARAMETERS}
 # The WalsParams fields given by the --use_optimized sets, the mode and the command line.
 PARAMS = tuple(o for o in PARAMETERS if o.param)

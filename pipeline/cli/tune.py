@@ -73,6 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
     TRAIN['relevance_threshold'].add_to(
         search, help='ndcg: validation ratings >= this are relevant. Default: 0 for '
                      'implicit / web_views, else the mean training rating.')
+    PARAMETER['solver'].add_to(
+        search, default='exact', help='Every trial\'s solver, as the trainer\'s --solver '
+                                      '(fixed, not searched). Default: exact.')
+    PARAMETER['cg_steps'].add_to(
+        search, default=3, help='--solver cg: conjugate-gradient steps per row. Default: 3.')
     return p
 
 

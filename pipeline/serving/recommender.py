@@ -219,9 +219,10 @@ class Recommender:
         rows, cols, values, _, _ = merge_duplicates(np.zeros(len(cols), np.int64), cols,
                                                     values, self._duplicates)
         csr = csr_from_sorted(rows, cols, values, 1)
+        # Exact whatever the model was trained with: CG would start a new user from 0.
         solver = objectives.make_solver(csr, 'row', self.params, self.files.col_counts, 0,
                                         len(self.items), self.global_mean,
-                                        num_threads=1, keep_plan=False)
+                                        num_threads=1, keep_plan=False, solver='exact')
         x = solver.solve(self._solve_factors, self._gramian,
                          other_offsets=self._solve_offsets)
         if not np.all(np.isfinite(x)):

@@ -82,8 +82,11 @@ class _SolveBlock(beam.DoFn):
         self._held.update(len(other.matrix))
         factors, offsets = objectives.solve_inputs(other.matrix, self._params)
         solver = self._solver(block, col_counts, len(other.matrix), ratings.mean)
+        x0 = None
+        if warm_start(self._params, self._iteration):
+            x0 = own.matrix[ref.start:ref.start + ref.num_rows]
         try:
-            x = solver.solve(factors, other.gramian, other_offsets=offsets)
+            x = solver.solve(factors, other.gramian, other_offsets=offsets, x0=x0)
         except np.linalg.LinAlgError as e:   # LAPACK on overflowing sums
             raise NumericalError(
                 f'the solve failed in iteration {self._iteration}, {self._side} side '
@@ -111,6 +114,15 @@ class _SolveBlock(beam.DoFn):
             solver = block.solvers[key] = objectives.make_solver(
                 block.train, self._side, p, col_counts, block.start, other_rows, global_mean)
         return solver
+
+
+def warm_start(params: WalsParams, iteration: int) -> bool:
+    """Whether a half-step of this (1-based) iteration starts from its side's
+    previous factors: --solver cg after the first iteration, as wals_core.train (the
+    first starts from 0; the exact solver needs no start). The start always comes
+    from the previous iteration's output, never from a worker's cache, so the result
+    does not depend on which worker solves a block."""
+    return params.solver == 'cg' and iteration > 1
 
 
 def block_count_norm(side: str, start: int, col_counts: np.ndarray, x: np.ndarray) -> float:
@@ -155,7 +167,8 @@ class HalfStep(beam.PTransform):
     solved against `other` (singleton Factors) with `col_counts` (singleton array of
     training ratings per item) and `ratings` (singleton RatingStats: the explicit
     mode's global mean). With `state` (singleton IterationState) and `own` (this
-    side's current Factors), a converged state passes `own` through unsolved."""
+    side's current Factors), a converged state passes `own` through unsolved; with
+    --solver cg, `own` is where each block's CG starts (warm_start)."""
 
     def __init__(self, side: str, params: WalsParams, other, col_counts, ratings,
                  iteration: int, own=None, state=None):
@@ -168,6 +181,8 @@ class HalfStep(beam.PTransform):
         extra = []
         if self._state is not None:     # --tolerance: may pass `own` through unsolved
             extra = [AsSingleton(self._own), AsSingleton(self._state)]
+        elif warm_start(self._params, self._iteration):   # CG starts from `own`
+            extra = [AsSingleton(self._own)]
         return (blocks
                 | 'Solve' >> beam.ParDo(_SolveBlock(self._side, self._params, self._iteration),
                                         AsSingleton(self._other), AsSingleton(self._counts),

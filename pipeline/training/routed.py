@@ -33,7 +33,7 @@ from pipeline.training.block_store import BlockRef, RatingBlock
 from pipeline.training.convergence import IterationState, SumTerms, next_state
 from pipeline.errors import NumericalError
 from pipeline.training.factors import (AssembleFactors, FactorBlock, Factors, block_count_norm,
-                              factor_rows_metric)
+                              factor_rows_metric, warm_start)
 from pipeline.training.rating_stats import RatingStats
 from wals_core import objectives
 from wals_core.params import WalsParams
@@ -158,9 +158,12 @@ class _SolveRouted(beam.DoFn):
             v = needed_factors(r, pieces, other)
             self._held.update(len(other.matrix) if other.matrix is not None else len(v))
             factors, offsets = objectives.solve_inputs(v, self._params)
+            x0 = None
+            if warm_start(self._params, self._iteration):   # the block's own rows
+                x0 = own.factors
             try:
                 x = self._solver(block, r, col_counts, ratings.mean).solve(
-                    factors, other.gramian, other_offsets=offsets)
+                    factors, other.gramian, other_offsets=offsets, x0=x0)
             except np.linalg.LinAlgError as e:   # LAPACK on overflowing sums
                 raise NumericalError(
                     f'the solve failed in iteration {self._iteration}, {self._side} side '
@@ -283,8 +286,10 @@ class RoutedAlternate(beam.PTransform):
             u_light = u_blocks | f'{name}RowGramian' >> beam.CombineGlobally(
                 AssembleFactors(f'iteration {it + 1}, rows', policy.broadcast)
             ).without_defaults()
+            # The column blocks' own previous factors: the --tolerance pass-through
+            # and the CG start (the row join above always carries them).
             col_join = join(f'{name}JoinCols', col_refs, u_out[PIECES],
-                            v_blocks if tol > 0 else None)
+                            v_blocks if tol > 0 or p.solver == 'cg' else None)
             v_out = col_join | f'{name}SolveCols' >> beam.ParDo(
                 _SolveRouted('col', p, it + 1, bs, policy), AsSingleton(u_light), counts,
                 ratings, *extra).with_outputs(PIECES, main='blocks')

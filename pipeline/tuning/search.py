@@ -77,6 +77,7 @@ def config_from_args(args: argparse.Namespace) -> TuneConfig:
         (0 <= args.max_bad_fraction <= 1, '--max_bad_fraction must be in [0, 1]'),
         (args.sample_users is None or args.sample_users >= 1,
          '--sample_users must be at least 1'),
+        (args.cg_steps >= 1, '--cg_steps must be at least 1'),
     ]
     for ok, message in checks:
         if not ok:
@@ -92,7 +93,8 @@ def config_from_args(args: argparse.Namespace) -> TuneConfig:
         wt_type=args.wt_type or default_wt_type(args.data_type),
         confidence=args.confidence or 'log',
         implicit_data=args.data_type == 'web_views',
-        relevance_threshold=args.relevance_threshold)
+        relevance_threshold=args.relevance_threshold,
+        solver=args.solver, cg_steps=args.cg_steps)
     parallel = args.parallel or 2 * (os.cpu_count() or 1)
     return TuneConfig(data, settings, args.output.rstrip('/'), args.trials,
                       min(parallel, args.trials), args.search_seed, args.overwrite,
@@ -117,6 +119,8 @@ def train_command(config: TuneConfig, params: dict) -> str:
              '--seed', str(s.seed), '--num_iters', str(s.num_iters)]
     for name, value in get_model(s.model).fixed_tune_options(s.wt_type, s.confidence).items():
         argv += [f'--{name}', value]
+    if s.solver != 'exact':
+        argv += ['--solver', s.solver, '--cg_steps', str(s.cg_steps)]
     for name, value in params.items():
         argv += [f'--{name}', str(value) if isinstance(value, int) else repr(float(value))]
     return shlex.join(argv)
@@ -267,7 +271,10 @@ def _search(config: TuneConfig, beam_args: list[str], staging: str, started: flo
             'model': s.model, 'metric': name, 'value': best['value'],
             'trial': best['number'], 'params': best['params'],
             'fixed': {'num_iters': s.num_iters, 'seed': s.seed,
-                      **get_model(s.model).fixed_tune_options(s.wt_type, s.confidence)},
+                      **get_model(s.model).fixed_tune_options(s.wt_type, s.confidence),
+                      # the default solver is left out (best.json as before it existed)
+                      **({'solver': s.solver, 'cg_steps': s.cg_steps}
+                         if s.solver != 'exact' else {})},
             'command': train_command(config, best['params']),
             'trials': config.trials, 'search_seed': config.search_seed,
             'data': counts,

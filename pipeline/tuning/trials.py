@@ -53,11 +53,14 @@ class TrialSettings:
     scale_regularization: bool = True   # implicit: λ·n_i (the trainer's default)
     implicit_data: bool = False  # web_views: relevance threshold 0
     relevance_threshold: float | None = None
+    solver: str = 'exact'        # the trainer's --solver and --cg_steps
+    cg_steps: int = 3
 
     def params(self, searched: dict) -> WalsParams:
         values = dict(model_defaults(self.model), num_iters=self.num_iters, **searched)
         values['latent_factors'] = int(values['latent_factors'])
         values.update(wt_type=self.wt_type, confidence=self.confidence,
+                      solver=self.solver, cg_steps=self.cg_steps,
                       scale_regularization=self.scale_regularization
                       and get_model(self.model).uses('scale_regularization'))
         return WalsParams(**values)
