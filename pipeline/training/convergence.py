@@ -69,7 +69,7 @@ def _block_terms(ref: BlockRef, u: Factors, v: Factors, col_counts: np.ndarray,
     return block.block_id, (part, sse, block.train.nnz)
 
 
-def next_state(terms, u: Factors, v: Factors, col_counts: np.ndarray, previous: IterationState,
+def next_state(terms, u: Factors, v: Factors, previous: IterationState,
                params: WalsParams, tolerance: float, iteration: int) -> IterationState:
     """The IterationState of `iteration`: the summed block terms plus the terms
     over all pairs (Gramians, column regularization), and the convergence test."""
@@ -100,7 +100,7 @@ class TrainingObjective(beam.PTransform):
                 | 'Terms' >> beam.Map(_block_terms, u, v, counts, AsSingleton(self._ratings),
                                       self._params)
                 | 'Sum' >> beam.CombineGlobally(SumTerms())
-                | 'State' >> beam.Map(next_state, u, v, counts, AsSingleton(self._previous),
+                | 'State' >> beam.Map(next_state, u, v, AsSingleton(self._previous),
                                       self._params, self._tolerance, self._iteration))
 
 

@@ -80,22 +80,12 @@ class _SolveBlock(beam.DoFn):
         block = ref.load()
         started = time.perf_counter()
         self._held.update(len(other.matrix))
-        factors, offsets = objectives.solve_inputs(other.matrix, self._params)
         solver = self._solver(block, col_counts, len(other.matrix), ratings.mean)
-        x0 = None
-        if warm_start(self._params, self._iteration):
-            x0 = own.matrix[ref.start:ref.start + ref.num_rows]
-        try:
-            x = solver.solve(factors, other.gramian, other_offsets=offsets, x0=x0)
-        except np.linalg.LinAlgError as e:   # LAPACK on overflowing sums
-            raise NumericalError(
-                f'the solve failed in iteration {self._iteration}, {self._side} side '
-                f'(block {block.block_id}): {e}; try a larger --regularization') from None
-        if not np.all(np.isfinite(x)):
-            raise NumericalError(
-                f'non-finite factors in iteration {self._iteration}, {self._side} side '
-                f'(block {block.block_id}); try a larger --regularization')
-        x = x.astype(np.float32)
+        x0 = own.matrix[ref.start:ref.start + ref.num_rows] \
+            if warm_start(self._params, self._iteration) else None
+        x = solve_block(solver, other.matrix, other.gramian, x0, self._params,
+                        f'iteration {self._iteration}, {self._side} side '
+                        f'(block {block.block_id})')
         yield FactorBlock(block.block_id, block.start, block.total_rows, x, gramian(x),
                           time.time(), time.perf_counter() - started,
                           self._count_norm(ref, col_counts, x))
@@ -114,6 +104,24 @@ class _SolveBlock(beam.DoFn):
             solver = block.solvers[key] = objectives.make_solver(
                 block.train, self._side, p, col_counts, block.start, other_rows, global_mean)
         return solver
+
+
+def solve_block(solver: RowSolver, other: np.ndarray, other_gramian: np.ndarray,
+                x0: np.ndarray | None, params: WalsParams, where: str) -> np.ndarray:
+    """One block's new factors (float32), by either exchange: the model's solve inputs
+    from the other side's rows `other` (all of them, or the routed ones the solver was
+    planned for), the solve from x0 (CG's warm start), and a NumericalError naming
+    `where` when LAPACK fails or a factor is not finite."""
+    factors, offsets = objectives.solve_inputs(other, params)
+    try:
+        x = solver.solve(factors, other_gramian, other_offsets=offsets, x0=x0)
+    except np.linalg.LinAlgError as e:   # LAPACK on overflowing sums
+        raise NumericalError(f'the solve failed in {where}: {e}; try a larger '
+                             '--regularization') from None
+    if not np.all(np.isfinite(x)):
+        raise NumericalError(f'non-finite factors in {where}; try a larger '
+                             '--regularization')
+    return x.astype(np.float32)
 
 
 def warm_start(params: WalsParams, iteration: int) -> bool:

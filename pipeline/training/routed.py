@@ -31,9 +31,8 @@ from apache_beam.pvalue import AsSingleton
 
 from pipeline.training.block_store import BlockRef, RatingBlock
 from pipeline.training.convergence import IterationState, SumTerms, next_state
-from pipeline.errors import NumericalError
 from pipeline.training.factors import (AssembleFactors, FactorBlock, Factors, block_count_norm,
-                              factor_rows_metric, warm_start)
+                                       factor_rows_metric, solve_block, warm_start)
 from pipeline.training.rating_stats import RatingStats
 from wals_core import objectives
 from wals_core.params import WalsParams
@@ -157,22 +156,11 @@ class _SolveRouted(beam.DoFn):
         else:
             v = needed_factors(r, pieces, other)
             self._held.update(len(other.matrix) if other.matrix is not None else len(v))
-            factors, offsets = objectives.solve_inputs(v, self._params)
-            x0 = None
-            if warm_start(self._params, self._iteration):   # the block's own rows
-                x0 = own.factors
-            try:
-                x = self._solver(block, r, col_counts, ratings.mean).solve(
-                    factors, other.gramian, other_offsets=offsets, x0=x0)
-            except np.linalg.LinAlgError as e:   # LAPACK on overflowing sums
-                raise NumericalError(
-                    f'the solve failed in iteration {self._iteration}, {self._side} side '
-                    f'(block {block.block_id}): {e}; try a larger --regularization') from None
-            if not np.all(np.isfinite(x)):
-                raise NumericalError(
-                    f'non-finite factors in iteration {self._iteration}, {self._side} side '
-                    f'(block {block.block_id}); try a larger --regularization')
-            x = x.astype(np.float32)
+            x0 = own.factors if warm_start(self._params, self._iteration) else None
+            x = solve_block(self._solver(block, r, col_counts, ratings.mean), v,
+                            other.gramian, x0, self._params,
+                            f'iteration {self._iteration}, {self._side} side '
+                            f'(block {block.block_id})')
             seconds = time.perf_counter() - started
         yield FactorBlock(block.block_id, block.start, block.total_rows, x, gramian(x),
                           time.time(), seconds,
@@ -265,7 +253,7 @@ class RoutedAlternate(beam.PTransform):
                                                   ratings, p, bs)
                     | f'{label}Sum' >> beam.CombineGlobally(SumTerms())
                     | f'{label}State' >> beam.Map(next_state, AsSingleton(u_light),
-                                                  AsSingleton(v_light), counts,
+                                                  AsSingleton(v_light),
                                                   AsSingleton(states[-1]), p, tol, it))
 
         for it in range(0, p.num_iters + 1):
