@@ -193,7 +193,13 @@ def _run(config: TrainConfig, options: PipelineOptions, overwrite: bool, started
         if moved:
             outcome['message'] = f'Promoted: {root}/{LATEST} -> {version}.'
             if config.keep_versions:
-                pruned = prune(root, config.keep_versions, run_id)
+                try:
+                    pruned = prune(root, config.keep_versions, run_id)
+                except Exception as e:   # noqa: BLE001 - promoted: cleanup is not the run
+                    log.warning('Promoted %s, but pruning old versions of %s failed (%s); '
+                                'the next run with --keep_versions prunes them.', version,
+                                root, e)
+                    pruned = []
                 outcome['pruned'] = pruned
                 if pruned:
                     outcome['message'] += f' Pruned {len(pruned)} old version(s).'
