@@ -46,6 +46,7 @@ from pipeline.store.model_root import (lease_path, list_versions, promote, read_
                                        version_path)
 from pipeline.store.publish import SUCCESS, list_files, new_run_id, read_manifest
 from tests.conftest import ROOT
+from tests.gcs_fault_proxy import FaultProxy, Rule
 from tests.gcs_support import gcs_emulator
 
 BUCKET = 'wals-faults'
@@ -109,6 +110,36 @@ FSIZE = {
 }
 
 
+# gs:// faults through tests/gcs_fault_proxy.py, armed when the run reaches a point
+# (it pauses there while the test arms the proxy): what the proxy does from then on.
+PROXY_RULES = {
+    'gs-503-once': lambda: [Rule('status', status=503, times=1)],       # next write: 503
+    'gs-403': lambda: [Rule('status', status=403, times=None)],         # every write: 403
+    'gs-cut-upload': lambda: [Rule('cut', methods=('POST', 'PUT'), path=r'^/upload/')],
+    # the object store's rename is a batch of copies, then a batch of deletes: the
+    # deletes fail (train-root at staged: the first batch is the copy; overwrite at
+    # old-untrusted: the old files' delete batch comes first)
+    'gs-rename-halfway': lambda: [Rule('status', path=r'^/batch/', status=403, times=None,
+                                       skip=1)],
+    'gs-rename-halfway-2': lambda: [Rule('status', path=r'^/batch/', status=403,
+                                         times=None, skip=2)],
+    # past the client's 60 s read timeout, once: the client retries
+    'gs-timeout': lambda: [Rule('delay', path=r'^/batch/', seconds=65, times=1)],
+}
+PROXY_CELLS = (
+    [('gs-503-once', 'train-overwrite', p) for p in ('staged', 'old-set-aside',
+                                                      'old-untrusted', 'new-files-moved')] +
+    [('gs-503-once', 'train-root', p) for p in ('staged', 'new-moved-in')] +
+    [('gs-403', 'train-overwrite', p) for p in ('staged', 'old-set-aside', 'old-untrusted',
+                                                 'new-files-moved')] +
+    [('gs-403', 'train-root', p) for p in ('staged', 'new-moved-in')] +
+    [('gs-cut-upload', 'train-overwrite', 'lease-taken'),
+     ('gs-cut-upload', 'train-root', 'new-moved-in'),
+     ('gs-rename-halfway', 'train-root', 'staged'),
+     ('gs-rename-halfway-2', 'train-overwrite', 'old-untrusted'),
+     ('gs-timeout', 'train-overwrite', 'old-untrusted')])
+
+
 @dataclass(frozen=True)
 class Cell:
     fault: str      # kill | enospc | efbig | kill-twice | race
@@ -133,6 +164,7 @@ def _cells() -> list[Cell]:
             for t in ('train-overwrite', 'train-root')]
     out += [Cell('race', b, 'train-root', p) for b in ('local', 'gs')
             for p in ('latest-kept', 'restored')]
+    out += [Cell(f, 'gs', t, p) for f, t, p in PROXY_CELLS]
     # Publishers side by side on one root, a reader loading LATEST in a loop.
     out += [Cell('concurrent', b, 'train-root', f'{n}-publishers+reader')
             for b in ('local', 'gs') for n in (3,)]
@@ -165,20 +197,24 @@ class Run:
     points: list[str] = field(default_factory=list)
 
 
+_RECORDS = threading.Lock()
+_RECORD_N = [0]
+
+
 class Harness:
     """Starts `wals` children through tests/fault_runner.py and records every point
     they reach (REACHED: the coverage check)."""
 
-    def __init__(self, tmp: pathlib.Path, env: dict):
+    def __init__(self, tmp: pathlib.Path, env: dict, reached: set[str] | None = None):
         self.tmp, self.env = tmp, env
-        self.reached: set[str] = set()
+        self.reached: set[str] = reached if reached is not None else set()
         self._n = 0
         self._lock = threading.Lock()
 
     def _record(self) -> pathlib.Path:
-        with self._lock:
-            self._n += 1
-            return self.tmp / f'points-{self._n}.txt'
+        with _RECORDS:
+            _RECORD_N[0] += 1
+            return self.tmp / f'points-{_RECORD_N[0]}.txt'
 
     def start(self, args: list, plan: list[dict] | None = None, fsize: int | None = None,
               env: dict | None = None) -> tuple[subprocess.Popen, pathlib.Path]:
@@ -281,8 +317,9 @@ class World:
     """Inputs and published outputs made once; each cell copies what it needs to a
     fresh place (local folder or gs:// prefix)."""
 
-    def __init__(self, tmp: pathlib.Path, harness: Harness, gs_harness: Harness | None):
-        self.tmp = tmp
+    def __init__(self, tmp: pathlib.Path, harness: Harness, gs_harness: Harness | None,
+                 emulator_host: str = ''):
+        self.tmp, self.emulator_host = tmp, emulator_host
         self.h = {'local': harness, 'gs': gs_harness}
         self.ratings = tmp / 'ratings.tsv'
         rng = np.random.default_rng(19)
@@ -493,6 +530,8 @@ def run_cell(world: World, cell: Cell) -> None:
         check_after_fault(cell, out, before, False)
     elif cell.fault == 'race':
         race(world, h, cell, out, args, before)
+    elif cell.fault.startswith('gs-'):
+        through_proxy(world, cell, out, args, before)
     elif cell.fault == 'concurrent':
         concurrent(world, h, cell, out, args)
         return
@@ -540,6 +579,32 @@ def race(world: World, h: Harness, cell: Cell, root: str, args: list, before) ->
         check_after_fault(cell, root, before, True)
     finally:
         lease.release()
+
+
+def through_proxy(world: World, cell: Cell, out: str, args: list, before) -> None:
+    """The run pauses at the cell's point, the proxy is armed, the run goes on: it
+    either succeeds (a retry got through: the new output is complete) or fails
+    with one clear error and the old output intact."""
+    sync = world.tmp / f'sync-{cell.id}'
+    sync.mkdir()
+    ready, go = sync / 'ready', sync / 'go'
+    with FaultProxy(world.emulator_host) as proxy:
+        h = Harness(world.tmp, dict(world.h['gs'].env, STORAGE_EMULATOR_HOST=proxy.host),
+                    world.h['gs'].reached)
+        proc, record = h.start(args, [{'at': cell.point, 'do': 'pause', 'ready': str(ready),
+                                       'until': str(go)}])
+        _wait_for(ready, proc)
+        proxy.arm(*PROXY_RULES[cell.fault]())
+        go.touch()
+        run = h.finish(proc, record)
+        hits = proxy.faulted()
+        proxy.disarm()
+    assert hits > 0, f'the proxy faulted nothing after {cell.point}: {proxy.log[-5:]}'
+    if run.code == 0:
+        check_after_fault(cell, out, before, True)
+    else:
+        _one_clear_error(run)
+        check_after_fault(cell, out, before, False)
 
 
 def concurrent(world: World, h: Harness, cell: Cell, root: str, args: list) -> None:
@@ -602,9 +667,10 @@ def matrix(tmp_path_factory):
     started = time.monotonic()
     results: dict[str, tuple[str | None, float]] = {}
     with gcs_emulator(tmp_path_factory.mktemp('gcs'), BUCKET) as emu:
-        local = Harness(tmp, _env())
-        gs = Harness(tmp, _env(emu.env()))
-        world = World(tmp, local, gs)
+        reached: set[str] = set()
+        local = Harness(tmp, _env(), reached)
+        gs = Harness(tmp, _env(emu.env()), reached)
+        world = World(tmp, local, gs, emu.host)
 
         def one(cell: Cell) -> None:
             t0 = time.monotonic()
@@ -620,7 +686,7 @@ def matrix(tmp_path_factory):
         order = sorted(cells, key=lambda c: (c.backend != 'gs', c.target == 'tune'))
         with ThreadPoolExecutor(WORKERS) as pool:
             list(pool.map(one, order))
-        reached = local.reached | gs.reached
+
     yield {'results': results, 'reached': reached,
            'seconds': time.monotonic() - started}
 
@@ -718,7 +784,8 @@ def matrix_table(results: dict, seconds: float) -> str:
     rows: dict[tuple[str, str], dict] = {}
     for c in CELLS:
         rows.setdefault((c.fault, c.point), {})[(c.backend, c.target)] = c.id
-    fault_order = ('kill', 'kill-twice', 'race', 'enospc', 'efbig', 'concurrent')
+    fault_order = ('kill', 'kill-twice', 'race', 'enospc', 'efbig', *PROXY_RULES,
+                   'concurrent')
     point_order = {p: i for i, p in enumerate(faults.POINTS)}
     head = '| fault | point | ' + ' | '.join(f'{t} ({b})' for b, t in columns) + ' |'
     lines = [head, '|' + '---|' * (len(columns) + 2)]

@@ -43,7 +43,7 @@ from pipeline.store.publish import (SUCCESS, OutputExists, OutputRefused, Publis
                                     _local_path,
                                     aside_path, list_files, old_copies, our_manifest,
                                     publish, remove_empty_dirs, remove_listed, remove_tree,
-                                    staging_path)
+                                    staging_path, storage_errors)
 
 log = logging.getLogger('pipeline.store.output_guard')
 
@@ -383,7 +383,7 @@ class OutputGuard:
                           run_id=self.run_id, replaceable=self.replaceable)
         except (OutputRefused, PublishFailed):
             raise
-        except (OSError, IOError) as e:   # e.g. the parent became read-only meanwhile
+        except storage_errors() as e:   # e.g. the parent became read-only meanwhile
             raise PublishFailed(f'could not publish to {self.output}: {e}; the earlier '
                                 'output, if any, is unchanged (or readable through its '
                                 'set-aside copy until the next run)') from None

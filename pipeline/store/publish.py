@@ -45,6 +45,17 @@ class PublishFailed(RuntimeError):
     published, the earlier output is intact or readable through its set-aside copy."""
 
 
+def storage_errors() -> tuple[type[BaseException], ...]:
+    """What a filesystem raises when it refuses an operation: OSError (local files,
+    Beam's BeamIOError) and, with google-cloud installed, its API errors (gs://: a
+    403, or a 5xx that outlasted the client's retries)."""
+    try:
+        from google.api_core.exceptions import GoogleAPIError
+    except ImportError:
+        return (OSError,)
+    return (OSError, GoogleAPIError)
+
+
 def new_run_id() -> str:
     return datetime.datetime.now(datetime.timezone.utc).strftime('%Y%m%dT%H%M%S') + \
         '-' + uuid.uuid4().hex[:8]
