@@ -29,7 +29,8 @@ COPY = r'/(copyTo|rewriteTo)/|^/batch/'
 @dataclass
 class Rule:
     """What to do with matching requests: action 'status' (answer `status`),
-    'delay' (wait `seconds`, then forward), 'cut' (read half the body, then close
+    'delay' (forward, then hold the answer back `seconds`: done, but the client
+    times out and retries), 'cut' (read half the body, then close
     the connection without an answer). `skip` matching requests pass first; then
     `times` are faulted (None: all)."""
     action: str
@@ -90,12 +91,10 @@ class FaultProxy:
                     self.end_headers()
                     self.wfile.write(data)
                     return
-                if rule is not None and rule.action == 'delay':
-                    proxy._note(f'{self.command} {self.path} -> delayed {rule.seconds}s')
-                    time.sleep(rule.seconds)
-                self._forward(body)
+                self._forward(body, rule.seconds if rule is not None and
+                              rule.action == 'delay' else 0.0)
 
-            def _forward(self, body: bytes) -> None:
+            def _forward(self, body: bytes, hold: float = 0.0) -> None:
                 conn = http.client.HTTPConnection(*proxy.upstream, timeout=120)
                 headers = {k: v for k, v in self.headers.items()
                            if k.lower() not in ('host', 'connection', 'keep-alive')}
@@ -108,6 +107,10 @@ class FaultProxy:
                     return
                 finally:
                     conn.close()
+                if hold:
+                    # done upstream, the answer held back: the client gives up waiting
+                    proxy._note(f'{self.command} {self.path} -> answered after {hold}s')
+                    time.sleep(hold)
                 self.send_response(resp.status)
                 for k, v in resp.getheaders():
                     if k.lower() not in ('transfer-encoding', 'connection', 'content-length',
