@@ -14,7 +14,8 @@ and from its own; tests/test_layers.py checks this):
                 the model root and LATEST, the run report
   2  runners/   options -> a pipeline on a runner (the corrected Dask runner,
                 Dataflow launch options, allocator tuning)
-  1  errors.py, options.py: errors, exit codes, the options and their checks
+  1  errors.py, options.py, faults.py: errors, exit codes, the options and their
+     checks, the named fault points of publishing (hooks for tests only)
 
 wals_core/ (beside this package) is the numpy math every layer may use; it never
 imports Beam or this package.

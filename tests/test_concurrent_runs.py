@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from apache_beam.io.filesystems import FileSystems
 
+from pipeline import faults
 from pipeline.store import model_root
 from pipeline.store.model_files import load_model_files
 from pipeline.store.model_root import promote, prune, read_latest, version_path
@@ -248,10 +249,9 @@ def test_gcs_a_running_jobs_version_is_kept_and_a_crashed_jobs_lease_is_not(
     assert not [n for n in emulator.list_objects(BUCKET, 'root/') if '.tmp-' in n]
 
 
-# ---- the pruner's second look (in-process, through its step hook) -------------------
+# ---- the pruner's second look (in-process, through a fault hook: pipeline/faults.py) -------------------
 
-def test_a_reader_that_names_a_version_while_it_is_pruned_keeps_it(root_v1, tmp_path,
-                                                                   monkeypatch):
+def test_a_reader_that_names_a_version_while_it_is_pruned_keeps_it(root_v1, tmp_path):
     from pipeline.store import leases
     from pipeline.store.model_root import lease_path
     root, v1 = fresh_root(root_v1, tmp_path / 'root')
@@ -261,15 +261,16 @@ def test_a_reader_that_names_a_version_while_it_is_pruned_keeps_it(root_v1, tmp_
     promote(root, v2, {})
     before = (pathlib.Path(version_path(root, v1)) / SUCCESS).read_bytes()
     taken = []
-    real_step = model_root.step
 
-    def step(name):
-        real_step(name)
+    def hook(name):
         if name == 'condemned' and not taken:   # a reader names v1 just then
             taken.append(leases.take(lease_path(root, '20000101T000000-0000abcd'),
                                      '20000101T000000-0000abcd', versions=[v1]))
-    monkeypatch.setattr(model_root, 'step', step)
-    assert prune(root, 1) == []
+    faults.install(hook)
+    try:
+        assert prune(root, 1) == []
+    finally:
+        faults.clear()
     assert (pathlib.Path(version_path(root, v1)) / SUCCESS).read_bytes() == before
     load_model_files(version_path(root, v1))
     taken[0].release()

@@ -45,8 +45,13 @@ def cli(command: str, *args, extra_env: dict | None = None, cwd=None
                           text=True, timeout=900)
 
 
-def start(command: str, *args, extra_env: dict | None = None) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, '-m', f'pipeline.{command}', *map(str, args)],
+def start(command: str, *args, extra_env: dict | None = None,
+          plan: list[dict] | None = None) -> subprocess.Popen:
+    """python -m pipeline.<command> ARGS in the background; with a fault plan, through
+    tests/fault_runner.py (e.g. [{'at': 'staged', 'do': 'kill'}])."""
+    launch = ['-m', f'pipeline.{command}'] if plan is None else \
+        ['-m', 'tests.fault_runner', json.dumps({'faults': plan}), '--', command]
+    return subprocess.Popen([sys.executable, *launch, *map(str, args)],
                             cwd=ROOT, env=env(extra_env), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
 
@@ -319,14 +324,15 @@ def test_a_killed_runs_leftovers_are_reclaimed_and_a_live_runs_are_not(tmp_path,
     out = copy_model(model, tmp_path / 'out')
     args = ['train', '--input', ratings, '--output', out, '--overwrite', *SMALL]
     # Killed once its staging folder holds the complete new model.
-    killed = start(*args, extra_env={'WALS_STEP_DELAY': '1'})
+    killed = start(*args, plan=[{'at': 'staged', 'do': 'kill'}])
     wait_for(killed, 'publish: staged')
     killed.send_signal(signal.SIGKILL)
     killed.wait()
     stale = leftovers(tmp_path)
     assert [n for n in stale if '.tmp-' in n] and [n for n in stale if '.lease-' in n]
     # Stopped (alive) with its staging complete: a run meanwhile must not touch it.
-    live = start(*args, extra_env={'WALS_STEP_DELAY': '1'})
+    go = tmp_path.parent / f'{tmp_path.name}-go'
+    live = start(*args, plan=[{'at': 'staged', 'do': 'pause', 'until': str(go)}])
     try:
         wait_for(live, 'publish: staged')
         live.send_signal(signal.SIGSTOP)
@@ -339,6 +345,7 @@ def test_a_killed_runs_leftovers_are_reclaimed_and_a_live_runs_are_not(tmp_path,
         assert tree(staging[0]) == staged                      # the live run's: intact
     finally:
         live.send_signal(signal.SIGCONT)
+        go.touch()
     code, log = finish(live)
     assert code == 0, log[-3000:]
     assert run_id(out) == json.loads(staged[SUCCESS])['run_id']   # the live run's model
@@ -353,7 +360,7 @@ def test_a_killed_runs_leftovers_in_a_model_root_are_reclaimed(tmp_path, ratings
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     def kill_at(step: str) -> list[str]:
-        run = start('train', *args, extra_env={'WALS_STEP_DELAY': '1'})
+        run = start('train', *args, plan=[{'at': step, 'do': 'kill'}])
         wait_for(run, f'publish: {step}')
         run.send_signal(signal.SIGKILL)
         run.wait()
@@ -582,7 +589,7 @@ def test_gcs_a_killed_overwrite_is_reclaimed_by_the_next(emulator, ratings, mode
     extra = emulator.env()
     _put_tree(model, f'{gs}/out')
     args = ['train', '--input', ratings, '--output', f'{gs}/out', '--overwrite', *SMALL]
-    run = start(*args, extra_env={**extra, 'WALS_STEP_DELAY': '1'})
+    run = start(*args, extra_env=extra, plan=[{'at': 'new-files-moved', 'do': 'kill'}])
     wait_for(run, 'publish: new-files-moved')     # new files in, no _SUCCESS yet
     run.send_signal(signal.SIGKILL)
     run.wait()

@@ -212,22 +212,17 @@ def test_keep_versions_prunes_old_versions_but_never_latest(local_loop, tmp_path
 # ---------------------------------------------------------------- SIGKILLs
 
 def _kill_at(args: list[str], step: str, env: dict) -> str:
-    """Runs the launcher and SIGKILLs it as soon as it logs `publish: <step>` (each
-    step then waits WALS_STEP_DELAY seconds, so the kill lands inside it)."""
-    proc = subprocess.Popen([sys.executable, '-m', 'pipeline.train', *map(str, args)],
-                            cwd=ROOT, env=dict(env, WALS_STEP_DELAY='2'),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    seen = []
-    for line in proc.stdout:
-        seen.append(line)
-        if line.rstrip().endswith(f'publish: {step}'):
-            proc.send_signal(signal.SIGKILL)
-            break
-    proc.wait(timeout=600)
-    rest = proc.stdout.read()
-    assert proc.returncode == -signal.SIGKILL, \
-        f'not killed at {step} (exit {proc.returncode}):\n{"".join(seen)}{rest}'
-    return ''.join(seen)
+    """Runs the launcher with a fault plan (tests/fault_runner.py) that SIGKILLs it
+    right after the fault point `step` (pipeline/faults.py)."""
+    plan = json.dumps({'faults': [{'at': step, 'do': 'kill'}]})
+    proc = subprocess.Popen([sys.executable, '-m', 'tests.fault_runner', plan, '--', 'train',
+                             *map(str, args)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    out, _ = proc.communicate(timeout=600)
+    steps = [line for line in out.splitlines() if 'publish: ' in line]
+    assert proc.returncode == -signal.SIGKILL and steps[-1].endswith(f'publish: {step}'), \
+        f'not killed at {step} (exit {proc.returncode}):\n{out}'
+    return out
 
 
 def _kill_all(jobs: list[tuple[list[str], str]], env: dict) -> None:

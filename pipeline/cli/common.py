@@ -11,7 +11,9 @@ Exit codes (the same for every command; docs/input-and-errors.md):
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
+import os
 import re
 import sys
 from typing import Callable
@@ -101,6 +103,34 @@ def out_of_memory(exc: BaseException) -> str | None:
     return None
 
 
+# Write failures that say the storage is full, not that the code is wrong.
+STORAGE_FULL = {errno.ENOSPC: 'no space left on the device',
+                errno.EFBIG: 'file too large (a file-size limit, ulimit -f)',
+                errno.EDQUOT: 'disk quota exceeded'}
+
+
+def storage_full(exc: BaseException) -> str | None:
+    """'<what> writing <file>' when exc (or what it wraps, also as a runner's text)
+    is a write that failed for lack of space: ENOSPC, EFBIG, EDQUOT; else None."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in STORAGE_FULL:
+            where = f' writing {exc.filename}' if exc.filename else ''
+            return f'{STORAGE_FULL[exc.errno]}{where}'
+        found = re.search(r'\[Errno (\d+)\][^\n]*', str(exc))
+        if found and int(found.group(1)) in STORAGE_FULL:
+            path = re.search(r"\[Errno \d+\] [^:\n]*: '([^'\n]+)'", found.group(0))
+            where = f' writing {path.group(1)}' if path else ''
+            return f'{STORAGE_FULL[int(found.group(1))]}{where}'
+        for code, text in STORAGE_FULL.items():   # a library's own error (TensorFlow's)
+            found = re.search(rf'([^\s;]+); {re.escape(os.strerror(code))}', str(exc))
+            if found:
+                return f'{text} writing {found.group(1)}'
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 def run_command(body: Callable[[], int], parser: argparse.ArgumentParser,
                 refused: tuple[type[BaseException], ...] = (),
                 failed: tuple[type[BaseException], ...] = (),
@@ -115,7 +145,8 @@ def run_command(body: Callable[[], int], parser: argparse.ArgumentParser,
     - UntrustedModel (a model folder that is missing, changed or forged),
       PublishFailed (the filesystem refused a step of publishing) and `failed` ->
       `error: ...` (exit 1); running out of memory -> `error: out of
-      memory ...` (exit 1);
+      memory ...` (exit 1); a write refused for lack of space (ENOSPC, EFBIG,
+      EDQUOT) -> `error: no space left ...` (exit 1: nothing was published);
     Anything else is a bug: its traceback and 70."""
     try:
         return body()
@@ -139,6 +170,11 @@ def run_command(body: Callable[[], int], parser: argparse.ArgumentParser,
         if memory is not None:
             return fail(f'out of memory: {memory} (an option too large for this machine, '
                         f'such as --latent_factors or --top_k?){after_failure}')
+        full = storage_full(e)
+        if full is not None:
+            return fail(f'{full}; nothing was published (an earlier output is '
+                        f'unchanged): free space or raise the limit and run again'
+                        f'{after_failure}')
         log.exception('internal error (a bug): %s', e)
         return EXIT_INTERNAL
     return EXIT_INTERNAL   # not reached: parser.error exits

@@ -47,11 +47,12 @@ from typing import Callable, Iterator
 
 from apache_beam.io.filesystems import FileSystems
 
+from pipeline.faults import point
 from pipeline.store import leases
 from pipeline.store.model_files import LATEST, resolve_model_path
 from pipeline.store.publish import (SUCCESS, UntrustedModel, _local_path, list_files,
                                     our_manifest, read_manifest_bytes, remove_listed,
-                                    remove_tree, staging_path, step)
+                                    remove_tree, staging_path)
 
 log = logging.getLogger('pipeline.store.model_root')
 
@@ -131,7 +132,7 @@ def _update_local(root: str, decide: Callable[[dict | None], dict | None]) -> di
             f.write(_encode(new))
             f.flush()
             os.fsync(f.fileno())
-        step('latest-temp-written')
+        point('latest-temp-written')
         os.replace(tmp, path)                  # atomic: the old or the new LATEST
         dir_fd = os.open(root, os.O_RDONLY)
         try:
@@ -202,7 +203,7 @@ def promote(root: str, version: str, metrics: dict) -> tuple[bool, dict]:
         return record
     after = update_latest(root, decide)
     moved = after is not None and after.get('version') == version
-    step('latest-written' if moved else 'latest-kept')
+    point('latest-written' if moved else 'latest-kept')
     return moved, after
 
 
@@ -233,12 +234,12 @@ def prune(root: str, keep: int, run_id: str | None = None) -> list[str]:
         if FileSystems.exists(f'{folder}/{SUCCESS}'):
             saved = read_manifest_bytes(folder)
             FileSystems.delete([f'{folder}/{SUCCESS}'])
-            step('condemned')
+            point('condemned')
         users = versions_in_use(root, ignore=run_id).get(name)
         if users:   # a reader named it between our two looks: give it back
             if saved is not None:
                 _restore_manifest(root, folder, saved)
-                step('restored')
+                point('restored')
             log.info('Kept %s: %s started to use it', name, ', '.join(users))
             continue
         if manifest is not None:
@@ -251,7 +252,7 @@ def prune(root: str, keep: int, run_id: str | None = None) -> list[str]:
             remove_tree(folder)
         deleted.append(name)
     if deleted:
-        step('pruned')
+        point('pruned')
         log.info('Pruned %d old version(s): %s', len(deleted), ', '.join(deleted))
     return deleted
 
@@ -395,7 +396,7 @@ def hold_model(path: str, run_id: str) -> str:
         except UntrustedModel:
             sha = None
         if sha is not None and want in (None, sha):
-            step('version-held')
+            point('version-held')
             return folder
         lease.remove_versions([name])
         time.sleep(0.05 * (attempt + 1))   # a pruner may be writing it back

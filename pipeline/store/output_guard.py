@@ -36,13 +36,14 @@ import re
 
 from apache_beam.io.filesystems import FileSystems
 
+from pipeline.faults import point
 from pipeline.store import leases
 from pipeline.store.model_root import reclaim_root, lease_path as root_lease_path
 from pipeline.store.publish import (SUCCESS, OutputExists, OutputRefused, PublishFailed,
                                     _local_path,
                                     aside_path, list_files, old_copies, our_manifest,
                                     publish, remove_empty_dirs, remove_listed, remove_tree,
-                                    staging_path, step)
+                                    staging_path, storage_errors)
 
 log = logging.getLogger('pipeline.store.output_guard')
 
@@ -258,7 +259,7 @@ class OutputGuard:
             raise OutputRefused(f'{self.shown}: cannot write beside it ({e}); the run '
                                 'publishes through files beside the output, so its '
                                 'parent folder must be writable') from None
-        step('lease-taken')
+        point('lease-taken')
         try:
             self.reclaim()
             self.check_existing()
@@ -365,7 +366,7 @@ class OutputGuard:
             removed = reclaim_beside(self.output, keep=self.run_id,
                                      any_sibling=self.any_sibling)
         if removed:
-            step('reclaimed')
+            point('reclaimed')
         return removed
 
     # -- the publish ---------------------------------------------------------------
@@ -382,7 +383,7 @@ class OutputGuard:
                           run_id=self.run_id, replaceable=self.replaceable)
         except (OutputRefused, PublishFailed):
             raise
-        except (OSError, IOError) as e:   # e.g. the parent became read-only meanwhile
+        except storage_errors() as e:   # e.g. the parent became read-only meanwhile
             raise PublishFailed(f'could not publish to {self.output}: {e}; the earlier '
                                 'output, if any, is unchanged (or readable through its '
                                 'set-aside copy until the next run)') from None
@@ -411,7 +412,7 @@ class OutputGuard:
             leases._Heartbeat.forget(self.lease)
         else:
             self.lease.release()
-            step('lease-released')
+            point('lease-released')
         self.lease = None
         self._undo_folders()
 

@@ -15,11 +15,11 @@ import hashlib
 import json
 import logging
 import os
-import time
 import uuid
 
 from apache_beam.io.filesystems import FileSystems
 
+from pipeline.faults import point
 from pipeline.options import ConfigError
 
 SUCCESS = '_SUCCESS'
@@ -43,6 +43,17 @@ class OutputExists(OutputRefused):
 class PublishFailed(RuntimeError):
     """The filesystem refused a step of publishing (exit 1): nothing new is
     published, the earlier output is intact or readable through its set-aside copy."""
+
+
+def storage_errors() -> tuple[type[BaseException], ...]:
+    """What a filesystem raises when it refuses an operation: OSError (local files,
+    Beam's BeamIOError) and, with google-cloud installed, its API errors (gs://: a
+    403, or a 5xx that outlasted the client's retries)."""
+    try:
+        from google.api_core.exceptions import GoogleAPIError
+    except ImportError:
+        return (OSError,)
+    return (OSError, GoogleAPIError)
 
 
 def new_run_id() -> str:
@@ -100,16 +111,6 @@ def describe_inputs(pattern: str) -> list[dict]:
             for m in sorted(metas, key=lambda m: m.path)]
 
 
-def step(name: str) -> None:
-    """Logs `publish: <name>` at each step of publishing and promotion (the crash
-    tests kill the launcher when they read a line). WALS_STEP_DELAY=<seconds> makes
-    it wait after each step, so a kill lands inside the step's window."""
-    log.info('publish: %s', name)
-    delay = os.environ.get('WALS_STEP_DELAY')
-    if delay:
-        time.sleep(float(delay))
-
-
 def publish(staging: str, output: str, manifest: dict, overwrite: bool = True,
             run_id: str | None = None, replaceable: set[str] | None = None) -> dict:
     """Publishes a staged output at output with its _SUCCESS manifest. Returns the
@@ -137,7 +138,7 @@ def publish(staging: str, output: str, manifest: dict, overwrite: bool = True,
                     published=datetime.datetime.now(datetime.timezone.utc).isoformat(),
                     files={f: _checksum(f'{staging}/{f}') for f in files})
     _write_manifest(staging, manifest)
-    step('staged')
+    point('staged')
     local = _local_path(output)
     if local is not None and _local_path(staging) is not None:
         if not overwrite:
@@ -167,11 +168,11 @@ def _replace_local(staging: str, output: str, run_id: str) -> None:
     aside = aside_path(output, run_id)
     if os.path.isdir(output) and os.listdir(output):
         os.rename(output, aside)
-        step('old-set-aside')
+        point('old-set-aside')
     elif os.path.isdir(output):
         os.rmdir(output)
     os.rename(staging, output)
-    step('new-moved-in')
+    point('new-moved-in')
     _remove_aside(output, aside)
 
 
@@ -192,9 +193,9 @@ def _replace_copying(staging: str, output: str, files: list[str], run_id: str,
         if rest:
             FileSystems.copy([f'{output}/{f}' for f in rest], [f'{aside}/{f}' for f in rest])
         FileSystems.copy([f'{output}/{SUCCESS}'], [f'{aside}/{SUCCESS}'])
-        step('old-set-aside')
+        point('old-set-aside')
         FileSystems.delete([f'{output}/{SUCCESS}'])
-        step('old-untrusted')
+        point('old-untrusted')
     old = [f for f in old if f != SUCCESS]
     if old:
         FileSystems.delete([f'{output}/{f}' for f in old])
@@ -202,9 +203,9 @@ def _replace_copying(staging: str, output: str, files: list[str], run_id: str,
         _mkdirs(f'{output}/{folder}')
     _mkdirs(output)
     FileSystems.rename([f'{staging}/{f}' for f in files], [f'{output}/{f}' for f in files])
-    step('new-files-moved')
+    point('new-files-moved')
     FileSystems.copy([f'{staging}/{SUCCESS}'], [f'{output}/{SUCCESS}'])
-    step('new-moved-in')
+    point('new-moved-in')
     try:
         remove_tree(staging)
     except Exception as e:   # noqa: BLE001 - published: a leftover is not a failure
@@ -241,7 +242,7 @@ def _remove_aside(output: str, aside: str) -> None:
         log.warning('Published %s, but could not delete the old copy %s (%s); the next '
                     'run on %s reclaims it.', output, aside, e, output)
         return
-    step('old-removed')
+    point('old-removed')
     if left:
         log.warning('Published %s; the old copy %s keeps %d file(s) this tool did not '
                     'write (%s): delete them yourself.', output, aside, len(left),
@@ -304,7 +305,7 @@ def _publish_local_new(staging: str, output: str, manifest: dict) -> dict:
         if e.errno in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR):
             check_output(output, overwrite=False)  # says what is there
         raise
-    step('new-moved-in')
+    point('new-moved-in')
     return manifest
 
 

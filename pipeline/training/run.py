@@ -24,8 +24,9 @@ from pipeline.store.model_files import LATEST, PreviousModel, load_model_files, 
 from pipeline.store.model_root import (hold_model, promote, prune, read_latest, release_holds,
                                        root_of, version_name, version_path)
 from pipeline.store.output_guard import OutputGuard, relation
-from pipeline.store.publish import (OutputExists, OutputRefused, UntrustedModel,
-                                    describe_inputs, discard, new_run_id, remove_tree)
+from pipeline.store.publish import (OutputExists, OutputRefused, PublishFailed,
+                                    UntrustedModel, describe_inputs, discard, new_run_id,
+                                    remove_tree, storage_errors)
 from pipeline.store.model_check import check_saved_model
 from pipeline.store.report import (PLOT, build_report, gate_decision, plot_convergence,
                                    write_report)
@@ -188,12 +189,23 @@ def _run(config: TrainConfig, options: PipelineOptions, overwrite: bool, started
     if root is None:
         outcome['message'] = f'Published to {config.output}.'
     elif gate['passed']:
-        moved, latest = promote(root, version, metrics)
+        try:
+            moved, latest = promote(root, version, metrics)
+        except storage_errors() as e:
+            raise PublishFailed(f'published {version}, but could not update {root}/{LATEST} '
+                                f'({e}); LATEST is unchanged: run again to promote a new '
+                                'version') from None
         outcome['promoted'] = moved
         if moved:
             outcome['message'] = f'Promoted: {root}/{LATEST} -> {version}.'
             if config.keep_versions:
-                pruned = prune(root, config.keep_versions, run_id)
+                try:
+                    pruned = prune(root, config.keep_versions, run_id)
+                except Exception as e:   # noqa: BLE001 - promoted: cleanup is not the run
+                    log.warning('Promoted %s, but pruning old versions of %s failed (%s); '
+                                'the next run with --keep_versions prunes them.', version,
+                                root, e)
+                    pruned = []
                 outcome['pruned'] = pruned
                 if pruned:
                     outcome['message'] += f' Pruned {len(pruned)} old version(s).'
