@@ -49,7 +49,7 @@ from pipeline.options import ConfigError
 from pipeline.serving.recommender import Recommender
 from pipeline.store.model_root import hold_model, release_holds
 from pipeline.store.output_guard import LEFTOVER_RE, OutputGuard, family, output_kind
-from pipeline.store.publish import (SUCCESS, OutputRefused, _local_path, discard, new_run_id,
+from pipeline.store.publish import (SUCCESS, OutputRefused, local_path, discard, new_run_id,
                                     our_manifest, read_manifest_bytes)
 
 log = logging.getLogger(__name__)
@@ -190,7 +190,7 @@ class ServingModule(tf.Module):
 def _entries(base: str) -> dict[str, bool]:
     """{name: is a folder} of what base holds (object stores: the first component
     of every object name under it)."""
-    local = _local_path(base)
+    local = local_path(base)
     if local is not None:
         if not os.path.isdir(local):
             return {}
@@ -280,7 +280,7 @@ def _export(model: str, base: str, top_k_max: int, version: int | None, run_id: 
                           'recommend': module.recommend.get_concrete_function(),
                           'similar_items': module.similar_items.get_concrete_function()}
             try:
-                if _local_path(staging) is not None:
+                if local_path(staging) is not None:
                     tf.saved_model.save(module, staging, signatures=signatures)
                 else:   # saved locally, then copied: TensorFlow need not know gs://
                     local = os.path.join(tmp, 'saved')

@@ -50,7 +50,7 @@ from apache_beam.io.filesystems import FileSystems
 from pipeline.faults import point
 from pipeline.store import leases
 from pipeline.store.model_files import LATEST, resolve_model_path
-from pipeline.store.publish import (SUCCESS, UntrustedModel, _local_path, list_files,
+from pipeline.store.publish import (SUCCESS, UntrustedModel, local_path, list_files,
                                     our_manifest, read_manifest_bytes, remove_listed,
                                     remove_tree, staging_path)
 
@@ -181,7 +181,7 @@ def update_latest(root: str, decide: Callable[[dict | None], dict | None]) -> di
     """Applies decide(current LATEST or None) -> new record (None: leave it) atomically;
     returns LATEST as it is afterwards."""
     root = root.rstrip('/')
-    local = _local_path(root)
+    local = local_path(root)
     if local is not None:
         return _update_local(local, decide)
     if root.startswith('gs://'):
@@ -259,12 +259,12 @@ def prune(root: str, keep: int, run_id: str | None = None) -> list[str]:
 
 def _restore_manifest(root: str, folder: str, data: bytes) -> None:
     """Writes a version's _SUCCESS back in one step (a reader never sees half)."""
-    local = _local_path(folder)
+    local = local_path(folder)
     if local is None:
         with FileSystems.create(f'{folder}/{SUCCESS}') as f:
             f.write(data)
         return
-    part = os.path.join(_local_path(root), LEASES, f'.restore-{uuid.uuid4().hex[:8]}')
+    part = os.path.join(local_path(root), LEASES, f'.restore-{uuid.uuid4().hex[:8]}')
     os.makedirs(os.path.dirname(part), exist_ok=True)
     with open(part, 'wb') as f:
         f.write(data)
@@ -340,7 +340,7 @@ def reclaim_root(root: str, keep: str | None = None) -> list[str]:
         log.info('Reclaimed the leftovers of %s in %s: %s', state.describe(), root,
                  ', '.join(mine) or 'its lease')
         removed += mine
-    local = _local_path(f'{root}/{LEASES}')
+    local = local_path(f'{root}/{LEASES}')
     if local is not None and os.path.isdir(local):
         # part files of a lease or of a restored _SUCCESS whose writer was killed
         for name in os.listdir(local):

@@ -40,7 +40,7 @@ from pipeline.faults import point
 from pipeline.store import leases
 from pipeline.store.model_root import reclaim_root, lease_path as root_lease_path
 from pipeline.store.publish import (SUCCESS, OutputExists, OutputRefused, PublishFailed,
-                                    _local_path,
+                                    local_path,
                                     aside_path, list_files, old_copies, our_manifest,
                                     publish, remove_empty_dirs, remove_listed, remove_tree,
                                     staging_path, storage_errors)
@@ -90,7 +90,7 @@ def places(path: str) -> set[Place]:
     """The forms of a path to compare: locally the resolved path (symlinks followed)
     and the one as written (made absolute, `..` removed: a symlink that lies inside
     the output but points elsewhere still lies inside it)."""
-    local = _local_path(path)
+    local = local_path(path)
     if local is not None:
         given = os.path.abspath(os.path.expanduser(local))
         return {Place('file', '', tuple(p for p in form.split(os.sep) if p))
@@ -127,7 +127,7 @@ def expand(pattern: str) -> list[str]:
 def _ancestors(path: str) -> list[str]:
     """Folders above path, nearest first (local: resolved; object stores: each
     prefix up to the bucket)."""
-    local = _local_path(path)
+    local = local_path(path)
     out = []
     if local is not None:
         here = os.path.realpath(os.path.abspath(local))
@@ -193,7 +193,7 @@ class OutputGuard:
         """OutputRefused when output is a file or a symbolic link, when a file stands
         where a folder should be, when its parent cannot be written, or when it lies
         inside a published output."""
-        local = _local_path(self.output)
+        local = local_path(self.output)
         if local is not None:
             self._check_local_target(local)
         elif FileSystems.exists(self.output):
@@ -276,7 +276,7 @@ class OutputGuard:
             self.lease.record['publishes'] = version
             self.lease.add_versions([version])
             return
-        local = _local_path(self.output)
+        local = local_path(self.output)
         if local is not None:
             here = os.path.dirname(os.path.abspath(local))
             while not os.path.exists(here):
@@ -339,7 +339,7 @@ class OutputGuard:
         self.replaceable = set(files) & ours
 
     def _is_there(self) -> bool:
-        local = _local_path(self.output)
+        local = local_path(self.output)
         return os.path.isdir(local) if local is not None else True
 
     def _legacy_tuning(self, files: list[str]) -> bool:
@@ -420,7 +420,7 @@ class OutputGuard:
 def _siblings(output: str, any_sibling: bool) -> dict[str, dict[str, list[str]]]:
     """{run id: {'tmp'|'old'|'lease': [paths]}} of the leftovers beside output."""
     output = output.rstrip('/')
-    local = _local_path(output)
+    local = local_path(output)
     if local is None:
         parent, _, name = output.rpartition('/')
     else:
@@ -519,7 +519,7 @@ def _remove_partial_publish(output: str, staging: str) -> None:
     if manifest is None:
         return
     present = set(list_files(output)) if FileSystems.exists(output) or \
-        _local_path(output) is None else set()
+        local_path(output) is None else set()
     mine = [f for f in sorted(present & set(manifest['files']))
             if _matches(f'{output}/{f}', manifest['files'][f])]
     if mine:

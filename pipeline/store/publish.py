@@ -139,11 +139,11 @@ def publish(staging: str, output: str, manifest: dict, overwrite: bool = True,
                     files={f: _checksum(f'{staging}/{f}') for f in files})
     _write_manifest(staging, manifest)
     point('staged')
-    local = _local_path(output)
-    if local is not None and _local_path(staging) is not None:
+    local = local_path(output)
+    if local is not None and local_path(staging) is not None:
         if not overwrite:
             return _publish_local_new(staging, local, manifest)
-        _replace_local(_local_path(staging), local, run_id)
+        _replace_local(local_path(staging), local, run_id)
         return manifest
     if not overwrite:
         check_output(output, overwrite=False)
@@ -234,7 +234,7 @@ def _remove_aside(output: str, aside: str) -> None:
     failure is a warning (the publish has succeeded)."""
     try:
         if not list_files(aside):
-            if _local_path(aside) is not None and os.path.isdir(_local_path(aside)):
+            if local_path(aside) is not None and os.path.isdir(local_path(aside)):
                 remove_empty_dirs(aside)
             return
         left = remove_listed(aside)
@@ -267,7 +267,7 @@ def remove_listed(folder: str, manifest: dict | None = None) -> list[str]:
     if doomed:
         FileSystems.delete([f'{folder}/{f}' for f in doomed])
     left = [f for f in present if f not in listed and f != SUCCESS]
-    if _local_path(folder) is not None:
+    if local_path(folder) is not None:
         remove_empty_dirs(folder)
     return left
 
@@ -275,7 +275,7 @@ def remove_listed(folder: str, manifest: dict | None = None) -> list[str]:
 def remove_empty_dirs(folder: str) -> None:
     """Removes the empty folders under a local folder, and the folder itself if it
     is left empty (object stores have no folders)."""
-    root = _local_path(folder)
+    root = local_path(folder)
     if root is None or not os.path.isdir(root) or os.path.islink(root):
         return
     for here, dirs, _ in os.walk(root, topdown=False):
@@ -287,7 +287,7 @@ def remove_empty_dirs(folder: str) -> None:
         os.rmdir(root)
 
 
-def _local_path(path: str) -> str | None:
+def local_path(path: str) -> str | None:
     """The OS path of a local file system path, None for other file systems."""
     if path.startswith('file://'):
         return path[len('file://'):]
@@ -300,7 +300,7 @@ def _publish_local_new(staging: str, output: str, manifest: dict) -> dict:
     parent = os.path.dirname(os.path.abspath(output))
     os.makedirs(parent, exist_ok=True)
     try:
-        os.rename(_local_path(staging), output)   # onto nothing, or an empty folder
+        os.rename(local_path(staging), output)   # onto nothing, or an empty folder
     except OSError as e:
         if e.errno in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR):
             check_output(output, overwrite=False)  # says what is there
