@@ -93,19 +93,22 @@ def prepare(work: Path, python: str, env: dict) -> None:
 
 
 def collapsed(folder: str):
-    """A check: the model at folder has no more all-zero vectors than a model of
-    MovieLens without the absurd value would (a user or item without training
-    ratings is zero; nearly every one has some)."""
+    """A check: no user and no item with training ratings has an all-zero vector
+    (every MovieLens user has 20 ratings or more; an item's training ratings are
+    model/col_counts.npy). A model that has such vectors collapsed."""
     def check(work: Path) -> str | None:
         import numpy as np
-        for name in ('row', 'col'):
-            path = work / folder / 'model' / f'{name}.npy'
-            if not path.exists():
-                return f'{path.name} missing'
-            m = np.load(path)
-            zero = int((~m.any(axis=1)).sum())
-            if zero > 0.01 * len(m):
-                return f'{zero} of {len(m)} {name} vectors are all zero (collapsed model)'
+        model = work / folder / 'model'
+        if not (model / 'row.npy').exists() or not (model / 'col.npy').exists():
+            return 'row.npy or col.npy missing'
+        row, col = np.load(model / 'row.npy'), np.load(model / 'col.npy')
+        counts = np.load(model / 'col_counts.npy')
+        zero_rows = int((~row.any(axis=1)).sum())
+        zero_cols = int((~col.any(axis=1) & (counts > 0)).sum())
+        if zero_rows or zero_cols:
+            return (f'{zero_rows} of {len(row)} user and {zero_cols} of '
+                    f'{int((counts > 0).sum())} item vectors with training ratings are '
+                    'all zero (collapsed model)')
         return None
     return check
 

@@ -49,6 +49,12 @@ SLOW_TESTS = {
     ('test_modes', 'test_mode_runs_are_byte_identical_across_direct_runner_modes'),
     ('test_tune', 'test_reads_and_writes_gcs'),
     ('test_docs', 'test_examples_run_and_print_what_the_page_shows'),
+    ('test_solver_cg_pipeline', 'test_broadcast_and_routed_give_identical_files'),
+    ('test_damaged_input', 'test_memory_stays_bounded_on_200_mb_without_a_newline'),
+    ('test_multiprocessing_loss',
+     'test_the_race_loses_elements_in_multi_processing_and_the_fix_stops_it'),
+    ('test_bad_input', 'test_existing_model_is_kept_unless_overwrite'),
+    ('test_bad_input', 'test_failed_run_leaves_the_earlier_model_untouched'),
 }
 
 
