@@ -270,7 +270,9 @@ def run_case(case: Case, work: Path, python: str, env: dict) -> tuple[int | None
     message = (errors or lines or [''])[0][:160]
     if case.stderr_needs and case.stderr_needs not in ' '.join(errors):
         problems.append(f'no error line saying {case.stderr_needs!r}')
-    return done.returncode, '; '.join(problems) if problems else f'ok: {message}'
+    if problems:
+        return done.returncode, '; '.join(problems)
+    return done.returncode, 'ok: done' if done.returncode == 0 else f'ok: {message}'
 
 
 def main(argv: list[str] | None = None) -> int:
