@@ -26,6 +26,7 @@ setuptools.setup(
         'threadpoolctl>=3.1',   # one BLAS thread inside the batched solves
         'pyarrow>=14',          # the columnar fast path of the parser (pipeline/io/parse.py)
         'matplotlib>=3.8',      # convergence.png (pipeline/store/report.py, in the launcher)
+        'zstandard>=0.18',      # .zst input read on workers (pipeline/io/decompress.py)
     ],
     extras_require={
         'local': [BEAM],

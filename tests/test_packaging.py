@@ -163,7 +163,8 @@ def test_every_third_party_import_is_declared(sdist):
 
 # Imports of code that never runs on a training worker, provided by a setup.py extra.
 LAUNCHER_ONLY = {'pipeline/tuning/search.py': {'optuna'}, 'pipeline/serving/export.py': {'tensorflow'},
-                 'pipeline/runners/dask_runner.py': {'dask'},
+                 'pipeline/runners/dask_runner.py': {'dask', 'distributed'},
+                 'pipeline/runners/factory.py': {'dask', 'distributed'},   # only to say the extra is missing
                  # the HTTP server (python -m pipeline.serve): the serve extra
                  'pipeline/serving/app.py': {'fastapi', 'starlette', 'pydantic',
                                              'prometheus_client'},
