@@ -55,7 +55,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / 'bench'))
 
-from prepare_data import paths, prepare  # noqa: E402
+from prepare_data import cpu_model, paths, prepare  # noqa: E402
 from run_bench import write_section  # noqa: E402
 from pipeline.store.model_root import promote  # noqa: E402
 
@@ -192,14 +192,7 @@ def readyz_version(url: str) -> str | None:
 
 
 def machine() -> str:
-    cpu = ''
-    try:
-        for line in open('/proc/cpuinfo'):
-            if line.startswith('model name'):
-                cpu = line.split(':', 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model('')
     return (f'{platform.machine()} {cpu}, {os.cpu_count()} CPUs (shared), Python '
             f'{platform.python_version()}, numpy {np.__version__}')
 

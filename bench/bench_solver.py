@@ -63,7 +63,7 @@ for _p in (str(ROOT), str(BENCH)):
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
-from prepare_data import DEFAULT_CACHE, paths, prepare, read_ratings  # noqa: E402
+from prepare_data import DEFAULT_CACHE, cpu_model, paths, prepare, read_ratings  # noqa: E402
 
 RESULT = BENCH / 'results' / 'solver.md'
 THREADS = 2
@@ -626,14 +626,7 @@ def _commit() -> str:
 
 
 def _machine() -> str:
-    cpu = platform.processor() or 'unknown CPU'
-    try:
-        for line in open('/proc/cpuinfo'):
-            if line.startswith('model name'):
-                cpu = line.split(':', 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model(platform.processor() or 'unknown CPU')
     try:
         mem = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2 ** 30
     except (ValueError, OSError):

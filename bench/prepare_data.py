@@ -42,6 +42,18 @@ SPLIT_SEED = 0
 SYNTH_SEED = 0
 
 
+def cpu_model(default: str = 'unknown') -> str:
+    """The CPU's model name from /proc/cpuinfo (the benchmark reports' machine line)."""
+    try:
+        with open('/proc/cpuinfo') as f:
+            for line in f:
+                if line.startswith('model name'):
+                    return line.split(':', 1)[1].strip()
+    except OSError:
+        pass
+    return default
+
+
 def _sha(path: pathlib.Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 

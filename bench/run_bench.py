@@ -47,7 +47,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 BENCH = ROOT / 'bench'
 sys.path.insert(0, str(BENCH))
 
-from prepare_data import ALL_SIZES, paths  # noqa: E402
+from prepare_data import ALL_SIZES, cpu_model, paths  # noqa: E402
 
 ITERS = 10
 GIB = 1 << 30
@@ -277,14 +277,7 @@ def _gib(b):
 
 
 def machine_info(py: str) -> dict:
-    cpu = 'unknown'
-    try:
-        for line in open('/proc/cpuinfo'):
-            if line.startswith('model name'):
-                cpu = line.split(':', 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model('unknown')
     probe = ("import json,sys,platform,numpy,scipy,apache_beam,threadpoolctl\n"
              "v={'python':platform.python_version(),'numpy':numpy.__version__,"
              "'scipy':scipy.__version__,'apache-beam':apache_beam.__version__}\n"

@@ -102,21 +102,6 @@ def test_broadcast_and_routed_give_identical_files(sparse_ratings, tmp_path, mod
         (tmp_path / 'broadcast' / 'model' / 'row.npy').read_bytes()
 
 
-@pytest.mark.parametrize('args, message', [
-    (['--solver', 'cg', '--cg_steps', '0'], '--cg_steps must be at least 1'),
-    (['--cg_steps', '-3'], '--cg_steps must be at least 1'),
-])
-def test_a_bad_cg_steps_is_exit_2_with_one_error_line(small_ratings, tmp_path, args, message):
-    proc = train_cli('--input', str(small_ratings), '--output', str(tmp_path / 'o'), *args,
-                     check=False)
-    assert proc.returncode == 2
-    assert message in proc.stderr
-    # argparse's usage, then one line naming the option
-    assert proc.stderr.strip().splitlines()[-1].endswith(message), proc.stderr
-    assert 'Traceback' not in proc.stderr
-    assert not (tmp_path / 'o').exists()
-
-
 def test_a_bad_solver_name_is_exit_2(small_ratings, tmp_path):
     proc = train_cli('--input', str(small_ratings), '--output', str(tmp_path / 'o'),
                      '--solver', 'lu', check=False)
