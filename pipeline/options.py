@@ -145,7 +145,7 @@ def config_from_options(options: PipelineOptions) -> TrainConfig:
                 raise ConfigError(f'--{name} is a parameter of --model {owners}, not of '
                                   f'--model {args.model}')
             base[name] = getattr(args, name)
-    if base['cg_steps'] < 1:
+    if base['cg_steps'] < 1:   # before WalsParams, which would refuse it with a ValueError
         raise ConfigError('--cg_steps must be at least 1')
     params = WalsParams(model=args.model, **base)
     checks = [
