@@ -107,7 +107,8 @@ def predict(rows: np.ndarray, cols: np.ndarray, row_matrix: np.ndarray,
     u = np.asarray(row_matrix, np.float64)
     v = np.asarray(col_matrix, np.float64)
     k = params.latent_factors
-    pred = np.einsum('ij,ij->i', u[rows, :k], v[cols, :k])
+    pred = np.einsum('ij,ij->i', np.take(u[:, :k], rows, axis=0),
+                     np.take(v[:, :k], cols, axis=0))     # np.take: see _slice_terms
     if has_bias(params):
         pred += global_mean + u[rows, k] + v[cols, k]
     if clip is not None:
@@ -213,8 +214,9 @@ def _slice_terms(rows, cols, a, u, col_matrix, p: WalsParams, global_mean: float
     the slice's ObjectiveTerms.weight."""
     k = p.latent_factors
     # float32 gathers and products (the stored factors' own precision; 3-4x less
-    # memory traffic than float64 copies), summed in float64.
-    ur, vc = u[rows], col_matrix[cols]
+    # memory traffic than float64 copies), summed in float64. np.take: the same rows
+    # as u[rows], 3-6x faster than fancy indexing for rows of a few dozen floats.
+    ur, vc = np.take(u, rows, axis=0), np.take(col_matrix, cols, axis=0)
     dot = np.einsum('ij,ij->i', ur[:, :k], vc[:, :k]).astype(np.float64)
     return get_model(p.model).slice_terms(p, a, dot, ur, vc, global_mean, weight)
 
