@@ -294,3 +294,25 @@ def test_block_objectives_sum_to_the_objective(model):
     pred = objectives.predict(r, c, u, v, p, mu)
     target = objectives.preference(values) if model == 'implicit' else values
     assert sse == pytest.approx(float(np.sum((target - pred) ** 2)), rel=1e-7)
+
+
+@pytest.mark.parametrize('model', ['wals', 'implicit', 'explicit'])
+def test_block_objective_is_the_same_on_any_number_of_threads(model, monkeypatch):
+    """Slices run on the kernel's threads and are summed in slice order afterwards:
+    1, 2 or 3 threads give the same bits (the block spans several slices)."""
+    rng = np.random.default_rng(5)
+    n_rows, n_cols, nnz = 2_000, 500, 3 * objectives._SLICE + 123
+    keys = rng.choice(n_rows * n_cols, nnz, replace=False)
+    block = csr_from_triples(keys // n_cols, keys % n_cols,
+                             rng.integers(1, 6, nnz).astype(np.float64), n_rows)
+    counts = np.bincount(keys % n_cols, minlength=n_cols)
+    p = WalsParams(model=model, latent_factors=6)
+    w = objectives.stored_width(p)
+    u = rng.normal(size=(n_rows, w)).astype(np.float32)
+    v = rng.normal(size=(n_cols, w)).astype(np.float32)
+    got = {}
+    for threads in (1, 2, 3):
+        monkeypatch.setattr(objectives, 'default_threads', lambda t=threads: t)
+        got[threads] = objectives.block_objective(block, 0, u, v, p, counts, 3.0)
+    assert got[1] == got[2] == got[3]
+    assert np.isfinite(got[1][0]) and got[1][1] > 0

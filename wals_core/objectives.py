@@ -24,11 +24,13 @@ What differs between the modes is a method of the mode's class (wals_core/models
 """
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 
 from wals_core.models import confidence, get_model, preference  # noqa: F401
 from wals_core.params import WalsParams
-from wals_core.solve import RowSolver, single_threaded_blas
+from wals_core.solve import RowSolver, default_threads, single_threaded_blas
 from wals_core.sparse import Csr
 from wals_core.sums import fixed_dot
 
@@ -191,14 +193,26 @@ def block_objective(train: Csr, start: int, row_matrix: np.ndarray, col_matrix: 
     n = train.num_rows
     u = row_matrix[start:start + n]
     rows_all, cols_all, values, weight = terms.rows, terms.cols, terms.values, terms.weight
-    total = sse = 0.0
+
+    def one(lo: int) -> tuple[float, float]:
+        sl = slice(lo, lo + _SLICE)
+        return _slice_terms(rows_all[sl], cols_all[sl], values[sl], u, col_matrix, p,
+                            global_mean, None if weight is None else weight[sl])
+
+    # Slices on the solver's threads (numpy's gathers and products release the GIL),
+    # summed in slice order afterwards: the same bits for any number of threads.
+    starts = range(0, len(values), _SLICE)
+    threads = min(default_threads(), len(starts))
     with single_threaded_blas():     # many small dot products: OpenBLAS threads only cost
-        for lo in range(0, len(values), _SLICE):
-            sl = slice(lo, lo + _SLICE)
-            t, e = _slice_terms(rows_all[sl], cols_all[sl], values[sl], u, col_matrix, p,
-                                global_mean, None if weight is None else weight[sl])
-            total += t
-            sse += e
+        if threads <= 1:
+            parts = [one(lo) for lo in starts]
+        else:
+            with ThreadPoolExecutor(max_workers=threads) as pool:
+                parts = list(pool.map(one, starts))
+    total = sse = 0.0
+    for t, e in parts:
+        total += t
+        sse += e
     u64 = np.asarray(u, np.float64)
     if counts_scale_regularization(p):
         n_row = np.diff(train.indptr).astype(np.float64)

@@ -134,7 +134,8 @@ def _check_solver(solver: str, cg_steps: int) -> tuple[str, int]:
     return solver, int(cg_steps)
 
 
-def _default_threads() -> int:
+def default_threads() -> int:
+    """Worker threads of a kernel by default: the CPUs this process may run on."""
     try:
         return max(1, len(os.sched_getaffinity(0)))
     except (AttributeError, OSError):
@@ -227,7 +228,7 @@ class RowSolver:
                                 where=c > 0)
         self.col_w = self.w0_inv + self.sq
         self.row_safe = bool(np.all(self.own >= 0))
-        self.threads = _default_threads() if num_threads is None else max(1, int(num_threads))
+        self.threads = default_threads() if num_threads is None else max(1, int(num_threads))
         self.keep_plan = keep_plan
         self.chunks = self._chunks() if self.k and self.n else []
         self._plan: list[list[_Batch] | None] = [None] * len(self.chunks)
