@@ -3,7 +3,7 @@
     bench/setup_env.sh                                  # once: bench/.venv with the peers
     bench/.venv/bin/python bench/run_bench.py           # 100k, 1m, 10m -> BENCHMARKS.md
     bench/.venv/bin/python bench/run_bench.py --quick   # smoke run: 100k and 1m
-    bench/.venv/bin/python bench/run_bench.py --sizes 1m,10m,20m --methods beam_inmem@32
+    bench/.venv/bin/python bench/run_bench.py --sizes 100k,10m --also 20m:beam_inmem@32
 
 Every (data set, method, rank) case runs in its own process, one at a time, on the
 same cached data and the same train/test split (bench/prepare_data.py). The parent
@@ -13,16 +13,21 @@ Results (JSON per case, logs, models) go to --work (default output/bench-runs/ST
 the report to --out (default BENCHMARKS.md), and the tables are printed too.
 
 Methods (NAME@RANK selects one rank; default ranks in brackets):
-  beam_inmem      python -m pipeline.train, DirectRunner --direct_running_mode in_memory [10, 32*]
-  beam_mp         same, multi_processing --direct_num_workers 2 [10]
+  pandas_read     pandas.read_csv of the raw ratings file (the yardstick of reading) [0]
+  beam_inmem      python -m pipeline.train, DirectRunner --direct_running_mode in_memory [10, 32]
+  beam_cg         same, --solver cg [32]
+  beam_implicit   same, --model implicit [10, 32]
+  beam_explicit   same, --model explicit [10, 32]
+  beam_eval       same, --eval_every 1 (test metrics after every iteration) [10]
+  beam_mp         python -m pipeline.train, multi_processing --direct_num_workers 2 [10]
   beam_cli        python -m pipeline.train --input F --output D, all defaults (k=5,
                   20 iterations): the ./run_local.sh-equivalent run, 100k only [5]
   wals_core       wals_core.train in memory, read -> split -> train -> write [10, 32]
+  wals_core_cg    same, solver cg (3 steps, warm-started) [32]
   implicit_exact  implicit AlternatingLeastSquares, use_cg=False, 2 threads [32]
   implicit_cg     implicit AlternatingLeastSquares, CG (default), 2 threads [32]
   spark           Spark MLlib ALS, local[2], explicit, regParam 0.1 [10]
   numpy_floor     the numpy kernels an exact ALS iteration cannot skip [10, 32]
-  * beam_inmem@32 runs at 10m and 20m only when 20m is among --sizes (target 4).
 """
 from __future__ import annotations
 
@@ -51,12 +56,20 @@ from prepare_data import ALL_SIZES, cpu_model, paths  # noqa: E402
 
 ITERS = 10
 GIB = 1 << 30
-BEAM_METHODS = ('beam_inmem', 'beam_mp', 'beam_cli')
-METHOD_ORDER = ('beam_cli', 'beam_inmem', 'beam_mp', 'wals_core', 'numpy_floor',
-                'implicit_exact', 'implicit_cg', 'spark')
+# The pipeline's command line, DirectRunner in_memory, with what each variant adds.
+BEAM_VARIANTS = {'beam_inmem': [], 'beam_cg': ['--solver', 'cg'],
+                 'beam_implicit': ['--model', 'implicit'],
+                 'beam_explicit': ['--model', 'explicit'],
+                 'beam_eval': ['--eval_every', '1']}
+BEAM_METHODS = ('beam_mp', 'beam_cli', *BEAM_VARIANTS)
+METHOD_ORDER = ('pandas_read', 'beam_cli', 'beam_inmem', 'beam_cg', 'beam_implicit',
+                'beam_explicit', 'beam_eval', 'beam_mp', 'wals_core', 'wals_core_cg',
+                'numpy_floor', 'implicit_exact', 'implicit_cg', 'spark')
 DEFAULT_RANKS = {'beam_inmem': (10, 32), 'beam_mp': (10,), 'beam_cli': (5,),
-                 'wals_core': (10, 32), 'implicit_exact': (32,), 'implicit_cg': (32,),
-                 'spark': (10,), 'numpy_floor': (10, 32)}
+                 'beam_cg': (32,), 'beam_implicit': (10, 32), 'beam_explicit': (10, 32),
+                 'beam_eval': (10,), 'pandas_read': (0,),
+                 'wals_core': (10, 32), 'wals_core_cg': (32,), 'implicit_exact': (32,),
+                 'implicit_cg': (32,), 'spark': (10,), 'numpy_floor': (10, 32)}
 
 
 # ---------------------------------------------------------------------------------
@@ -86,9 +99,6 @@ def plan(sizes: list[str], methods: list[str] | None, iters: int,
             for rank in ranks:
                 if name == 'beam_cli' and size != '100k':
                     continue
-                if (not explicit and name == 'beam_inmem' and rank == 32
-                        and size in ('10m', '20m') and '20m' not in sizes):
-                    continue
                 key = f'{name}@{rank}'
                 n = 20 if name == 'beam_cli' else case_iters.get(key, iters)
                 cases.append({'size': size, 'method': name, 'rank': rank, 'iters': n,
@@ -105,8 +115,9 @@ def command(case: dict, py: str, work: pathlib.Path) -> tuple[list[str], pathlib
         if m != 'beam_cli':
             cmd += ['--latent_factors', str(case['rank']), '--num_iters', str(case['iters']),
                     '--runner', 'DirectRunner']
-            cmd += (['--direct_running_mode', 'in_memory'] if m == 'beam_inmem' else
-                    ['--direct_running_mode', 'multi_processing', '--direct_num_workers', '2'])
+            cmd += (['--direct_running_mode', 'multi_processing', '--direct_num_workers', '2']
+                    if m == 'beam_mp' else
+                    ['--direct_running_mode', 'in_memory'] + BEAM_VARIANTS[m])
         return cmd, out
     return [py, str(BENCH / 'workers.py'), m, '--data', case['size'], '--rank',
             str(case['rank']), '--iters', str(case['iters']), '--out', str(out),
@@ -135,7 +146,7 @@ def snapshot_code(work: pathlib.Path) -> dict:
                                      capture_output=True, text=True).stdout.strip()
         status = subprocess.run(['git', 'status', '--porcelain', '--', 'pipeline', 'wals_core'],
                                 cwd=ROOT, capture_output=True, text=True).stdout
-        git['uncommitted'] = [l[3:] for l in status.splitlines() if l.strip()]
+        git['uncommitted'] = [line[3:] for line in status.splitlines() if line.strip()]
     except OSError:
         pass
     return {'root': str(dest), 'sha256': digest.hexdigest()[:16], 'files': files, **git}
@@ -241,6 +252,11 @@ def _beam_result(out: pathlib.Path, spawn: float) -> dict:
     return {'seconds_per_iteration': statistics.median(per) if per else None,
             'per_iteration': per,
             'per_iteration_how': 'median of metrics.json phase_seconds.per_iteration',
+            # Seconds inside the numpy solves (summed over blocks and solve threads):
+            # the rest of s/iter is the runner's (side inputs, shuffles, scheduling)
+            # and the per-iteration objective's.
+            'solve_per_iteration': (statistics.median(ps['solve_per_iteration'])
+                                    if ps.get('solve_per_iteration') else None),
             'startup': written - read_to_model - spawn, 'read_to_model': read_to_model,
             'phases': {k: v for k, v in ps.items() if k != 'per_iteration'},
             'train_rmse': m.get('train_rmse'), 'test_rmse': m.get('test_rmse'),
@@ -320,54 +336,88 @@ def _ratio_row(target, what, num, den, limit, goal=None):
     return [target, what, f'{ratio:.2f}× ({_f(num)} / {_f(den)})', f'≤ {limit:g}×', verdict]
 
 
+def _ratings(size: str) -> int:
+    return json.loads(paths(size)['meta'].read_text())['ratings']
+
+
+def _spi(r):
+    return r and r.get('seconds_per_iteration')
+
+
+def _phase(r, name):
+    return r and (r.get('phases') or {}).get(name)
+
+
 def targets(results) -> list[list[str]]:
-    rows = []
-    sp = _find(results, '10m', 'spark', 10)
-    for mode in ('beam_inmem', 'beam_mp'):
-        b = _find(results, '10m', mode, 10)
-        rows.append(_ratio_row('1a', f'{mode} k=10 s/iter vs Spark ALS marginal s/iter, 10m',
-                               b and b['seconds_per_iteration'],
-                               sp and sp['seconds_per_iteration'], 0.5))
-        rows.append(_ratio_row('1b', f'{mode} k=10 read→model (10 it) vs Spark load+fit(10)+write, 10m',
-                               b and b.get('read_to_model'), sp and sp.get('read_to_model'), 1.0))
-    w = _find(results, '10m', 'wals_core', 32)
-    ie = _find(results, '10m', 'implicit_exact', 32)
-    rows.append(_ratio_row('2', 'wals_core k=32 s/iter vs implicit exact (Cholesky) s/iter, 10m',
-                           w and w['seconds_per_iteration'], ie and ie['seconds_per_iteration'],
-                           1.0, goal=0.5))
-    for mode, rank in (('beam_inmem', 10), ('beam_mp', 10), ('beam_inmem', 32)):
-        b = _find(results, '10m', mode, rank)
-        wc = _find(results, '10m', 'wals_core', rank)
-        if rank == 32 and not b:
-            continue
-        rows.append(_ratio_row('3', f'{mode} k={rank} s/iter vs wals_core k={rank} s/iter, 10m',
-                               b and b['seconds_per_iteration'],
-                               wc and wc['seconds_per_iteration'], 2.0))
+    """The goals of the speed issue (numbered as its sections), from this run's 10m
+    cases, plus the older goals this harness has always checked."""
+    f = lambda m, k: _find(results, '10m', m, k)   # noqa: E731
+    rows = [_ratio_row('1', 'wals_core CG k=32 s/iter vs implicit CG k=32 s/iter',
+                       _spi(f('wals_core_cg', 32)), _spi(f('implicit_cg', 32)), 1.0),
+            _ratio_row('2', 'beam_inmem k=10 s/iter vs Spark ALS marginal s/iter',
+                       _spi(f('beam_inmem', 10)), _spi(f('spark', 10)), 0.5)]
+    for rank in (10, 32):
+        rows.append(_ratio_row('2', f'beam_inmem k={rank} s/iter vs wals_core k={rank} s/iter',
+                               _spi(f('beam_inmem', rank)), _spi(f('wals_core', rank)), 1.3))
+    rows.append(_ratio_row('2', 'beam_mp (2 workers) k=10 s/iter vs beam_inmem k=10 s/iter',
+                           _spi(f('beam_mp', 10)), _spi(f('beam_inmem', 10)), 0.7))
+    rows.append(_ratio_row('3', 'beam_inmem read→blocks (read_and_group) vs pandas.read_csv '
+                           'of the same file', _phase(f('beam_inmem', 10), 'read_and_group'),
+                           _phase(f('pandas_read', 0), 'read_csv'), 2.0))
+    for model in ('implicit', 'explicit'):
+        for rank in (10, 32):
+            rows.append(_ratio_row('4', f'beam --model {model} k={rank} s/iter vs --model wals',
+                                   _spi(f(f'beam_{model}', rank)), _spi(f('beam_inmem', rank)),
+                                   1.1))
+    b = f('beam_inmem', 10)
+    rows.append(_ratio_row('5', 'beam_inmem k=10 evaluate_and_write (test RMSE + ranking '
+                           'metrics + model files) vs its s/iter',
+                           _phase(b, 'evaluate_and_write'), _spi(b), 1.0))
+    e = f('beam_eval', 10)
+    extra = None
+    if e and b and _phase(e, 'iterations') is not None and e['iters'] > 1:
+        extra = (_phase(e, 'iterations') - _phase(b, 'iterations')) / (e['iters'] - 1)
+    rows.append(_ratio_row('5', '--eval_every 1: extra seconds per checkpoint (iterations '
+                           'phase vs beam_inmem) vs beam_inmem k=10 s/iter', extra, _spi(b), 0.5))
     b20 = _find(results, '20m', 'beam_inmem', 32)
     any20 = [r for r in results if r['size'] == '20m' and r['method'] == 'beam_inmem'
              and r['rank'] == 32]
     if b20:
-        ok = b20['iters'] == 10 and b20['peak_rss'] <= 8 * GIB
-        rows.append(['4', 'beam_inmem k=32, 10 it, 20m: completes, peak RSS (process tree)',
-                     f'{_gib(b20["peak_rss"])} GiB, {b20["process_wall"]:.0f} s wall',
-                     '≤ 8 GiB', 'PASS' if ok else 'FAIL'])
+        rows.append(['6', 'beam_inmem k=32, 10 it, 20m: peak RSS (process tree)',
+                     f'{_gib(b20["peak_rss"])} GiB ({b20["peak_rss"] / _ratings("20m"):.0f} '
+                     'B/rating), '
+                     f'{b20["process_wall"]:.0f} s wall', '≤ 4 GiB',
+                     'PASS' if b20['peak_rss'] <= 4 * GIB else 'FAIL'])
     elif any20:
-        rows.append(['4', 'beam_inmem k=32, 10 it, 20m', any20[0]['status'], '≤ 8 GiB', 'FAIL'])
+        rows.append(['6', 'beam_inmem k=32, 10 it, 20m', any20[0]['status'], '≤ 4 GiB', 'FAIL'])
     else:
-        # The 20m case is its own run (see the module docstring): say where it is.
-        rows.append(['4', 'beam_inmem k=32, 10 it, 20m',
-                     'not in this run: `BENCHMARKS-scale.md` '
-                     '(`--sizes 1m,10m,20m --methods beam_inmem@32`)', '≤ 8 GiB',
-                     'SEPARATE RUN'])
+        rows.append(['6', 'beam_inmem k=32, 10 it, 20m', 'not in this run: '
+                     '`--also 20m:beam_inmem@32`',
+                     '≤ 4 GiB', 'SEPARATE RUN'])
+    for mode in ('beam_inmem', 'beam_mp'):
+        r = f(mode, 10)
+        if r:
+            rows.append(['6', f'{mode} k=10, 10m: peak RSS (process tree)',
+                         f'{_gib(r["peak_rss"])} GiB ({r["peak_rss"] / _ratings("10m"):.0f} '
+                         'B/rating)',
+                         '(reported)', '—'])
+    # Older goals of this harness.
+    sp = f('spark', 10)
+    rows.append(_ratio_row('old 1b', 'beam_inmem k=10 read→model (10 it) vs Spark '
+                           'load+fit(10)+write', b and b.get('read_to_model'),
+                           sp and sp.get('read_to_model'), 1.0))
+    rows.append(_ratio_row('old 2', 'wals_core k=32 s/iter vs implicit exact (Cholesky) s/iter',
+                           _spi(f('wals_core', 32)), _spi(f('implicit_exact', 32)), 1.0,
+                           goal=0.5))
     c = _find(results, '100k', 'beam_cli', 5)
     failed_cli = [r for r in results if r['method'] == 'beam_cli' and r['status'] != 'ok']
     if c:
-        rows.append(['5', 'ML 100k, defaults (k=5, 20 it), CLI process wall incl. Beam start-up',
-                     f'{c["process_wall"]:.1f} s', '≤ 15 s',
+        rows.append(['old 5', 'ML 100k, defaults (k=5, 20 it), CLI process wall incl. Beam '
+                     'start-up', f'{c["process_wall"]:.1f} s', '≤ 15 s',
                      'PASS' if c['process_wall'] <= 15 else 'FAIL'])
     else:
-        rows.append(['5', 'ML 100k CLI run', failed_cli[0]['status'] if failed_cli else 'n/a',
-                     '≤ 15 s', 'FAIL' if failed_cli else 'NOT RUN'])
+        rows.append(['old 5', 'ML 100k CLI run', failed_cli[0]['status'] if failed_cli
+                     else 'n/a', '≤ 15 s', 'FAIL' if failed_cli else 'NOT RUN'])
     return rows
 
 
@@ -377,7 +427,7 @@ def _table(header, rows) -> str:
     return '\n'.join(out)
 
 
-RESULT_HEADER = ['data', 'method', 'k', 'it', 's/iter', 'startup s', 'read→model s',
+RESULT_HEADER = ['data', 'method', 'k', 'it', 's/iter', 'solve s/iter', 'startup s', 'read→model s',
                  'process wall s', 'CPU s', 'peak RSS GiB', 'train RMSE', 'test RMSE',
                  'load avg', 'status']
 
@@ -386,7 +436,9 @@ def result_rows(results):
     rows = []
     for r in results:
         rows.append([r['size'], r['method'], r['rank'], r['iters'],
-                     _f(r.get('seconds_per_iteration'), 3), _f(r.get('startup'), 1),
+                     _f(r.get('seconds_per_iteration'), 3),
+                     _f(r.get('solve_per_iteration'), 3) if r.get('solve_per_iteration')
+                     else '—', _f(r.get('startup'), 1),
                      _f(r.get('read_to_model'), 1), _f(r['process_wall'], 1),
                      _f(r['cpu_seconds'], 0), _gib(r['peak_rss']),
                      _f(r.get('train_rmse'), 4), _f(r.get('test_rmse'), 4),
@@ -431,16 +483,17 @@ def phase_rows(results):
 def consistency_rows(results):
     """wals_core vs the pipeline on the same data, rank and split: RMSEs should agree."""
     rows = []
+    pairs = {'wals_core': ('beam_inmem', 'beam_mp'), 'wals_core_cg': ('beam_cg',)}
     for w in results:
-        if w['method'] != 'wals_core' or w['status'] != 'ok' or w.get('test_rmse') is None:
+        if w['method'] not in pairs or w['status'] != 'ok' or w.get('test_rmse') is None:
             continue
-        for mode in ('beam_inmem', 'beam_mp'):
+        for mode in pairs[w['method']]:
             b = _find(results, w['size'], mode, w['rank'])
             if not b or b.get('test_rmse') is None or b['iters'] != w['iters']:
                 continue
             dtr = abs(b['train_rmse'] - w['train_rmse'])
             dte = abs(b['test_rmse'] - w['test_rmse'])
-            rows.append([w['size'], f'{mode} vs wals_core', w['rank'],
+            rows.append([w['size'], f'{mode} vs {w["method"]}', w['rank'],
                          f'{b["train_rmse"]:.6f} / {w["train_rmse"]:.6f}',
                          f'{b["test_rmse"]:.6f} / {w["test_rmse"]:.6f}',
                          'yes' if max(dtr, dte) < 1e-4 else f'NO (Δ {max(dtr, dte):.2g})'])
@@ -475,14 +528,25 @@ NOTES = """\
   callback reports. *Spark*: marginal `(fit(maxIter=10) − fit(maxIter=1)) / 9`, both
   fits after a discarded warm-up `fit(maxIter=1)` (`fit_warmup` in the phase table),
   so neither pays the JIT compilation of the ALS code (without the warm-up, fit(1)
-  alone pays it and the marginal comes out low by that cost / 9). Medians ignore the first-iteration warm-up;
-  the marginal does too. (Beam and wals_core plan each block's solve on the first
-  iteration — `wals_core.solve.RowSolver` — and reuse the plan afterwards: that
-  first-iteration cost is in read→model, not in s/iter.) On small data the Spark marginal is dominated by noise and
-  JIT/scheduling warm-up (it can come out near zero); its `fit_1`/`fit_10` are in the
-  phase table.
+  alone pays it and the marginal comes out low by that cost / 9). Medians ignore the
+  first-iteration warm-up; the marginal does too. (Beam and wals_core plan each
+  block's solve on the first iteration — `wals_core.solve.RowSolver` — and reuse the
+  plan afterwards: that first-iteration cost is in read→model, not in s/iter.) On
+  small data the Spark marginal is dominated by noise and JIT/scheduling warm-up (it
+  can come out near zero); its `fit_1`/`fit_10` are in the phase table.
 * **it** — iterations the case ran (`--iters`, or `--case_iters` for a case whose
   only use is its s/iter, e.g. `wals_core@32=3` to keep a run short).
+* **solve s/iter** — Beam: median of `metrics.json` `phase_seconds.solve_per_iteration`,
+  the wall time inside the numpy solves summed over blocks. The rest of s/iter is the
+  runner's (stages, side inputs, element transfer) and the training objective's,
+  computed after every iteration for the convergence history (the profile section,
+  `bench/profile_pipeline.py`, splits it by category).
+* **pandas_read** — `pandas.read_csv(raw file, sep='\t', header=None)`, every column
+  with inferred types: the yardstick of goal 3 against the pipeline's
+  `read_and_group` phase (read, parse, vocabularies, split, rating blocks written).
+* **beam_eval** — `--eval_every 1`: the test metrics (RMSE and ranking) after every
+  iteration; goal 5's per-checkpoint cost is its `iterations` phase minus
+  beam_inmem's, per checkpoint (iterations − 1).
 * **startup** — process spawn → ready to read data: interpreter + imports (all),
   SparkSession/JVM start (Spark), and for Beam graph construction + runner start
   (+ worker processes in multi_processing) up to the first read. For Beam the read
@@ -593,7 +657,8 @@ def write_report(path: pathlib.Path, results, info, argv, started, finished, siz
         f'Produced by `bench/run_bench.py` on {started:%Y-%m-%d %H:%M} UTC '
         f'({(finished - started).total_seconds() / 60:.0f} min). Everything below, '
         'ratios included, comes from this one run.', '',
-        '```', 'bench/setup_env.sh', shlex.join(['bench/.venv/bin/python', 'bench/run_bench.py'] + argv), '```', '',
+        '```', 'bench/setup_env.sh',
+        shlex.join(['bench/.venv/bin/python', 'bench/run_bench.py'] + argv), '```', '',
         '## Machine and versions', '',
         f'* {info["nproc"]} CPUs: {info["cpu"]}; {info["memory_gib"]:.1f} GiB memory; '
         f'Linux {info["kernel"]}; load average at start/end: '
@@ -615,7 +680,7 @@ def write_report(path: pathlib.Path, results, info, argv, started, finished, siz
         '## Phases and per-iteration times (seconds)', '',
         _table(['data', 'method', 'k', 'phases', 'per iteration', 's/iter is'],
                phase_rows(results)), '',
-        '## Growth with data size (target 4)', '',
+        '## Growth with data size (goal 6: memory)', '',
         _table(['case', '1m', '10m', '20m'], growth_rows(results)) or '(no 1m/10m/20m cases)', '',
         *_run_notes(work),
         '## Method', '', NOTES,
@@ -661,6 +726,9 @@ def main(argv=None) -> int:
                     help=f'comma list of {",".join(ALL_SIZES)} (default 100k,1m,10m)')
     ap.add_argument('--methods', default=None,
                     help='comma list of methods or method@rank (default: all, default ranks)')
+    ap.add_argument('--also', default='',
+                    help='extra cases after the plan, SIZE:METHOD@RANK comma list, e.g. '
+                         '20m:beam_inmem@32 (the memory goal) in the same run')
     ap.add_argument('--quick', action='store_true', help='smoke run: sizes 100k,1m only')
     ap.add_argument('--iters', type=int, default=ITERS, help='iterations per case (default 10)')
     ap.add_argument('--case_iters', default='',
@@ -689,6 +757,13 @@ def main(argv=None) -> int:
     if args.from_results:
         return rewrite_report(args)
     cases = plan(sizes, methods, args.iters, case_iters)
+    for item in filter(None, args.also.split(',')):
+        size, _, method = item.partition(':')
+        if size not in ALL_SIZES or not method:
+            ap.error(f'--also: {item!r} is not SIZE:METHOD@RANK')
+        cases += plan([size], [method], args.iters, case_iters)
+        if size not in sizes:
+            sizes.append(size)
     started = datetime.datetime.now(datetime.timezone.utc)
     work = args.work or ROOT / 'output' / 'bench-runs' / started.strftime('%Y%m%d-%H%M%S')
     work.mkdir(parents=True, exist_ok=True)

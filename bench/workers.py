@@ -2,7 +2,8 @@
 
     python bench/workers.py METHOD --data NAME --rank K --iters N --out DIR --result FILE
 
-METHOD: wals_core | implicit_exact | implicit_cg | spark | numpy_floor.
+METHOD: wals_core | wals_core_cg | implicit_exact | implicit_cg | spark | numpy_floor |
+pandas_read.
 (The Beam pipeline runs as its own CLI, `python -m pipeline.train`; see run_bench.py.)
 
 Every worker writes FILE (JSON) with absolute wall-clock stamps (time.time()) so the
@@ -65,7 +66,9 @@ def run_wals_core(args) -> dict:
     test = is_test(uv.hashes[rows], iv.hashes[cols], 0, 0.1)      # pipeline defaults
     rows, cols, vals, test, _ = merge_duplicates(rows, cols, ratings, 'mean', test)
     train_mask = ~test
-    params = WalsParams(latent_factors=args.rank, num_iters=args.iters)  # project defaults
+    # project defaults (wals_core_cg: --solver cg with its default --cg_steps)
+    params = WalsParams(latent_factors=args.rank, num_iters=args.iters,
+                        solver='cg' if args.method == 'wals_core_cg' else 'exact')
     problem, u0, v0 = fit_inputs(rows[train_mask], cols[train_mask], vals[train_mask],
                                  uv.hashes, iv.hashes, params, 0)
     t_built = time.time()
@@ -239,6 +242,24 @@ def run_spark(args) -> dict:
 
 
 # ---------------------------------------------------------------------------------
+# pandas_read: the yardstick of reading: pandas.read_csv of the same raw file the
+# pipeline reads (every column, types inferred, the C engine), as a user of pandas
+# would load it. Reported as read→model so it sits beside the pipeline's read→blocks.
+# ---------------------------------------------------------------------------------
+
+def run_pandas_read(args) -> dict:
+    import pandas as pd
+    ready = time.time()
+    t0 = time.time()
+    df = pd.read_csv(paths(args.data)['raw'], sep='\t', header=None, engine='c')
+    t1 = time.time()
+    return {'ready': ready, 'read_start': t0, 'model_written': t1,
+            'per_iteration': [], 'per_iteration_how': 'n/a (reading only)',
+            'phases': {'read_csv': t1 - t0}, 'train_rmse': None, 'test_rmse': None,
+            'note': f'{len(df):,} rows x {df.shape[1]} columns'}
+
+
+# ---------------------------------------------------------------------------------
 # numpy floor: per iteration, the kernels no exact ALS in numpy/scipy can skip
 # even if every per-row Gramian were free: the right-hand sides (sparse A @ V and
 # Aᵀ @ U) and one batched Cholesky-class solve of every user's and item's k×k system.
@@ -278,8 +299,8 @@ def run_numpy_floor(args) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    ap.add_argument('method', choices=('wals_core', 'implicit_exact', 'implicit_cg', 'spark',
-                                       'numpy_floor'))
+    ap.add_argument('method', choices=('wals_core', 'wals_core_cg', 'implicit_exact',
+                                       'implicit_cg', 'spark', 'numpy_floor', 'pandas_read'))
     ap.add_argument('--data', required=True)
     ap.add_argument('--rank', type=int, required=True)
     ap.add_argument('--iters', type=int, default=10)
@@ -287,7 +308,8 @@ def main(argv=None) -> int:
     ap.add_argument('--result', required=True)
     ap.add_argument('--spark_driver_memory', default='6g')
     args = ap.parse_args(argv)
-    runners = {'wals_core': run_wals_core, 'spark': run_spark,
+    runners = {'wals_core': run_wals_core, 'wals_core_cg': run_wals_core, 'spark': run_spark,
+               'pandas_read': run_pandas_read,
                'implicit_exact': lambda a: run_implicit(a, use_cg=False),
                'implicit_cg': lambda a: run_implicit(a, use_cg=True),
                'numpy_floor': run_numpy_floor}
