@@ -45,8 +45,10 @@ setuptools.setup(
         'dask': ['dask[distributed]>=2024.4.2', 'distributed>=2024.4.2'],
         # python -m pipeline.serve (pipeline/serving/): the ASGI app (FastAPI, and the
         # Starlette and pydantic it is built on, which the app imports too), its server
-        # (uvloop and httptools: uvicorn's fast event loop and HTTP parser), /metrics.
-        'serve': ['fastapi>=0.110', 'starlette>=0.37', 'pydantic>=2.6', 'uvicorn>=0.30',
+        # (uvloop and httptools: uvicorn's fast event loop and HTTP parser; 0.51 for the
+        # multi-process supervisor --workers uses, which stops on a worker that cannot
+        # start), /metrics.
+        'serve': ['fastapi>=0.110', 'starlette>=0.37', 'pydantic>=2.6', 'uvicorn>=0.51',
                   'uvloop>=0.19; sys_platform != "win32"', 'httptools>=0.6',
                   'prometheus-client>=0.20'],
         # python -m pipeline.export (TensorFlow SavedModel for TF Serving); never imported

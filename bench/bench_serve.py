@@ -6,10 +6,13 @@ same load generator in the same run.
     pip install -r bench/requirements.txt   # Flask and gunicorn, for the baseline only
     nice -n 10 python bench/bench_serve.py  # writes bench/results/serve.md and its
                                             # section of BENCHMARKS.md
+    nice -n 10 python bench/bench_serve.py --workers 1,2   # ours at 1 and 2 workers
 
-Servers (both on 127.0.0.1, started by this script, stopped at its end):
-  ours      python -m pipeline.serve --model_root ROOT (the model promoted into a fresh
-            root), GET /recommend?user=ID&k=10 (seen items excluded: the default)
+Servers (all on 127.0.0.1, started by this script, stopped at its end):
+  ours      python -m pipeline.serve --model_root ROOT --workers W (the model promoted
+            into a fresh root of its own), GET /recommend?user=ID&k=10 (seen items
+            excluded: the default). With several --workers counts, one such server per
+            count, labelled `ours w=W` (one count: `ours`, W in the header).
   baseline  bench/serve_baseline.py: the original's per-request logic (col.dot(user),
             a full argsort, seen items removed) in Flask under gunicorn with sync
             workers, as the original was deployed (`gunicorn -b :$PORT main:app`: one
@@ -19,13 +22,15 @@ Load: wrk (C, event-driven; keeps connections alive where the server allows) wit
 bench/serve_wrk.lua, which draws a user at random per request (seeded per thread) from
 5,000 users of the model (never the one at row 0, whom the original refuses). Each
 level of concurrent connections (1, 8, 32, 128) runs `--seconds` per server after a
-2 s warm-up, ours then the baseline's, so both see the same machine state.
+2 s warm-up, ours (each worker count) then the baseline's, so all see the same machine
+state.
 Errors: socket errors (connect, read, write, timeout > 2 s) plus non-2xx answers.
 
-Reload pause: ours at 32 connections, `--reload_runs` runs of `--reload_seconds` in
-steady state, and as many runs during each of which a new version (the same files
-under a new version name, copied beforehand) is promoted 1 s in; the server loads,
-verifies and swaps it while serving. p99 of each kind of run, and max.
+Reload pause: ours (each worker count in turn) at 32 connections, `--reload_runs` runs
+of `--reload_seconds` in steady state, and as many runs during each of which a new
+version (the same files under a new version name, copied beforehand) is promoted 1 s
+in; the server (every worker) loads, verifies and swaps it while serving. p99 of each
+kind of run, and max.
 
 The model: trained once by the trainer on the 10m set (wals, --latent_factors 32,
 --num_iters 1: serving speed does not depend on quality) and cached in
@@ -61,6 +66,7 @@ from pipeline.store.model_root import promote  # noqa: E402
 
 CACHE = ROOT / 'output' / 'bench-serve'
 LEVELS = (1, 8, 32, 128)
+VERDICT = {True: 'PASS', False: 'MISS'}
 TRAIN_ARGS = ['--latent_factors', '32', '--num_iters', '1']
 
 
@@ -191,6 +197,18 @@ def readyz_version(url: str) -> str | None:
         return None
 
 
+def all_swapped(url: str, name: str, timeout: float = 60) -> bool:
+    """Whether every worker serves version `name` within `timeout` s: each worker
+    polls LATEST itself, so 16 answers in a row (new connections, any worker) must
+    all name it."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if all(readyz_version(url) == name for _ in range(16)):
+            return True
+        time.sleep(0.2)
+    return False
+
+
 def machine() -> str:
     cpu = cpu_model('')
     return (f'{platform.machine()} {cpu}, {os.cpu_count()} CPUs (shared), Python '
@@ -213,6 +231,9 @@ def main(argv: list[str] | None = None) -> int:
                     'Default: 10.')
     ap.add_argument('--levels', default=','.join(map(str, LEVELS)),
                     help='Concurrent connections. Default: 1,8,32,128.')
+    ap.add_argument('--workers', default='1',
+                    help="Our server's --workers; a comma list runs one server per count "
+                         "(labelled 'ours w=N'). Default: 1.")
     ap.add_argument('--baseline_workers', type=int, default=1,
                     help="gunicorn sync workers of the baseline. Default: 1 (the original's "
                          'deployment).')
@@ -228,35 +249,45 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         raise SystemExit('Flask and gunicorn not found: pip install -r bench/requirements.txt')
     levels = [int(x) for x in args.levels.split(',')]
+    workers = [int(x) for x in args.workers.split(',')]
+    if len(set(workers)) != len(workers) or min(workers) < 1:
+        raise SystemExit('--workers: distinct counts of at least 1, e.g. 1,2')
     CACHE.mkdir(parents=True, exist_ok=True)
     model = ensure_model(args.data)
     users = users_file(model)
-    root = CACHE / 'root'
-    shutil.rmtree(root, ignore_errors=True)
-    v1 = add_version(root, model, version(0))
-    promote(str(root), v1, {})
 
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    ours = Server('ours', [], '/readyz', env, CACHE / 'ours.log')
-    ours.port = _free_port()
-    ours.cmd = [sys.executable, '-m', 'pipeline.serve', '--model_root', str(root),
-                '--poll_interval', '0.5', '--port', str(ours.port)]
+    ours_list, roots = [], {}
+    for w in workers:
+        name = 'ours' if len(workers) == 1 else f'ours w={w}'
+        # A root per server: a promotion for one server's reload runs leaves the
+        # others (idle meanwhile) alone.
+        root = roots[name] = CACHE / f'root-w{w}'
+        shutil.rmtree(root, ignore_errors=True)
+        promote(str(root), add_version(root, model, version(0)), {})
+        ours = Server(name, [], '/readyz', env, CACHE / f'ours-w{w}.log')
+        ours.port = _free_port()
+        ours.cmd = [sys.executable, '-m', 'pipeline.serve', '--model_root', str(root),
+                    '--poll_interval', '0.5', '--workers', str(w), '--port', str(ours.port)]
+        ours_list.append(ours)
     base = Server('baseline', [], '/readiness_check', dict(env, BASELINE_MODEL=str(model)),
                   CACHE / 'baseline.log')
     base.port = _free_port()
     base.cmd = [sys.executable, '-m', 'gunicorn', '-b', f'127.0.0.1:{base.port}', '-w',
                 str(args.baseline_workers), '--chdir', str(ROOT / 'bench'),
                 'serve_baseline:app']
-    paths_ = {'ours': '/recommend?user=%s&k=10', 'baseline': '/recommendation?userId=%s&numRecs=10'}
+    servers = [*ours_list, base]
+    paths_ = {s.name: '/recommend?user=%s&k=10' for s in ours_list}
+    paths_['baseline'] = '/recommendation?userId=%s&numRecs=10'
     results: dict[tuple[str, int], dict] = {}
-    reload = {'steady': [], 'promotion': []}
+    reloads = {s.name: {'steady': [], 'promotion': []} for s in ours_list}
     try:
-        for server in (ours, base):
+        for server in servers:
             t = time.monotonic()
             server.start()
             print(f'[{server.name}] ready in {time.monotonic() - t:.1f} s', flush=True)
         for c in levels:
-            for server in (ours, base):
+            for server in servers:
                 wrk(server.url, paths_[server.name], users, c, 2)          # warm-up
                 load, cpu = _load(), server.cpu_seconds()
                 r = wrk(server.url, paths_[server.name], users, c, args.seconds)
@@ -268,27 +299,29 @@ def main(argv: list[str] | None = None) -> int:
                       f'errors {r["errors"]}  CPU {r["cpu_us"]:.0f} us/req  (load {load:.1f})',
                       flush=True)
         base.stop()
-        for i in range(args.reload_runs):
-            r = wrk(ours.url, paths_['ours'], users, 32, args.reload_seconds)
-            reload['steady'].append(r)
-            name = add_version(root, model, version(i + 1))
-            proc = wrk(ours.url, paths_['ours'], users, 32, args.reload_seconds, background=True)
-            time.sleep(1.0)
-            promote(str(root), name, {})
-            r = parse(proc)
-            deadline = time.monotonic() + 60
-            while readyz_version(ours.url) != name and time.monotonic() < deadline:
-                time.sleep(0.2)
-            r['swapped'] = readyz_version(ours.url) == name
-            reload['promotion'].append(r)
-            print(f'[reload] steady p99 {reload["steady"][-1]["p99_us"] / 1e3:.2f} ms, during '
-                  f'promotion p99 {r["p99_us"] / 1e3:.2f} ms max {r["max_us"] / 1e3:.1f} ms '
-                  f'(swapped: {r["swapped"]}, errors {r["errors"]})', flush=True)
+        for ours in ours_list:
+            root, reload = roots[ours.name], reloads[ours.name]
+            for i in range(args.reload_runs):
+                r = wrk(ours.url, paths_[ours.name], users, 32, args.reload_seconds)
+                reload['steady'].append(r)
+                name = add_version(root, model, version(i + 1))
+                proc = wrk(ours.url, paths_[ours.name], users, 32, args.reload_seconds,
+                           background=True)
+                time.sleep(1.0)
+                promote(str(root), name, {})
+                r = parse(proc)
+                r['swapped'] = all_swapped(ours.url, name)
+                reload['promotion'].append(r)
+                print(f'[reload {ours.name}] steady p99 '
+                      f'{reload["steady"][-1]["p99_us"] / 1e3:.2f} ms, during promotion p99 '
+                      f'{r["p99_us"] / 1e3:.2f} ms max {r["max_us"] / 1e3:.1f} ms '
+                      f'(swapped: {r["swapped"]}, errors {r["errors"]})', flush=True)
+            ours.stop()      # idle from here on: out of the next server's runs
     finally:
-        ours.stop()
-        base.stop()
+        for server in servers:
+            server.stop()
 
-    text = report(args, argv, results, reload, levels, model)
+    text = report(args, argv, results, reloads, levels, model, [s.name for s in ours_list])
     print(text)
     if not args.no_write:
         out = ROOT / 'bench' / 'results' / 'serve.md'
@@ -299,11 +332,13 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def report(args, argv, results, reload, levels, model) -> str:
+def report(args, argv, results, reloads, levels, model, ours_names) -> str:
     users = np.load(model / 'model' / 'user.npy', allow_pickle=False)
     items = np.load(model / 'model' / 'item.npy', allow_pickle=False)
     cmd = ' '.join(['nice -n 10 python bench/bench_serve.py',
                     *(argv if argv is not None else sys.argv[1:])])
+    ours_label = (f'{args.workers} server process(es) on one port' if len(ours_names) == 1
+                  else 'one server per count, `ours w=N` in the tables')
     lines = [
         '## Online recommendations: HTTP server vs the original app (bench/bench_serve.py)', '',
         f'Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC. Commit: '
@@ -311,7 +346,9 @@ def report(args, argv, results, reload, levels, model) -> str:
         f'Command: `{cmd}`',
         f'Model: {args.data} synthetic set, {len(users):,} users × {len(items):,} items, wals '
         f'k=32. Request: top 10 for a random user of 5,000, seen items excluded. Load: wrk on '
-        f'loopback, {args.seconds:g} s per level after a 2 s warm-up. Baseline: the original '
+        f'loopback, {args.seconds:g} s per level after a 2 s warm-up. Ours: '
+        f'`--workers {args.workers}` ({ours_label}; each worker holds its own copy of the '
+        'model). Baseline: the original '
         f"app's logic in Flask under gunicorn, {args.baseline_workers} sync worker(s). "
         '`load`: 1-minute load average before the run (other jobs share the machine: the '
         'latencies and rates are provisional; the ratios are from the same run). `CPU/req`: '
@@ -321,40 +358,50 @@ def report(args, argv, results, reload, levels, model) -> str:
         '|---:|---|---:|---:|---:|---:|---:|---:|',
     ]
     for c in levels:
-        for name in ('ours', 'baseline'):
+        for name in (*ours_names, 'baseline'):
             r = results[(name, c)]
             lines.append(f'| {c} | {name} | {r["rps"]:,.0f} | {r["p50_us"] / 1e3:.2f} | '
                          f'{r["p99_us"] / 1e3:.2f} | {r["errors"]} | {r["cpu_us"]:,.0f} | '
                          f'{r["load"]:.1f} |')
-    lines += ['', '| clients | throughput ours / baseline | CPU per request baseline / ours |',
-              '|---:|---:|---:|']
+    lines += ['',
+              '| clients | server | throughput ours / baseline | CPU per request baseline / ours |',
+              '|---:|---|---:|---:|']
     for c in levels:
-        o, b = results[('ours', c)], results[('baseline', c)]
-        lines.append(f'| {c} | {o["rps"] / b["rps"]:.1f}× | {b["cpu_us"] / o["cpu_us"]:.1f}× |')
+        b = results[('baseline', c)]
+        for name in ours_names:
+            o = results[(name, c)]
+            lines.append(f'| {c} | {name} | {o["rps"] / b["rps"]:.1f}× | '
+                         f'{b["cpu_us"] / o["cpu_us"]:.1f}× |')
     if 32 in levels:
-        p99 = results[('ours', 32)]['p99_us'] / 1e3
-        ratio = results[('ours', 32)]['rps'] / results[('baseline', 32)]['rps']
-        lines += ['', '| goal (32 clients) | measured | result |', '|---|---:|---|',
-                  f'| p99 ≤ 10 ms | {p99:.2f} ms | {"PASS" if p99 <= 10 else "MISS"} |',
-                  f'| throughput ≥ 3× baseline | {ratio:.1f}× | '
-                  f'{"PASS" if ratio >= 3 else "MISS"} |']
-    if reload['steady']:
+        lines += ['', '| goal (32 clients) | server | measured | result |', '|---|---|---:|---|']
+        for name in ours_names:
+            p99 = results[(name, 32)]['p99_us'] / 1e3
+            ratio = results[(name, 32)]['rps'] / results[('baseline', 32)]['rps']
+            good_p99, good_rate = p99 <= 10, ratio >= 3
+            lines += [f'| p99 ≤ 10 ms | {name} | {p99:.2f} ms | {VERDICT[good_p99]} |',
+                      f'| throughput ≥ 3× baseline | {name} | {ratio:.1f}× | '
+                      + f'{VERDICT[good_rate]} |']
+    if any(reload['steady'] for reload in reloads.values()):
         def med(runs, key):
             return statistics.median(r[key] for r in runs) / 1e3
-        lines += ['', f'Reload pause (ours, 32 clients, {len(reload["steady"])} runs of '
-                  f'{args.reload_seconds:g} s each; a promotion 1 s into each promotion run, '
-                  'the new version loaded, verified and swapped in while serving):', '',
-                  '| runs | p50 ms | p99 ms (median of runs) | worst p99 ms | max ms | errors |',
-                  '|---|---:|---:|---:|---:|---:|']
-        for kind in ('steady', 'promotion'):
-            runs = reload[kind]
-            lines.append(f'| {kind} | {med(runs, "p50_us"):.2f} | {med(runs, "p99_us"):.2f} | '
-                         f'{max(r["p99_us"] for r in runs) / 1e3:.2f} | '
-                         f'{max(r["max_us"] for r in runs) / 1e3:.1f} | '
-                         f'{sum(r["errors"] for r in runs)} |')
-        swapped = sum(r.get('swapped', False) for r in reload['promotion'])
-        lines.append(f'\nVersions swapped in during the promotion runs: {swapped} of '
-                     f'{len(reload["promotion"])}.')
+        lines += ['', (f'Reload pause (32 clients, {args.reload_runs} runs of '
+                       f'{args.reload_seconds:g} s each; a promotion 1 s into each promotion '
+                       'run, the new version loaded, verified and swapped in while serving):'),
+                  '', ('| server | runs | p50 ms | p99 ms (median of runs) | worst p99 ms | '
+                       'max ms | errors |'), '|---|---|---:|---:|---:|---:|---:|']
+        for name in ours_names:
+            for kind in ('steady', 'promotion'):
+                runs = reloads[name][kind]
+                lines.append(f'| {name} | {kind} | {med(runs, "p50_us"):.2f} | '
+                             f'{med(runs, "p99_us"):.2f} | '
+                             f'{max(r["p99_us"] for r in runs) / 1e3:.2f} | '
+                             f'{max(r["max_us"] for r in runs) / 1e3:.1f} | '
+                             f'{sum(r["errors"] for r in runs)} |')
+        swapped = ', '.join(
+            f'{name}: {sum(r.get("swapped", False) for r in runs)} of {len(runs)}'
+            for name, runs in ((n, reloads[n]['promotion']) for n in ours_names))
+        lines.append(f'\nVersions swapped in (by every worker) during the promotion runs: '
+                     f'{swapped}.')
     return '\n'.join(lines) + '\n'
 
 

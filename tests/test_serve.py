@@ -4,7 +4,9 @@ models trained by the pipeline, a real HTTP client (httpx).
 Answers are compared with pipeline.serving.recommender (the Python API) and, for the
 compatibility route, with a re-implementation of the original App Engine app's
 logic; reloads are driven by promotions into a model root while clients keep asking
-(local root, and gs:// on the local Cloud Storage emulator)."""
+(local root, and gs:// on the local Cloud Storage emulator). --workers 2: the same
+answers, /metrics summed over the workers, every worker following a promotion, clean
+exits."""
 from __future__ import annotations
 
 import hashlib
@@ -14,6 +16,7 @@ import pathlib
 import re
 import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -550,6 +553,196 @@ def test_reload_under_load_gcs_root(models, tmp_path):
     with gcs_emulator(tmp_path / 'gcs', BUCKET) as emulator:
         _reload_under_load(f'gs://{BUCKET}/root', models, tmp_path / 'server.log',
                            emulator.env())
+
+
+# ---------------------------------------------------------------- several workers (--workers)
+
+def _metrics_dir(tmp: pathlib.Path) -> pathlib.Path:
+    """The workers' metrics folder (the server runs with TMPDIR=tmp)."""
+    found = list(tmp.glob('wals-serve-metrics-*'))
+    assert len(found) == 1, found
+    return found[0]
+
+
+def _per_worker(folder: pathlib.Path, kind: str, name: str, labels: dict,
+                scratch: pathlib.Path) -> dict[int, float]:
+    """{worker pid: its own value of the sample `name` with `labels`}, read from each
+    worker's file of kind ('counter', 'gauge_livemax', ...) alone."""
+    from prometheus_client.multiprocess import MultiProcessCollector
+    out = {}
+    for f in sorted(folder.glob(f'{kind}_*.db')):
+        pid = int(f.stem.rsplit('_', 1)[1])
+        one = scratch / f'{kind}-{pid}'
+        shutil.rmtree(one, ignore_errors=True)
+        one.mkdir(parents=True)
+        shutil.copy(f, one / f.name)
+        out[pid] = sum(s.value for m in MultiProcessCollector(None, str(one)).collect()
+                       for s in m.samples if s.name == name and s.labels == labels)
+    return out
+
+
+def _metric(url: str, pattern: str, headers: dict | None = None) -> float:
+    text = httpx.get(f'{url}/metrics', headers=headers, timeout=30).text
+    m = re.search('^' + pattern + r' ([0-9.e+]+)$', text, re.MULTILINE)
+    assert m, f'{pattern} not in /metrics:\n{text[:3000]}'
+    return float(m.group(1))
+
+
+def _fresh_connections(url: str, path: str, n: int, headers: dict | None = None
+                       ) -> list[httpx.Response]:
+    """n GET requests at once, each on its own connection (so the kernel hands them
+    to whichever worker accepts first)."""
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(8) as pool:
+        return list(pool.map(lambda _: httpx.get(url + path, headers=headers, timeout=60),
+                             range(n)))
+
+
+def test_two_workers_answer_as_one_process_count_every_request_and_stop_cleanly(
+        models, recs, wals_server, tmp_path):
+    """--workers 2 (API key from a file): the same answers as one process; /metrics
+    counts the requests of both workers; SIGTERM exits 0, the workers are gone and
+    the metrics folder is removed."""
+    rec = recs['wals']
+    keyfile = tmp_path / 'key'
+    keyfile.write_text(KEY)
+    auth = {'X-API-Key': KEY}
+    tmp = tmp_path / 'tmp'
+    tmp.mkdir()
+    users = [str(rec.user_id(i)) for i in range(0, len(rec.users), 3)]
+    items = [str(rec.item_id(j)) for j in range(0, len(rec.items), 9)]
+    with running(['--model', models['wals'][0], '--workers', '2', '--api_key_file', keyfile],
+                 tmp_path / 'server.log', {'TMPDIR': str(tmp)}) as server:
+        folder = _metrics_dir(tmp)
+        sent = 0
+        with httpx.Client(base_url=wals_server.url, timeout=60) as one:
+            for u in users:
+                r = httpx.get(f'{server.url}/recommend', params={'user': u, 'k': 5},
+                              headers=auth, timeout=60)
+                sent += 1
+                assert r.status_code == 200, r.text
+                want = one.get('/recommend', params={'user': u, 'k': 5})
+                assert r.json() == want.json() and r.headers[VERSION] == want.headers[VERSION]
+            for item in items:
+                r = httpx.get(f'{server.url}/similar', params={'item': item, 'k': 4},
+                              headers=auth, timeout=60)
+                assert r.json() == one.get('/similar', params={'item': item, 'k': 4}).json()
+            body = {'users': users[:10] + ['nope'], 'k': 3}
+            r = httpx.post(f'{server.url}/recommend', json=body, headers=auth, timeout=60)
+            assert r.json() == one.post('/recommend', json=body).json()
+        assert httpx.get(f'{server.url}/model', timeout=60).status_code == 401
+        # Requests on fresh connections until both workers have answered some.
+        path = f'/recommend?user={users[0]}&k=5'
+        labels = {'endpoint': '/recommend', 'method': 'GET', 'status': '200'}
+        for _ in range(30):
+            per_worker = _per_worker(folder, 'counter', 'wals_serve_requests_total', labels,
+                                     tmp_path / 'scratch')
+            if len([v for v in per_worker.values() if v > 0]) == 2:
+                break
+            answers = _fresh_connections(server.url, path, 20, auth)
+            assert {r.status_code for r in answers} == {200}
+            sent += len(answers)
+        assert len(per_worker) == 2 and all(0 < v < sent for v in per_worker.values()), \
+            (per_worker, sent)
+        # A worker counts a request just after answering it: waited for, not raced.
+        wait_for(lambda: _metric(server.url, r'wals_serve_requests_total\{endpoint='
+                                 r'"/recommend",method="GET",status="200"\}', auth) == sent,
+                 timeout=30, what=f'/metrics counting the {sent} requests of both workers')
+        assert _metric(server.url, r'wals_serve_request_duration_seconds_count\{'
+                       r'endpoint="/recommend",status="200"\}', auth) == sent + 1  # + POST
+        assert sum(_per_worker(folder, 'counter', 'wals_serve_requests_total', labels,
+                               tmp_path / 'scratch').values()) == sent
+        assert _metric(server.url, 'wals_serve_reloads_total', auth) == 2      # one each
+        assert _metric(server.url, 'wals_serve_ready', auth) == 1
+        pids = list(per_worker)
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    assert not list(tmp.glob('wals-serve-metrics-*'))
+
+
+def test_every_worker_follows_a_promotion(models, recs, tmp_path):
+    """--model_root with --workers 2: after a promotion, every worker serves the new
+    version (each polls LATEST itself), and /metrics says so."""
+    root = tmp_path / 'root'
+    tmp = tmp_path / 'tmp'
+    tmp.mkdir()
+    v1 = add_version(root, 1, models['wals'][0])
+    user = str(recs['wals'].user_id(4))
+    path = f'/recommend?user={user}&k=4'
+    with running(['--model_root', root, '--poll_interval', '0.2', '--workers', '2'],
+                 tmp_path / 'server.log', {'TMPDIR': str(tmp)}) as server:
+        folder = _metrics_dir(tmp)
+
+        def versions() -> set:
+            answers = _fresh_connections(server.url, path, 16)
+            assert {r.status_code for r in answers} == {200}, [r.text for r in answers]
+            return {r.headers[VERSION] for r in answers}
+
+        def each_worker_serves(version: str) -> bool:
+            """Each worker's own version gauge (the port answers as soon as one worker
+            is up: the other may still be loading)."""
+            values = _per_worker(folder, 'gauge_livemax', 'wals_serve_model_version_info',
+                                 {'version': version}, tmp_path / 'scratch')
+            return list(values.values()) == [1, 1]
+        wait_for(lambda: each_worker_serves(v1), what='both workers serving v1')
+        assert versions() == {v1}
+        v2 = add_version(root, 2, models['wals2'][0])
+        wait_for(lambda: each_worker_serves(v2), what='both workers serving v2')
+        assert versions() == {v2}
+        r = httpx.get(server.url + path, timeout=60).json()
+        assert _pairs(r) == _expected(recs['wals2'].recommend(user, 4))
+        assert _metric(server.url, rf'wals_serve_model_version_info\{{version="{v2}"\}}') == 1
+        assert _metric(server.url, rf'wals_serve_model_version_info\{{version="{v1}"\}}') == 0
+        # (counted by the poller thread just after the gauges: waited for, not raced)
+        wait_for(lambda: _metric(server.url, 'wals_serve_reloads_total') == 4, timeout=30,
+                 what='four loads counted (v1 and v2 in each worker)')
+        # A worker killed: the supervisor starts another (which loads LATEST, v2), and
+        # the dead one's gauges stop counting.
+        pids = {int(f.stem.rsplit('_', 1)[1]) for f in folder.glob('gauge_livemin_*.db')}
+        dead = min(pids)
+        os.kill(dead, signal.SIGKILL)
+        wait_for(lambda: len(list(folder.glob('gauge_livemin_*.db'))) == 3,
+                 what='a new worker')
+        wait_for(lambda: _metric(server.url, 'wals_serve_reloads_total') == 5,
+                 what='the new worker serving')
+        assert versions() == {v2}
+        assert _metric(server.url, 'wals_serve_ready') == 1
+        assert not list(folder.glob(f'gauge_*_{dead}.db'))
+
+
+def test_workers_refusals_and_start_failures(models, tmp_path):
+    model = models['wals'][0]
+    for bad in ('0', '65', 'two'):
+        p = _serve('--model', model, '--workers', bad)
+        assert p.returncode == 2 and '--workers' in p.stderr.strip().splitlines()[-1], p.stderr
+    with socket.socket() as taken:
+        taken.bind(('127.0.0.1', 0))
+        taken.listen()
+        p = _serve('--model', model, '--workers', '2', '--port', taken.getsockname()[1])
+    assert p.returncode == 1 and 'address already in use' in p.stderr.lower(), p.stderr
+    assert p.stderr.strip().splitlines()[-1].startswith('error: cannot serve on 127.0.0.1:')
+    p = _serve('--model', tmp_path / 'nothing', '--workers', '2')
+    assert p.returncode == 1 and p.stderr.strip().count('\n') == 0, p.stderr
+    assert p.stderr.startswith('error: --model')
+    # A worker that cannot load its model (here: no check by the parent first) stops
+    # the server with exit 1, instead of being started again forever.
+    tmp = tmp_path / 'tmp'
+    tmp.mkdir()
+    code = ('import json, os, sys\n'
+            'from pipeline.cli.serve import SETTINGS_ENV, WORKER_APP\n'
+            'from pipeline.serving.server import serve_workers\n'
+            'os.environ[SETTINGS_ENV] = json.dumps({"model": sys.argv[1], "model_root": None, '
+            '"poll_interval": 1, "limits": {}, "log_level": "info", "api_key": False})\n'
+            'sys.exit(serve_workers(WORKER_APP, 2, "127.0.0.1", 0))\n')
+    p = subprocess.run([sys.executable, '-c', code, str(tmp_path / 'nothing')], cwd=ROOT,
+                       env=dict(os.environ, PYTHONPATH=str(ROOT), TMPDIR=str(tmp)),
+                       capture_output=True, text=True, timeout=300, check=False)
+    assert p.returncode == 1, p.stderr
+    assert f'error: --model {tmp_path / "nothing"}' in p.stderr
+    assert p.stderr.strip().splitlines()[-1] == \
+        'error: a server worker could not start (the reason is logged above)'
+    assert not list(tmp.glob('wals-serve-metrics-*'))
 
 
 # ---------------------------------------------------------------- Docker and the guide

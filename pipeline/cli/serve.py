@@ -2,29 +2,39 @@
 
     python -m pipeline.serve --model_root ROOT        # follows ROOT/LATEST (local or gs://)
     python -m pipeline.serve --model DIR              # one fixed model
+    python -m pipeline.serve --model_root ROOT --workers 2   # two processes, one port
 
 Exit codes: 0 after a clean shutdown (SIGINT/SIGTERM), 2 for bad options (including
-a non-loopback --host without an API key), 1 when --model cannot be loaded or the
-port cannot be bound. With --model_root the server starts even before a version is
-promoted (or while LATEST names a broken one): /readyz answers 503 until a verified
-version is loaded. docs/serving.md documents every option.
+a non-loopback --host without an API key), 1 when --model cannot be loaded, the
+port cannot be bound or a worker cannot start. With --model_root the server starts
+even before a version is promoted (or while LATEST names a broken one): /readyz
+answers 503 until a verified version is loaded. docs/serving.md documents every option.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import gc
 import ipaddress
+import json
 import logging
 import os
 import sys
 
 from pipeline.cli.common import prog
-from pipeline.serving.app import Limits, create_app
-from pipeline.serving.model_holder import ModelHolder, one_line
-from pipeline.serving.server import serve
+from pipeline.serving.app import Limits, ServeMetrics, create_app
+from pipeline.serving.model_holder import ModelHolder, load_model, one_line
+from pipeline.serving.server import STARTUP_FAILURE, serve, serve_workers
 
 API_KEY_ENV = 'WALS_SERVE_API_KEY'
 MIN_KEY_LENGTH = 16
 DEFAULTS = Limits()
+MAX_WORKERS = 64
+# --workers N > 1: the workers' settings (JSON, no secret: the API key stays in
+# API_KEY_ENV), set by the parent for the app factory each worker calls.
+SETTINGS_ENV = 'WALS_SERVE_SETTINGS'
+WORKER_APP = 'pipeline.cli.serve:worker_app'
+LOG_FORMAT = '%(asctime)s %(levelname)s %(name)s %(message)s'
 
 log = logging.getLogger('pipeline.serving')
 
@@ -49,6 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--poll_interval', '--poll-interval', dest='poll_interval', type=float,
                    default=30.0,
                    help='--model_root: seconds between reads of LATEST. Default: 30.')
+    p.add_argument('--workers', type=int, default=1,
+                   help='Server processes sharing the port, each loading (and, with '
+                        '--model_root, following) the model itself: about one per core. '
+                        f'1 to {MAX_WORKERS}. Default: 1.')
     p.add_argument('--api_key_file', '--api-key-file', dest='api_key_file',
                    help=f'File holding the API key (else the {API_KEY_ENV} environment '
                         'variable; never on the command line). With a key, every request '
@@ -120,8 +134,25 @@ def check_args(parser: argparse.ArgumentParser, args) -> Limits:
         parser.error('--port must be in [1, 65535]')
     if args.poll_interval <= 0:
         parser.error('--poll_interval must be positive')
+    if not 1 <= args.workers <= MAX_WORKERS:
+        parser.error(f'--workers must be in [1, {MAX_WORKERS}]')
     return Limits(max_k=args.max_k, max_batch=args.max_batch, max_list=args.max_list,
                   max_id_length=args.max_id_length, max_body_bytes=args.max_body_bytes)
+
+
+def open_holder(model: str | None, model_root: str | None, poll_interval: float
+                ) -> ModelHolder:
+    """The model source, ready to serve: --model loaded and verified (errors
+    propagate), or --model_root's LATEST read once."""
+    holder = ModelHolder(model=model, model_root=model_root, poll_interval=poll_interval)
+    if model:
+        holder.load_fixed()
+    else:
+        holder.poll_once()
+        if holder.current is None:
+            log.warning('not ready yet: %s; polling every %g s', holder.not_ready_reason,
+                        poll_interval)
+    return holder
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -129,24 +160,62 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     limits = check_args(parser, args)
     api_key = read_api_key(parser, args)
-    logging.basicConfig(level=args.log_level.upper(),
-                        format='%(asctime)s %(levelname)s %(name)s %(message)s')
-    holder = ModelHolder(model=args.model, model_root=args.model_root,
-                         poll_interval=args.poll_interval)
-    if args.model:
-        try:
-            holder.load_fixed()
-        except Exception as e:   # noqa: BLE001 - one clear line, no traceback
-            print(f'error: --model {args.model}: {one_line(e)}', file=sys.stderr)
-            return 1
-    else:
-        holder.poll_once()
-        if holder.current is None:
-            log.warning('not ready yet: %s; polling every %g s', holder.not_ready_reason,
-                        args.poll_interval)
+    logging.basicConfig(level=args.log_level.upper(), format=LOG_FORMAT)
+    if args.workers > 1:
+        return serve_many(args, limits, api_key)
+    try:
+        holder = open_holder(args.model, args.model_root, args.poll_interval)
+    except Exception as e:   # noqa: BLE001 - one clear line, no traceback
+        print(f'error: --model {args.model}: {one_line(e)}', file=sys.stderr)
+        return 1
     app = create_app(holder, limits, api_key)
 
     return serve(app, args.host, args.port, args.log_level, args.access_log)
+
+
+def serve_many(args, limits: Limits, api_key: str | None) -> int:
+    """--workers N > 1: N processes of worker_app on one port (serve_workers)."""
+    model = args.model
+    if model:
+        # Checked here first, so that a bad --model fails as with one process (one
+        # line, exit 1) before anything is bound. The workers then load the folder
+        # found here: with a model root given as --model, all serve the same version.
+        try:
+            model = load_model(model).path
+        except Exception as e:   # noqa: BLE001 - one clear line, no traceback
+            print(f'error: --model {args.model}: {one_line(e)}', file=sys.stderr)
+            return 1
+        gc.collect()             # this process's copy, before N workers load theirs
+    settings = {'model': model, 'model_root': args.model_root,
+                'poll_interval': args.poll_interval, 'limits': dataclasses.asdict(limits),
+                'log_level': args.log_level, 'api_key': api_key is not None}
+    os.environ[SETTINGS_ENV] = json.dumps(settings)
+    if api_key is not None:
+        # Inherited by the workers (spawned with this environment), never on a command
+        # line: a key from --api_key_file reaches them the same way.
+        os.environ[API_KEY_ENV] = api_key
+    return serve_workers(WORKER_APP, args.workers, args.host, args.port, args.log_level,
+                         args.access_log)
+
+
+def worker_app():
+    """The app (create_app's) of one worker process of --workers N: uvicorn calls it
+    in each worker, which loads, verifies and polls its model itself. (Not annotated
+    FastAPI: only pipeline/serving/ imports the serve extra's packages.)"""
+    settings = json.loads(os.environ[SETTINGS_ENV])
+    logging.basicConfig(level=settings['log_level'].upper(), format=LOG_FORMAT)
+    try:
+        holder = open_holder(settings['model'], settings['model_root'],
+                             settings['poll_interval'])
+    except Exception as e:   # noqa: BLE001 - one clear line, no traceback
+        print(f'error: --model {settings["model"]}: {one_line(e)}', file=sys.stderr)
+        sys.exit(STARTUP_FAILURE)    # the supervisor stops instead of starting it again
+    api_key = os.environ[API_KEY_ENV] if settings['api_key'] else None
+    app = create_app(holder, Limits(**settings['limits']), api_key,
+                     ServeMetrics(multiprocess=True))
+    gc.collect()                     # as serve() does for one process
+    gc.freeze()
+    return app
 
 
 if __name__ == '__main__':

@@ -10,7 +10,7 @@
   newly promoted version in atomically after loading and verifying it in the
   background, so a promotion never fails a request. Modules: model_holder (load,
   verify, poll, swap), scorer (concurrent requests batched into one exact top-K
-  call), app (the routes, limits, errors, API key, /metrics), server (the
-  command line). Docs: docs/serving.md.
+  call), app (the routes, limits, errors, API key, /metrics), server (uvicorn:
+  one process, or --workers N sharing the port). Docs: docs/serving.md.
 
 May import: io, store, runners, errors, options, wals_core."""

@@ -11,10 +11,12 @@ query string too large, 422 invalid parameters or body, 503 no model loaded yet.
 # No `from __future__ import annotations`: FastAPI reads the routes' annotations, which
 # name types local to create_app.
 import dataclasses
+import glob
 import hashlib
 import hmac
 import logging
 import math
+import os
 import time
 from contextlib import asynccontextmanager
 from typing import Annotated, Any, Literal
@@ -26,6 +28,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge,
                                Histogram, generate_latest)
 from prometheus_client import gc_collector, platform_collector, process_collector
+from prometheus_client import multiprocess as shared_metrics
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -65,24 +68,41 @@ class ApiError(Exception):
 # ---- metrics -------------------------------------------------------------------------
 
 class ServeMetrics:
-    """Prometheus metrics in a registry of the app's own (one app, one registry)."""
+    """Prometheus metrics in a registry of the app's own (one app, one registry).
 
-    def __init__(self):
+    multiprocess: one worker of several (--workers N). prometheus-client then keeps
+    every value in files of PROMETHEUS_MULTIPROC_DIR (set before the worker imported
+    it), and exposition() adds up every worker's: counters and histograms are summed,
+    gauges combined as their multiprocess_mode says."""
+
+    def __init__(self, multiprocess: bool = False):
+        self.multiprocess = multiprocess
         r = self.registry = CollectorRegistry()
-        process_collector.ProcessCollector(registry=r)
-        platform_collector.PlatformCollector(registry=r)
-        gc_collector.GCCollector(registry=r)
+        if not multiprocess:
+            # They describe the one process collecting: with workers, that would be
+            # whichever worker answered the scrape (and multiprocess mode cannot
+            # aggregate custom collectors), so they are left out there.
+            process_collector.ProcessCollector(registry=r)
+            platform_collector.PlatformCollector(registry=r)
+            gc_collector.GCCollector(registry=r)
         self.requests = Counter('wals_serve_requests', 'HTTP requests by endpoint, method and '
                                 'status', ['endpoint', 'method', 'status'], registry=r)
         self.latency = Histogram(
             'wals_serve_request_duration_seconds', 'Time from request to response, by '
             'endpoint and status', ['endpoint', 'status'], registry=r,
             buckets=(.0005, .001, .002, .005, .01, .02, .05, .1, .25, .5, 1, 2.5, 5, 10))
+        # Across workers (multiprocess_mode; one process ignores it): a version is 1 while
+        # any worker serves it, the newest swap time counts, and ready means every
+        # worker is. 'live': a worker's values are dropped once it is gone
+        # (_forget_dead_workers), instead of counting forever.
         self.model_version = Gauge('wals_serve_model_version_info', 'The model version being '
-                                   'served (value 1)', ['version'], registry=r)
+                                   'served (value 1)', ['version'], registry=r,
+                                   multiprocess_mode='livemax')
         self.model_loaded = Gauge('wals_serve_model_loaded_timestamp_seconds', 'When the '
-                                  'served model was swapped in (Unix time)', registry=r)
-        self.ready = Gauge('wals_serve_ready', '1 when a verified model is loaded', registry=r)
+                                  'served model was swapped in (Unix time)', registry=r,
+                                  multiprocess_mode='livemax')
+        self.ready = Gauge('wals_serve_ready', '1 when a verified model is loaded', registry=r,
+                           multiprocess_mode='livemin')
         self.reloads = Counter('wals_serve_reloads', 'Model versions loaded, verified and '
                                'swapped in (the first one included)', registry=r)
         self.reload_failures = Counter('wals_serve_reload_failures', 'Versions that failed '
@@ -96,7 +116,11 @@ class ServeMetrics:
         """ModelHolder events -> metrics (called from the poller thread too)."""
         if event == 'loaded':
             previous = details.get('previous')
-            if previous is not None:
+            if previous is not None and self.multiprocess:
+                # A series cannot be removed from the shared files: 0 says this worker
+                # no longer serves that version.
+                self.model_version.labels(previous.version).set(0)
+            elif previous is not None:
                 try:
                     self.model_version.remove(previous.version)
                 except KeyError:
@@ -107,6 +131,34 @@ class ServeMetrics:
             self.reloads.inc()
         elif event in ('failed', 'poll_error'):
             self.reload_failures.inc()
+
+    def exposition(self) -> bytes:
+        """The Prometheus text of /metrics: this process's registry, or every worker's
+        files added up."""
+        if not self.multiprocess:
+            return generate_latest(self.registry)
+        path = os.environ['PROMETHEUS_MULTIPROC_DIR']
+        _forget_dead_workers(path)
+        registry = CollectorRegistry()      # a fresh one per scrape, as the client requires
+        shared_metrics.MultiProcessCollector(registry, path)
+        return generate_latest(registry)
+
+
+def _forget_dead_workers(path: str) -> None:
+    """Removes the live gauges' files of processes that are gone (a worker that crashed,
+    which the supervisor replaced): else its last version and ready values would count
+    as a live worker's."""
+    for name in glob.glob(os.path.join(path, 'gauge_live*_*.db')):
+        pid = int(name[:-len('.db')].rsplit('_', 1)[1])
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            try:
+                shared_metrics.mark_process_dead(pid, path)
+            except FileNotFoundError:   # another worker's scrape was first
+                pass
+        except PermissionError:         # alive, another user's (a reused pid)
+            pass
 
 
 # ---- the guard: limits, API key, metrics, as plain ASGI (cheap per request) -----------
@@ -525,7 +577,7 @@ def create_app(holder: ModelHolder, limits: Limits = Limits(), api_key: str | No
              responses={200: {'content': {CONTENT_TYPE_LATEST: {'schema': {'type': 'string'}}},
                               'description': 'Prometheus text format'}})
     async def prometheus_metrics():
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
     # ---- compatibility with the original App Engine app ------------------------------
 
