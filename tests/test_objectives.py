@@ -236,7 +236,16 @@ def test_objective_terms_belong_to_one_block_and_parameters():
     r, c, values, rows, cols = random_ratings(seed=9, counts=True)
     problem = Problem.build(r, c, values, rows, cols, p)
     terms = objectives.ObjectiveTerms(problem.by_row, p, problem.col_counts)
-    assert terms.plan_nbytes == problem.by_row.nnz * (4 + 8)    # row ids, confidences
+    # A slice of entries: the rows and confidences the whole block would give there.
+    by_row = problem.by_row
+    every_row = by_row.row_of_entry()
+    lo, hi = 3, by_row.nnz - 2
+    got_rows, got_cols, got_values, weight = terms.entries(lo, hi)
+    assert np.array_equal(got_rows, every_row[lo:hi])
+    assert np.array_equal(got_cols, by_row.indices[lo:hi])
+    whole = objectives.get_model(p.model).entry_weights(p, rows, every_row, by_row.indices,
+                                                        by_row.values, problem.col_counts)
+    assert np.array_equal(weight, whole[lo:hi])
     u = np.ones((rows, 3), np.float32)
     v = np.ones((cols, 3), np.float32)
     with pytest.raises(ValueError, match='terms'):
@@ -316,3 +325,12 @@ def test_block_objective_is_the_same_on_any_number_of_threads(model, monkeypatch
         got[threads] = objectives.block_objective(block, 0, u, v, p, counts, 3.0)
     assert got[1] == got[2] == got[3]
     assert np.isfinite(got[1][0]) and got[1][1] > 0
+
+
+def test_rows_of_entries_skips_empty_rows_and_cuts_anywhere():
+    indptr = np.array([0, 0, 3, 3, 3, 7, 8, 8], np.int64)     # rows 0, 2, 3, 6 empty
+    every_row = np.repeat(np.arange(7), np.diff(indptr))
+    for lo in range(9):
+        for hi in range(lo, 9):
+            assert np.array_equal(objectives.rows_of_entries(indptr, lo, hi),
+                                  every_row[lo:hi]), (lo, hi)

@@ -102,7 +102,8 @@ class Model:
     def entry_weights(self, p: WalsParams, num_rows: int, rows: np.ndarray,
                       cols: np.ndarray, values: np.ndarray,
                       col_counts: np.ndarray) -> np.ndarray | None:
-        """ObjectiveTerms.weight: per training entry, what the factors never change."""
+        """Per training entry (of a slice), the part of its objective term that the
+        factors never change (ObjectiveTerms.entries)."""
         return None
 
     def objective(self, p: WalsParams, u: np.ndarray, v: np.ndarray, rows: np.ndarray,
@@ -168,8 +169,10 @@ class Wals(Model):
         return f     # the original's draws, unchanged
 
     def entry_weights(self, p, num_rows, rows, cols, values, col_counts):
-        rw, cw = row_weights(num_rows, p), column_weights(col_counts, p)
-        return p.unobs_weight + rw[rows] * cw[cols]
+        # R_i is one number for every row (weights.row_weights): no gather by row, and
+        # the same products as w0 + R[rows] * C[cols].
+        r = row_weights(1, p)[0]
+        return p.unobs_weight + r * column_weights(col_counts, p)[cols]
 
     def objective(self, p, u, v, rows, cols, a, dot, reg, global_mean, by_row, col_counts):
         k = p.latent_factors

@@ -145,29 +145,45 @@ _SLICE = 1 << 16
 
 
 class ObjectiveTerms:
-    """What block_objective needs of one block's training ratings that the factors
-    never change, worked out once and kept with the block (like a RowSolver's plan):
-    the row of every entry, and per entry the wals mode's weight w0 + R_i C_j or the
-    implicit mode's confidence alpha·g(|r|) (no log1p per rating per iteration).
-    About 12 bytes per rating (4 for the explicit mode)."""
+    """What block_objective needs of one block's training ratings besides the factors,
+    slice by slice of its entries (`entries`): each slice's rows and per-entry weights
+    (the wals mode's w0 + R_i C_j, the implicit mode's confidence alpha·g(|r|)) are
+    worked out when the slice is evaluated, on the kernel's threads, into small
+    temporaries. So a block's objective needs no memory beyond its own arrays: kept
+    whole for every block, they cost 12 bytes per rating (0.3 GiB at 20M ratings)
+    to save one elementwise pass per iteration."""
 
     def __init__(self, train: Csr, params: WalsParams, col_counts: np.ndarray):
-        p = params
-        n = train.num_rows
-        self.params = p
-        self.num_rows = n
+        self.params = params
+        self.num_rows = train.num_rows
         self.indptr = np.asarray(train.indptr)
-        self.rows = np.repeat(np.arange(n, dtype=np.int32 if n < 2 ** 31 else np.int64),
-                              np.diff(train.indptr))
         self.cols = np.asarray(train.indices)
         self.values = np.asarray(train.values, np.float64)
-        self.weight = get_model(p.model).entry_weights(p, n, self.rows, self.cols,
-                                                       self.values, col_counts)
+        self.col_counts = col_counts
 
     @property
-    def plan_nbytes(self) -> int:
-        """Memory it holds beyond the block's own arrays."""
-        return self.rows.nbytes + (0 if self.weight is None else self.weight.nbytes)
+    def nnz(self) -> int:
+        return len(self.values)
+
+    def entries(self, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray, np.ndarray,
+                                                  np.ndarray | None]:
+        """(row, column, value, weight or None) of the entries lo..hi-1 (CSR order)."""
+        p = self.params
+        rows = rows_of_entries(self.indptr, lo, hi)
+        cols, values = self.cols[lo:hi], self.values[lo:hi]
+        weight = get_model(p.model).entry_weights(p, self.num_rows, rows, cols, values,
+                                                  self.col_counts)
+        return rows, cols, values, weight
+
+
+def rows_of_entries(indptr: np.ndarray, lo: int, hi: int) -> np.ndarray:
+    """The row of each CSR entry lo..hi-1 (what np.repeat(rows, counts)[lo:hi] gives,
+    without making it for every entry)."""
+    first = int(np.searchsorted(indptr, lo, 'right')) - 1
+    last = int(np.searchsorted(indptr, hi, 'left'))      # rows r with indptr[r] < hi
+    counts = np.diff(np.clip(indptr[first:last + 1], lo, hi))
+    dtype = np.int32 if len(indptr) <= 2 ** 31 else np.int64
+    return np.repeat(np.arange(first, last, dtype=dtype), counts)
 
 
 def block_objective(train: Csr, start: int, row_matrix: np.ndarray, col_matrix: np.ndarray,
@@ -192,16 +208,14 @@ def block_objective(train: Csr, start: int, row_matrix: np.ndarray, col_matrix: 
         raise ValueError('terms were made for other parameters or another block')
     n = train.num_rows
     u = row_matrix[start:start + n]
-    rows_all, cols_all, values, weight = terms.rows, terms.cols, terms.values, terms.weight
 
     def one(lo: int) -> tuple[float, float]:
-        sl = slice(lo, lo + _SLICE)
-        return _slice_terms(rows_all[sl], cols_all[sl], values[sl], u, col_matrix, p,
-                            global_mean, None if weight is None else weight[sl])
+        rows, cols, values, weight = terms.entries(lo, min(lo + _SLICE, terms.nnz))
+        return _slice_terms(rows, cols, values, u, col_matrix, p, global_mean, weight)
 
     # Slices on the solver's threads (numpy's gathers and products release the GIL),
     # summed in slice order afterwards: the same bits for any number of threads.
-    starts = range(0, len(values), _SLICE)
+    starts = range(0, terms.nnz, _SLICE)
     threads = min(default_threads(), len(starts))
     with single_threaded_blas():     # many small dot products: OpenBLAS threads only cost
         if threads <= 1:
@@ -225,7 +239,7 @@ def block_objective(train: Csr, start: int, row_matrix: np.ndarray, col_matrix: 
 def _slice_terms(rows, cols, a, u, col_matrix, p: WalsParams, global_mean: float,
                  weight) -> tuple[float, float]:
     """(objective terms, squared error) of one slice of a block's entries; weight:
-    the slice's ObjectiveTerms.weight."""
+    its per-entry weights (ObjectiveTerms.entries)."""
     k = p.latent_factors
     # float32 gathers and products (the stored factors' own precision; 3-4x less
     # memory traffic than float64 copies), summed in float64. np.take: the same rows

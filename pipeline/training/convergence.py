@@ -19,13 +19,12 @@ import apache_beam as beam
 import numpy as np
 from apache_beam.pvalue import AsSingleton
 
-from pipeline.training.block_store import BlockRef, RatingBlock
+from pipeline.training.block_store import BlockRef
 from pipeline.training.combine import InBlockOrder
 from pipeline.training.factors import Factors
 from pipeline.training.rating_stats import RatingStats
 from wals_core import objectives
 from wals_core.params import WalsParams
-from wals_core.sparse import Csr
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,24 +61,11 @@ class SumTerms(InBlockOrder):
         return total, sse, count
 
 
-def objective_terms(block: RatingBlock, train: Csr, params: WalsParams,
-                    col_counts: np.ndarray, exchange: str) -> objectives.ObjectiveTerms:
-    """The block's ObjectiveTerms (per-entry weights and rows: what the factors never
-    change), made on the first iteration and kept with the cached block like its
-    solver plans, so later iterations only gather factors."""
-    key = ('objective', exchange, params)
-    terms = block.solvers.get(key)
-    if terms is None:
-        terms = block.solvers[key] = objectives.ObjectiveTerms(train, params, col_counts)
-    return terms
-
-
 def _block_terms(ref: BlockRef, u: Factors, v: Factors, col_counts: np.ndarray,
                  ratings: RatingStats, params: WalsParams):
     block = ref.load()
-    terms = objective_terms(block, block.train, params, col_counts, 'broadcast')
     part, sse = objectives.block_objective(block.train, block.start, u.matrix, v.matrix,
-                                           params, col_counts, ratings.mean, terms)
+                                           params, col_counts, ratings.mean)
     return block.block_id, (part, sse, block.train.nnz)
 
 

@@ -30,7 +30,7 @@ from apache_beam.metrics import Metrics
 from apache_beam.pvalue import AsSingleton
 
 from pipeline.training.block_store import BlockRef, RatingBlock
-from pipeline.training.convergence import IterationState, SumTerms, next_state, objective_terms
+from pipeline.training.convergence import IterationState, SumTerms, next_state
 from pipeline.training.factors import (AssembleFactors, FactorBlock, Factors, block_count_norm,
                                        factor_rows_metric, solve_block, warm_start)
 from pipeline.training.rating_stats import RatingStats
@@ -203,11 +203,9 @@ def _routed_terms(element, v: Factors, col_counts: np.ndarray, ratings: RatingSt
     ref, pieces, own = _joined(element)
     block = ref.load()
     r = routes(block, block_size)
-    counts = col_counts[r.needed]
-    terms = objective_terms(block, r.train, params, counts, 'routed')
     part, sse = objectives.block_objective(r.train, 0, own.factors,
                                            needed_factors(r, pieces, v), params,
-                                           counts, ratings.mean, terms)
+                                           col_counts[r.needed], ratings.mean)
     return block.block_id, (part, sse, block.train.nnz)
 
 
