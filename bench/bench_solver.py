@@ -16,8 +16,10 @@ warm-started from the previous factors), and `implicit` 0.7 AlternatingLeastSqua
 ratings (confidence 1 + log1p(r), as bench/quality_workers.py). The median of
 --iters timed iterations; the core's first iteration (which makes the RowSolver
 plans) is not timed. Also per mode: the per-iteration objective
-(objectives.block_objective over the whole matrix as one block) without and with
-the cached ObjectiveTerms.
+(objectives.block_objective over the whole matrix as one block), with its
+ObjectiveTerms made in the call and passed in (they were per-block caches when
+results/solver.md was written; now they work slice by slice, so both columns time
+the same work).
 
 Beam (--beam_data, default 10m; --beam_models, default wals,implicit; --beam_rank,
 default 32): the whole pipeline, python -m pipeline.train on the DirectRunner
