@@ -34,8 +34,8 @@ from pipeline.serving.recommender import Recommender
 from pipeline.cli.serve import build_parser
 from tests.conftest import ROOT
 from tests.gcs_support import gcs_emulator
-from tests.serve_support import (add_version, int_id_ratings, running, str_id_ratings,
-                                 train, wait_for)
+from tests.serve_support import (Server, add_version, int_id_ratings, running,
+                                 str_id_ratings, train, wait_for)
 
 KEY = 'test-key-0123456789abcdef'
 VERSION = 'X-Model-Version'
@@ -733,7 +733,8 @@ def test_workers_refusals_and_start_failures(models, tmp_path):
             'from pipeline.cli.serve import SETTINGS_ENV, WORKER_APP\n'
             'from pipeline.serving.server import serve_workers\n'
             'os.environ[SETTINGS_ENV] = json.dumps({"model": sys.argv[1], "model_root": None, '
-            '"poll_interval": 1, "limits": {}, "log_level": "info", "api_key": False})\n'
+            '"poll_interval": 1, "limits": {}, "log_level": "info", "api_key": False, '
+            '"supervisor": os.getpid()})\n'
             'sys.exit(serve_workers(WORKER_APP, 2, "127.0.0.1", 0))\n')
     p = subprocess.run([sys.executable, '-c', code, str(tmp_path / 'nothing')], cwd=ROOT,
                        env=dict(os.environ, PYTHONPATH=str(ROOT), TMPDIR=str(tmp)),
@@ -743,6 +744,31 @@ def test_workers_refusals_and_start_failures(models, tmp_path):
     assert p.stderr.strip().splitlines()[-1] == \
         'error: a server worker could not start (the reason is logged above)'
     assert not list(tmp.glob('wals-serve-metrics-*'))
+
+
+def test_workers_stop_when_the_supervisor_is_killed(models, tmp_path):
+    """kill -9 of the parent of --workers 2: its workers stop by themselves (SIGTERM to
+    themselves once orphaned), so the port is free again for a restarted server."""
+    server = Server(['--model', models['wals'][0], '--workers', '2'],
+                    tmp_path / 'server.log').start()
+    assert httpx.get(f'{server.url}/readyz', timeout=60).status_code == 200
+    workers = subprocess.run(['pgrep', '-P', str(server.proc.pid), '-f', 'spawn_main'],
+                             capture_output=True, text=True).stdout.split()
+    assert len(workers) == 2, workers
+    server.proc.kill()
+    server.proc.wait()
+
+    def running_worker(pid: str) -> bool:     # alive and not a zombie
+        try:
+            return pathlib.Path(f'/proc/{pid}/stat').read_text().rsplit(')', 1)[1].split()[0] \
+                != 'Z'
+        except FileNotFoundError:
+            return False
+    wait_for(lambda: not any(map(running_worker, workers)), timeout=30,
+             what='the orphaned workers to stop')
+    with socket.socket() as s:      # the port is free again (as uvicorn binds it)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(('127.0.0.1', server.port))
 
 
 # ---------------------------------------------------------------- Docker and the guide

@@ -24,7 +24,7 @@ import sys
 from pipeline.cli.common import prog
 from pipeline.serving.app import Limits, ServeMetrics, create_app
 from pipeline.serving.model_holder import ModelHolder, load_model, one_line
-from pipeline.serving.server import STARTUP_FAILURE, serve, serve_workers
+from pipeline.serving.server import STARTUP_FAILURE, serve, serve_workers, stop_with_parent
 
 API_KEY_ENV = 'WALS_SERVE_API_KEY'
 MIN_KEY_LENGTH = 16
@@ -188,7 +188,8 @@ def serve_many(args, limits: Limits, api_key: str | None) -> int:
         gc.collect()             # this process's copy, before N workers load theirs
     settings = {'model': model, 'model_root': args.model_root,
                 'poll_interval': args.poll_interval, 'limits': dataclasses.asdict(limits),
-                'log_level': args.log_level, 'api_key': api_key is not None}
+                'log_level': args.log_level, 'api_key': api_key is not None,
+                'supervisor': os.getpid()}
     os.environ[SETTINGS_ENV] = json.dumps(settings)
     if api_key is not None:
         # Inherited by the workers (spawned with this environment), never on a command
@@ -203,6 +204,7 @@ def worker_app():
     in each worker, which loads, verifies and polls its model itself. (Not annotated
     FastAPI: only pipeline/serving/ imports the serve extra's packages.)"""
     settings = json.loads(os.environ[SETTINGS_ENV])
+    stop_with_parent(settings['supervisor'])
     logging.basicConfig(level=settings['log_level'].upper(), format=LOG_FORMAT)
     try:
         holder = open_holder(settings['model'], settings['model_root'],

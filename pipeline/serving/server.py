@@ -9,6 +9,8 @@ import shutil
 import signal
 import sys
 import tempfile
+import threading
+import time
 
 # uvicorn's exit code of a process that could not start (uvicorn.config.STARTUP_FAILURE,
 # copied: uvicorn is imported only to serve): its supervisor stops, instead of starting
@@ -92,3 +94,18 @@ def serve_workers(factory: str, workers: int, host: str, port: int, log_level: s
               file=sys.stderr)
         return 1
     return 0
+
+
+def stop_with_parent(parent: int, interval: float = 1.0) -> None:
+    """In a worker of serve_workers: SIGTERM to itself (uvicorn's graceful shutdown)
+    once its supervisor (pid `parent`, passed down: a worker may only get here after
+    the supervisor died) is gone. A supervisor killed with SIGKILL cannot stop its
+    workers, and orphaned workers would go on holding the port (a restarted server
+    could not bind it)."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(interval)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name='wals-serve-parent-watch', daemon=True).start()
