@@ -261,13 +261,17 @@ def top_k(queries: np.ndarray, items: np.ndarray | ItemLayout, k: int, *,
         -inf); sure[r] = the row's k best by exact scores are among them."""
         r1 = min(r0 + _BATCH_ROWS, n_q)
         nb = r1 - r0
-        if nb < _BATCH_ROWS:   # same matmul shape for every batch (speed, not results)
+        if nb < _BATCH_ROWS:
+            # A short batch (a server's few concurrent requests) multiplies only its
+            # own rows, padded to a multiple of 4: sgemm's cost grows with the rows,
+            # in steps (speed only: BLAS scores just pick candidates).
+            rows = nb if nb <= 2 else min(-(-nb // 4) * 4, _BATCH_ROWS)
             qbuf[:nb] = q[r0:r1]
-            qbuf[nb:] = 0.0
-            qb = qbuf
+            qbuf[nb:rows] = 0.0
+            qb = qbuf[:rows]
         else:
             qb = q[r0:r1]
-        np.matmul(qb, items_t, out=buf)
+        np.matmul(qb, items_t, out=buf[:len(qb)])
         s = buf[:nb]
         if off_pad is not None:
             s += off_pad

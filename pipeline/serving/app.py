@@ -17,9 +17,11 @@ import hmac
 import logging
 import math
 import os
+import re
 import time
 from contextlib import asynccontextmanager
 from typing import Annotated, Any, Literal
+from urllib.parse import parse_qsl
 
 import numpy as np
 from fastapi import Body, FastAPI, Query
@@ -172,12 +174,19 @@ async def _reply(send, status: int, detail: str, headers: list | None = None) ->
 
 
 class Guard:
-    """Outermost middleware: query-string and body size limits, the API key, and the
-    request counter and latency histogram of every response."""
+    """In front of the whole app (ServeApp): query-string and body size limits, the API
+    key, the request counter and latency histogram of every response, and the
+    shortcuts: a GET route's fast answer to its plain requests (the route answers the
+    rest, and every error)."""
 
-    def __init__(self, app, metrics: ServeMetrics, limits: Limits, api_key: str | None):
+    def __init__(self, app, metrics: ServeMetrics, limits: Limits, api_key: str | None,
+                 shortcuts: dict | None = None):
         self.app, self.metrics, self.limits = app, metrics, limits
         self.key_digest = hashlib.sha256(api_key.encode()).digest() if api_key else None
+        # GET path -> async fn(scope) -> Response, or None to let the app answer.
+        self.shortcuts = {} if shortcuts is None else shortcuts
+        self.shortcut_answers = 0     # how many requests a shortcut answered (tests)
+        self._series: dict[tuple[str, str, int], tuple] = {}
 
     def _authorized(self, scope) -> bool:
         got = b''
@@ -204,11 +213,23 @@ class Guard:
         try:
             await self._handle(scope, receive, send_status, path)
         finally:
-            endpoint = path if path in ROUTES else 'other'
-            code = str(status[0])
-            m = self.metrics
-            m.requests.labels(endpoint, scope['method'], code).inc()
-            m.latency.labels(endpoint, code).observe(time.perf_counter() - start)
+            key = (path if path in ROUTES else 'other', scope['method'], status[0])
+            series = self._series.get(key)
+            if series is None:
+                series = self._series_of(key)
+            series[0].inc()
+            series[1].observe(time.perf_counter() - start)
+
+    def _series_of(self, key: tuple[str, str, int]) -> tuple:
+        """The request counter and latency histogram children of (endpoint, method,
+        status), looked up once (a label lookup per request is measurable)."""
+        endpoint, method, status = key
+        if len(self._series) > 10_000:   # unbounded methods: keep the memory bounded
+            self._series.clear()
+        series = self._series[key] = (
+            self.metrics.requests.labels(endpoint, method, str(status)),
+            self.metrics.latency.labels(endpoint, str(status)))
+        return series
 
     async def _handle(self, scope, receive, send, path):
         limits = self.limits
@@ -219,6 +240,12 @@ class Guard:
                 not self._authorized(scope):
             return await _reply(send, 401, f'missing or wrong API key (header {API_KEY_HEADER})')
         if scope['method'] in ('GET', 'HEAD', 'OPTIONS', 'DELETE'):
+            shortcut = self.shortcuts.get(path) if scope['method'] == 'GET' else None
+            if shortcut is not None:
+                response = await shortcut(scope)
+                if response is not None:
+                    self.shortcut_answers += 1
+                    return await response(scope, receive, send)
             return await self.app(scope, receive, send)
         # A body is read here, whole and bounded, then handed on.
         for name, value in scope['headers']:
@@ -250,6 +277,21 @@ class Guard:
                 return {'type': 'http.request', 'body': body, 'more_body': False}
             return await receive()
         return await self.app(scope, replay, send)
+
+
+class ServeApp(FastAPI):
+    """FastAPI with the Guard in front of all of it, FastAPI's own middleware included
+    (a request that a shortcut answers costs half the CPU that way)."""
+    guard: Guard | None = None
+
+    async def __call__(self, scope, receive, send) -> None:
+        if self.guard is not None and scope['type'] == 'http':
+            return await self.guard(scope, receive, send)
+        return await super().__call__(scope, receive, send)
+
+    async def behind_guard(self, scope, receive, send) -> None:
+        """The app without the guard (what the guard hands requests on to)."""
+        return await super().__call__(scope, receive, send)
 
 
 # ---- request and response bodies (their limits are the server's options) -------------
@@ -377,6 +419,32 @@ def _rows(vocab: np.ndarray, ids: list[str]) -> tuple[np.ndarray, list[str]]:
     return np.unique(rows[rows >= 0]), unknown
 
 
+_PLAIN_PARAMS = frozenset({'user', 'k', 'exclude_seen'})
+_PLAIN_BOOLS = {'true': True, 'false': False, '1': True, '0': False}
+_PLAIN_K = re.compile(r'[1-9][0-9]{0,8}')
+
+
+def plain_recommend_query(query: bytes, limits: Limits) -> tuple[str, int, bool] | None:
+    """(user, k, exclude_seen) of a GET /recommend query string that the route's
+    validation accepts as it is, read as the route reads it (Starlette's parse); None
+    for anything else (other or repeated parameters, values the route must check)."""
+    got: dict[str, str] = {}
+    for name, value in parse_qsl(query.decode('latin-1'), keep_blank_values=True):
+        if name in got or name not in _PLAIN_PARAMS:
+            return None
+        got[name] = value
+    user = got.get('user')
+    if user is None or not 0 < len(user) <= limits.max_id_length or not user.isprintable():
+        return None
+    k = got.get('k', '10')
+    if not _PLAIN_K.fullmatch(k) or int(k) > limits.max_k:
+        return None
+    exclude_seen = _PLAIN_BOOLS.get(got.get('exclude_seen', 'true'))
+    if exclude_seen is None:
+        return None
+    return user, int(k), exclude_seen
+
+
 def _json(content: dict, model: ServedModel, status: int = 200) -> JSONResponse:
     return JSONResponse(content, status_code=status, headers={VERSION_HEADER: model.version})
 
@@ -411,12 +479,14 @@ def create_app(holder: ModelHolder, limits: Limits = Limits(), api_key: str | No
               422: {'model': ErrorBody, 'description': 'Invalid parameters or body'},
               503: {'model': ErrorBody, 'description': 'No model loaded yet'}}
     not_found = {404: {'model': ErrorBody, 'description': 'Unknown user or item'}}
-    app = FastAPI(title='WALS recommendations', version='1', lifespan=lifespan,
+    app = ServeApp(title='WALS recommendations', version='1', lifespan=lifespan,
                   docs_url=None, redoc_url=None, responses=errors,
                   description='Online recommendations from a published WALS model '
                               '(docs/serving.md).')
     app.state.holder, app.state.metrics, app.state.scorer = holder, metrics, scorer
-    app.add_middleware(Guard, metrics=metrics, limits=limits, api_key=api_key)
+    shortcuts: dict = {}     # filled below
+    app.guard = Guard(app.behind_guard, metrics=metrics, limits=limits, api_key=api_key,
+                      shortcuts=shortcuts)
 
     def model_or_503() -> ServedModel:
         model = holder.current
@@ -473,6 +543,13 @@ def create_app(holder: ModelHolder, limits: Limits = Limits(), api_key: str | No
         except KeyError as e:
             raise ApiError(404, e.args[0], model.version) from None
 
+    async def recommend_answer(model: ServedModel, user: str, i: int, k: int,
+                               exclude_seen: bool, allow: list[str] | None,
+                               block: list[str]) -> JSONResponse:
+        (result,), unknown = await rank(model, [i], k, exclude_seen, allow, block)
+        return _json({'user': user, 'model_version': model.version,
+                      'items': _items(model, result), 'ignored': unknown}, model)
+
     @app.get('/recommend', response_model=M['RecommendResponse'], responses=not_found,
              summary='Top-k items for a known user')
     async def recommend(user: Annotated[Id, Query(description='User ID')],
@@ -485,10 +562,26 @@ def create_app(holder: ModelHolder, limits: Limits = Limits(), api_key: str | No
                         block: Annotated[IdList, Query(
                             description='Never these items (repeat the parameter)')] = []):
         model = model_or_503()
-        i = user_row(model, user)
-        (result,), unknown = await rank(model, [i], k, exclude_seen, allow, block)
-        return _json({'user': user, 'model_version': model.version,
-                      'items': _items(model, result), 'ignored': unknown}, model)
+        return await recommend_answer(model, user, user_row(model, user), k, exclude_seen,
+                                      allow, block)
+
+    async def recommend_shortcut(scope) -> JSONResponse | None:
+        """GET /recommend?user=ID[&k=K][&exclude_seen=B] of a known user, answered
+        without FastAPI's routing and validation (most of a request's CPU); None for
+        anything else, which the route answers, errors included. The answer is the
+        route's own (recommend_answer), so the bytes are the same."""
+        params = plain_recommend_query(scope['query_string'], limits)
+        model = holder.current
+        if params is None or model is None:
+            return None
+        user, k, exclude_seen = params
+        try:
+            i = model.rec.user_index(user)
+        except KeyError:
+            return None
+        return await recommend_answer(model, user, i, k, exclude_seen, None, [])
+
+    shortcuts['/recommend'] = recommend_shortcut
 
     @app.post('/recommend', response_model=M['BatchResponse'],
               summary='Top-k items for each user of a batch')

@@ -91,6 +91,8 @@ class Scorer:
 
     async def run_many(self, jobs: list) -> list:
         """Several jobs of one request: they are queued together, so scored together."""
+        if len(jobs) == 1:      # most requests: no task per job
+            return [await self.run(jobs[0])]
         return await asyncio.gather(*(self.run(job) for job in jobs))
 
     async def _drain(self) -> None:
