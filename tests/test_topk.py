@@ -386,3 +386,43 @@ def test_same_results_on_every_blas_kernel():
         assert out.returncode == 0, (kernel, out.stderr[-2000:])
         digests[kernel] = out.stdout.strip()
     assert len(set(digests.values())) == 1, digests
+
+
+@pytest.mark.parametrize('seed', range(4))
+def test_few_pairs_rescored_at_once_give_the_loops_bits(seed, monkeypatch):
+    """A server's small batches rescore their candidates with every product at once
+    (_SMALL_RESCORE); the bits equal the per-dimension loop's, signed zeros, infinities
+    and NaN products included."""
+    rng = np.random.default_rng(90 + seed)
+    q, v, seen = real_case(rng, 40, 900, [3, 16, 32, 50][seed])
+    q[rng.random(q.shape) < 0.2] = -0.0
+    v[rng.random(v.shape) < 0.2] = 0.0
+    q[3] = -0.0                                      # every product a signed zero
+    v[[5, 17]] = np.inf
+    v[29, 0] = np.nan
+    q[7, 0] = np.float32(3e38)
+    offsets = rng.standard_normal(900).astype(np.float32) if seed % 2 else None
+    indptr, indices = csr(seen)
+    small = [top_k(q[r:r + 1], v, 10, exclude_indptr=[0, len(seen[r])],
+                   exclude_indices=seen[r], item_offsets=offsets) for r in range(len(q))]
+    monkeypatch.setattr(topk_module, '_SMALL_RESCORE', -1)    # the loop everywhere
+    loop = top_k(q, v, 10, exclude_indptr=indptr, exclude_indices=indices,
+                 item_offsets=offsets)
+    np.testing.assert_array_equal(np.concatenate([ids for ids, _ in small]), loop[0])
+    np.testing.assert_array_equal(np.concatenate([s for _, s in small]).view(np.uint32),
+                                  loop[1].view(np.uint32))
+
+
+def test_few_pairs_are_summed_in_index_order(monkeypatch):
+    """The order matters where float64 loses digits: (2^60 - 2^60) + 1 is 1, while
+    2^60 + (-2^60 + 1) would be 0. Both rescoring paths give the index-order sum."""
+    v = np.array([[2.0 ** 60, -2.0 ** 60, 1.0], [1.0, 2.0 ** 60, -2.0 ** 60],
+                  [3.0, 0.5, 0.25]], np.float32)
+    q = np.ones((2, 3), np.float32)
+    exact = topk_module._ExactScores(q, v, np.ascontiguousarray(v.T), np.zeros(0, np.int64),
+                                     (float(np.abs(v).max()) * 2, 0.0), None, None, None)
+    ids = np.array([[0, 1, 2], [2, 1, 0]])
+    want = [[1.0, 0.0, 3.75], [3.75, 0.0, 1.0]]
+    assert exact.scores(np.arange(2), ids).tolist() == want
+    monkeypatch.setattr(topk_module, '_SMALL_RESCORE', -1)
+    assert exact.scores(np.arange(2), ids).tolist() == want

@@ -83,6 +83,9 @@ _TASK_BATCHES = 16
 _EXTRA_MIN = 4
 # Pairs rescored per step (float64 scratch of about 8 bytes each).
 _RESCORE_ELEMENTS = 1 << 18
+# Pairs × dimensions up to which the rescoring takes every product at once (512 KiB
+# of float64 scratch): a few pairs cost the per-dimension loop's overhead otherwise.
+_SMALL_RESCORE = 1 << 16
 _LOW = np.int64(0xFFFFFFFF)
 _NEG_INF = np.float32(-np.inf)
 
@@ -314,9 +317,10 @@ def top_k(queries: np.ndarray, items: np.ndarray | ItemLayout, k: int, *,
             out_ids[rows, :kk] = ids
             out_scores[rows, :kk] = sc
             rows = t0 + np.flatnonzero(~sure)
-            ids, sc = exact.best_of(rows, None, kk)
-            out_ids[rows, :kk] = ids
-            out_scores[rows, :kk] = sc
+            if len(rows):
+                ids, sc = exact.best_of(rows, None, kk)
+                out_ids[rows, :kk] = ids
+                out_scores[rows, :kk] = sc
 
     starts = range(0, n_q, _TASK_BATCHES * _BATCH_ROWS)
     threads = max(1, min(num_threads or _cpus(), len(starts)))
@@ -375,11 +379,20 @@ class _ExactScores:
         every item), offsets added; exclusions not applied."""
         q64 = self.q[rows].astype(np.float64)
         vt = self.items_t[:, :self.n_items]
-        acc = np.zeros((len(rows), self.n_items if ids is None else ids.shape[1]))
-        for i in range(q64.shape[1]):   # index order: the contract's summation order
-            # float64 × float32: the float32 value is widened exactly, and the
-            # product of two float32 values is exact in float64.
-            acc += q64[:, i, None] * (vt[i] if ids is None else vt[i][ids])
+        d = q64.shape[1]
+        if ids is not None and d and ids.size * d <= _SMALL_RESCORE:
+            # A few pairs (a server's batch): every product at once, then summed in
+            # index order by cumsum (sequential by definition): the loop's exact
+            # operations (0 + p_0 + p_1 + ...) without its per-dimension overhead.
+            products = q64.T[:, :, None] * vt[:, ids]
+            products[0] += 0.0        # the loop starts from +0: 0 + (-0) is +0
+            acc = np.cumsum(products, axis=0)[-1]
+        else:
+            acc = np.zeros((len(rows), self.n_items if ids is None else ids.shape[1]))
+            for i in range(d):   # index order: the contract's summation order
+                # float64 × float32: the float32 value is widened exactly, and the
+                # product of two float32 values is exact in float64.
+                acc += q64[:, i, None] * (vt[i] if ids is None else vt[i][ids])
         out = acc.astype(np.float32)
         if self.offsets is not None:
             out += self.offsets if ids is None else self.offsets[ids]

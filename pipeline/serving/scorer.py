@@ -155,7 +155,8 @@ class Scorer:
 def _pairs(ids: np.ndarray, scores: np.ndarray, k: int, shift: float) -> Result:
     ids, scores = ids[:k], scores[:k]
     keep = ids >= 0
-    return [(int(j), float(s) + shift) for j, s in zip(ids[keep], scores[keep])]
+    # tolist: Python ints and floats (float32 widened exactly) without numpy scalars.
+    return [(j, s + shift) for j, s in zip(ids[keep].tolist(), scores[keep].tolist())]
 
 
 def _shift(model: ServedModel, query: np.ndarray) -> float:
