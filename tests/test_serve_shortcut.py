@@ -127,3 +127,22 @@ def test_the_parse_is_starlettes():
     assert plain_recommend_query(b'user=%C3%A9&exclude_seen=0', LIMITS) == ('\xe9', 10, False)
     assert plain_recommend_query(b'k=2', LIMITS) is None
     assert plain_recommend_query(b'user=a&k=51', LIMITS) is None
+
+
+def test_a_failure_inside_the_shortcut_is_answered_by_the_route(apps, monkeypatch):
+    """The shortcut runs in front of FastAPI's error handling: whatever it raises, the
+    route answers instead (here the same failure: a JSON 500, not uvicorn's text)."""
+    with_shortcut, without, users = apps
+    rec = with_shortcut.state.holder.current.rec
+
+    def broken(user):
+        raise RuntimeError('disk on fire')
+    monkeypatch.setattr(rec, 'user_index', broken)
+
+    async def ask(app):
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url='http://test') as c:
+            r = await c.get('/recommend', params={'user': users[0]})
+            return r.status_code, r.json()
+    assert asyncio.run(ask(with_shortcut)) == asyncio.run(ask(without)) == \
+        (500, {'detail': 'internal error (logged)'})

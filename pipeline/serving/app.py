@@ -242,7 +242,10 @@ class Guard:
         if scope['method'] in ('GET', 'HEAD', 'OPTIONS', 'DELETE'):
             shortcut = self.shortcuts.get(path) if scope['method'] == 'GET' else None
             if shortcut is not None:
-                response = await shortcut(scope)
+                try:
+                    response = await shortcut(scope)
+                except Exception:    # noqa: BLE001 - the route answers, and reports it
+                    response = None
                 if response is not None:
                     self.shortcut_answers += 1
                     return await response(scope, receive, send)
