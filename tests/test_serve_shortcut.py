@@ -1,6 +1,7 @@
-"""GET /recommend's shortcut (pipeline/serving/app.py: plain queries answered in front
-of FastAPI) against the route itself: for any query string, the app with the shortcut
-and the same app without it give the same status, body bytes and version header.
+"""The shortcuts of GET /recommend and GET /recommendation (pipeline/serving/app.py:
+plain queries answered in front of FastAPI) against the routes themselves: for any
+query string, the app with the shortcuts and the same app without them give the same
+status, body bytes and version header.
 
 Both apps run in process over one loaded model (httpx's ASGI transport: the full ASGI
 stack, no socket); tests/test_serve.py drives the real server, shortcut included."""
@@ -14,7 +15,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pipeline.serving.app import Limits, create_app, plain_recommend_query
+from pipeline.serving.app import (Limits, create_app, plain_compat_query,
+                                  plain_recommend_query)
 from pipeline.serving.model_holder import ModelHolder
 from tests.serve_support import int_id_ratings, str_id_ratings, train
 
@@ -39,23 +41,23 @@ def apps(request, tmp_path_factory):
     return with_shortcut, without, users
 
 
-def _ask(app, queries: list[str]) -> list[tuple]:
+def _ask(app, queries: list[str], path: str = '/recommend') -> list[tuple]:
     async def run():
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url='http://test') as c:
             out = []
             for q in queries:
-                r = await c.get('/recommend' + ('?' + q if q else ''))
+                r = await c.get(path + ('?' + q if q else ''))
                 out.append((r.status_code, r.content, r.headers.get('x-model-version')))
             return out
     return asyncio.run(run())
 
 
-def _same_answers(apps, queries: list[str]) -> int:
+def _same_answers(apps, queries: list[str], path: str = '/recommend') -> int:
     """Asserts equal answers; returns how many the shortcut gave."""
     with_shortcut, without, _ = apps
     before = with_shortcut.guard.shortcut_answers
-    fast, slow = _ask(with_shortcut, queries), _ask(without, queries)
+    fast, slow = _ask(with_shortcut, queries, path), _ask(without, queries, path)
     for q, a, b in zip(queries, fast, slow):
         assert a == b, q
     assert without.guard.shortcut_answers == 0
@@ -122,11 +124,45 @@ def test_any_query_gets_the_same_answer_with_and_without_the_shortcut(apps, data
     _same_answers(apps, [query])
 
 
+def test_compatibility_route_plain_queries_take_the_shortcut(apps):
+    users = apps[2]
+    plain = [f'userId={quote(u)}' for u in users[:10]] + \
+            [f'numRecs={k}&userId={quote(users[3])}' for k in (1, 5, 50)]
+    assert _same_answers(apps, plain, '/recommendation') == len(plain)
+
+
+def test_compatibility_route_leaves_everything_else_to_the_route(apps):
+    u = quote(apps[2][0])
+    other = ['', 'numRecs=5', 'userId=', 'userId=%00', 'userId=' + 'x' * 25,
+             'userId=no-such-user', f'userId={u}&userId={u}', f'userId={u}&user={u}'] + \
+            [f'userId={u}&numRecs={quote(k)}' for k in K_SPELLINGS if k not in ('1', '5', '50')]
+    assert _same_answers(apps, other, '/recommendation') == 0
+    assert {s for s, _, _ in _ask(apps[0], other, '/recommendation')} >= {200, 400, 404, 422}
+
+
+@settings(max_examples=150, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_any_compatibility_query_gets_the_same_answer(apps, data):
+    users = apps[2]
+    params = [('userId', data.draw(st.sampled_from(users)))] if data.draw(st.booleans()) else []
+    if data.draw(st.booleans()):
+        params.append(('numRecs', data.draw(_K)))
+    params += data.draw(st.lists(st.tuples(st.sampled_from(['userId', 'numRecs', 'user', '']),
+                                           _TEXT), max_size=2 if data.draw(st.booleans()) else 0))
+    params = data.draw(st.permutations(params))
+    safe = data.draw(st.sampled_from(['', '%+&=']))
+    query = '&'.join(f'{n}={quote(v, safe=safe)}' for n, v in params)
+    _same_answers(apps, [query], '/recommendation')
+
+
 def test_the_parse_is_starlettes():
     assert plain_recommend_query(b'user=a+b&k=2', LIMITS) == ('a b', 2, True)
     assert plain_recommend_query(b'user=%C3%A9&exclude_seen=0', LIMITS) == ('\xe9', 10, False)
     assert plain_recommend_query(b'k=2', LIMITS) is None
     assert plain_recommend_query(b'user=a&k=51', LIMITS) is None
+    assert plain_compat_query(b'userId=a+b', LIMITS) == ('a b', LIMITS.compat_default_k)
+    assert plain_compat_query(b'userId=a&numRecs=+3', LIMITS) is None
 
 
 def test_a_failure_inside_the_shortcut_is_answered_by_the_route(apps, monkeypatch):

@@ -422,30 +422,54 @@ def _rows(vocab: np.ndarray, ids: list[str]) -> tuple[np.ndarray, list[str]]:
     return np.unique(rows[rows >= 0]), unknown
 
 
-_PLAIN_PARAMS = frozenset({'user', 'k', 'exclude_seen'})
 _PLAIN_BOOLS = {'true': True, 'false': False, '1': True, '0': False}
 _PLAIN_K = re.compile(r'[1-9][0-9]{0,8}')
 
 
-def plain_recommend_query(query: bytes, limits: Limits) -> tuple[str, int, bool] | None:
-    """(user, k, exclude_seen) of a GET /recommend query string that the route's
-    validation accepts as it is, read as the route reads it (Starlette's parse); None
-    for anything else (other or repeated parameters, values the route must check)."""
+def _plain_params(query: bytes, names: frozenset[str]) -> dict[str, str] | None:
+    """The query's parameters, read as the routes read them (Starlette's parse), if
+    each is one of `names` and given once; else None."""
     got: dict[str, str] = {}
     for name, value in parse_qsl(query.decode('latin-1'), keep_blank_values=True):
-        if name in got or name not in _PLAIN_PARAMS:
+        if name in got or name not in names:
             return None
         got[name] = value
-    user = got.get('user')
-    if user is None or not 0 < len(user) <= limits.max_id_length or not user.isprintable():
+    return got
+
+
+def _plain_id(value: str | None, limits: Limits) -> bool:
+    """An ID every route accepts as it is: 1 to max_id_length printable characters."""
+    return value is not None and 0 < len(value) <= limits.max_id_length and \
+        value.isprintable()
+
+
+def _plain_k(value: str, limits: Limits) -> int | None:
+    """A plain number in [1, max_k] (no sign, spaces, leading zeros or underscores)."""
+    return int(value) if _PLAIN_K.fullmatch(value) and int(value) <= limits.max_k else None
+
+
+def plain_recommend_query(query: bytes, limits: Limits) -> tuple[str, int, bool] | None:
+    """(user, k, exclude_seen) of a GET /recommend query string that the route's
+    validation accepts as it is, read as the route reads it; None for anything else
+    (other or repeated parameters, values the route must check)."""
+    got = _plain_params(query, frozenset({'user', 'k', 'exclude_seen'}))
+    if got is None or not _plain_id(got.get('user'), limits):
         return None
-    k = got.get('k', '10')
-    if not _PLAIN_K.fullmatch(k) or int(k) > limits.max_k:
-        return None
+    k = _plain_k(got.get('k', '10'), limits)
     exclude_seen = _PLAIN_BOOLS.get(got.get('exclude_seen', 'true'))
-    if exclude_seen is None:
+    if k is None or exclude_seen is None:
         return None
-    return user, int(k), exclude_seen
+    return got['user'], k, exclude_seen
+
+
+def plain_compat_query(query: bytes, limits: Limits) -> tuple[str, int] | None:
+    """(userId, numRecs) of a GET /recommendation query string that the route accepts
+    as it is; None for anything else."""
+    got = _plain_params(query, frozenset({'userId', 'numRecs'}))
+    if got is None or not _plain_id(got.get('userId'), limits):
+        return None
+    k = _plain_k(got.get('numRecs', str(limits.compat_default_k)), limits)
+    return None if k is None else (got['userId'], k)
 
 
 def _json(content: dict, model: ServedModel, status: int = 200) -> JSONResponse:
@@ -696,10 +720,27 @@ def create_app(holder: ModelHolder, limits: Limits = Limits(), api_key: str | No
         if not userId or '\x00' in userId:
             raise ApiError(400, 'userId must be a non-empty ID.')
         model = model_or_503()
-        i = user_row(model, userId)
+        return await compat_answer(model, user_row(model, userId), k)
+
+    async def compat_answer(model: ServedModel, i: int, k: int) -> JSONResponse:
         (result,), _ = await rank(model, [i], k, True, None, [])
         items = model.rec.items
         return _json({'articles': [str(items[j]) for j, _ in result]}, model)
+
+    async def compat_shortcut(scope) -> JSONResponse | None:
+        """GET /recommendation?userId=ID[&numRecs=N] of a known user, answered as
+        recommend_shortcut answers /recommend (the same bytes as the route)."""
+        params = plain_compat_query(scope['query_string'], limits)
+        model = holder.current
+        if params is None or model is None:
+            return None
+        try:
+            i = model.rec.user_index(params[0])
+        except KeyError:
+            return None
+        return await compat_answer(model, i, params[1])
+
+    shortcuts['/recommendation'] = compat_shortcut
 
     @app.get('/readiness_check', response_model=Ok,
              summary='Compatibility: the original app\'s readiness route (503 if not ready)')
