@@ -106,21 +106,26 @@ _OTHER = st.tuples(st.sampled_from(['allow', 'block', 'kk', '', 'user']),
                    st.one_of(st.sampled_from(['%00', '%FF', '+', '%20', 'a b']), _TEXT))
 
 
+def _draw_query(data, users: list[str], user_name: str, optional: list[tuple], other) -> str:
+    """A query string: maybe a real user, maybe each of `optional` (name, value
+    strategy), maybe a few `other` (name, value) pairs, in any order."""
+    params = [(user_name, data.draw(st.sampled_from(users)))] if data.draw(st.booleans()) \
+        else []
+    for name, values in optional:
+        if data.draw(st.booleans()):
+            params.append((name, data.draw(values)))
+    params += data.draw(st.lists(other, max_size=2 if data.draw(st.booleans()) else 0))
+    params = data.draw(st.permutations(params))
+    # Some values with '%', '+', '&' and '=' left as they are: the parser's own reading.
+    safe = data.draw(st.sampled_from(['', '%+&=']))
+    return '&'.join(f'{n}={quote(v, safe=safe)}' for n, v in params)
+
+
 @settings(max_examples=300, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_any_query_gets_the_same_answer_with_and_without_the_shortcut(apps, data):
-    users = apps[2]
-    params = [('user', data.draw(st.sampled_from(users)))] if data.draw(st.booleans()) else []
-    if data.draw(st.booleans()):
-        params.append(('k', data.draw(_K)))
-    if data.draw(st.booleans()):
-        params.append(('exclude_seen', data.draw(_BOOL)))
-    params += data.draw(st.lists(_OTHER, max_size=2 if data.draw(st.booleans()) else 0))
-    params = data.draw(st.permutations(params))
-    # Some values with '%', '+', '&' and '=' left as they are: the parser's own reading.
-    safe = data.draw(st.sampled_from(['', '%+&=']))
-    query = '&'.join(f'{n}={quote(v, safe=safe)}' for n, v in params)
+    query = _draw_query(data, apps[2], 'user', [('k', _K), ('exclude_seen', _BOOL)], _OTHER)
     _same_answers(apps, [query])
 
 
@@ -144,15 +149,8 @@ def test_compatibility_route_leaves_everything_else_to_the_route(apps):
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_any_compatibility_query_gets_the_same_answer(apps, data):
-    users = apps[2]
-    params = [('userId', data.draw(st.sampled_from(users)))] if data.draw(st.booleans()) else []
-    if data.draw(st.booleans()):
-        params.append(('numRecs', data.draw(_K)))
-    params += data.draw(st.lists(st.tuples(st.sampled_from(['userId', 'numRecs', 'user', '']),
-                                           _TEXT), max_size=2 if data.draw(st.booleans()) else 0))
-    params = data.draw(st.permutations(params))
-    safe = data.draw(st.sampled_from(['', '%+&=']))
-    query = '&'.join(f'{n}={quote(v, safe=safe)}' for n, v in params)
+    other = st.tuples(st.sampled_from(['userId', 'numRecs', 'user', '']), _TEXT)
+    query = _draw_query(data, apps[2], 'userId', [('numRecs', _K)], other)
     _same_answers(apps, [query], '/recommendation')
 
 

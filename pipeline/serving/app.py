@@ -592,23 +592,28 @@ def create_app(holder: ModelHolder, limits: Limits = Limits(), api_key: str | No
         return await recommend_answer(model, user, user_row(model, user), k, exclude_seen,
                                       allow, block)
 
-    async def recommend_shortcut(scope) -> JSONResponse | None:
-        """GET /recommend?user=ID[&k=K][&exclude_seen=B] of a known user, answered
-        without FastAPI's routing and validation (most of a request's CPU); None for
-        anything else, which the route answers, errors included. The answer is the
-        route's own (recommend_answer), so the bytes are the same."""
-        params = plain_recommend_query(scope['query_string'], limits)
-        model = holder.current
-        if params is None or model is None:
-            return None
-        user, k, exclude_seen = params
-        try:
-            i = model.rec.user_index(user)
-        except KeyError:
-            return None
-        return await recommend_answer(model, user, i, k, exclude_seen, None, [])
+    def shortcut(parse, answer):
+        """A GET route's shortcut: `parse(query string, limits)` -> (user ID, *more) of
+        a plain request, or None; a known user's answer is `answer(model, user ID,
+        user row, *more)`, the route's own (the same bytes). None (the route answers,
+        errors included) for anything else. It skips FastAPI's routing and validation:
+        most of such a request's CPU."""
+        async def answer_plain(scope) -> JSONResponse | None:
+            params = parse(scope['query_string'], limits)
+            model = holder.current
+            if params is None or model is None:
+                return None
+            try:
+                i = model.rec.user_index(params[0])
+            except KeyError:
+                return None
+            return await answer(model, params[0], i, *params[1:])
+        return answer_plain
 
-    shortcuts['/recommend'] = recommend_shortcut
+    shortcuts['/recommend'] = shortcut(
+        plain_recommend_query,
+        lambda model, user, i, k, exclude_seen: recommend_answer(model, user, i, k,
+                                                                 exclude_seen, None, []))
 
     @app.post('/recommend', response_model=M['BatchResponse'],
               summary='Top-k items for each user of a batch')
@@ -720,27 +725,14 @@ def create_app(holder: ModelHolder, limits: Limits = Limits(), api_key: str | No
         if not userId or '\x00' in userId:
             raise ApiError(400, 'userId must be a non-empty ID.')
         model = model_or_503()
-        return await compat_answer(model, user_row(model, userId), k)
+        return await compat_answer(model, userId, user_row(model, userId), k)
 
-    async def compat_answer(model: ServedModel, i: int, k: int) -> JSONResponse:
+    async def compat_answer(model: ServedModel, _user: str, i: int, k: int) -> JSONResponse:
         (result,), _ = await rank(model, [i], k, True, None, [])
         items = model.rec.items
         return _json({'articles': [str(items[j]) for j, _ in result]}, model)
 
-    async def compat_shortcut(scope) -> JSONResponse | None:
-        """GET /recommendation?userId=ID[&numRecs=N] of a known user, answered as
-        recommend_shortcut answers /recommend (the same bytes as the route)."""
-        params = plain_compat_query(scope['query_string'], limits)
-        model = holder.current
-        if params is None or model is None:
-            return None
-        try:
-            i = model.rec.user_index(params[0])
-        except KeyError:
-            return None
-        return await compat_answer(model, i, params[1])
-
-    shortcuts['/recommendation'] = compat_shortcut
+    shortcuts['/recommendation'] = shortcut(plain_compat_query, compat_answer)
 
     @app.get('/readiness_check', response_model=Ok,
              summary='Compatibility: the original app\'s readiness route (503 if not ready)')
