@@ -8,7 +8,7 @@ from wals_core.hashing import id_hashes, is_test
 from wals_core.init import initial_factors
 from wals_core.params import WalsParams, parse_wt_type
 from wals_core.solve import gramian, solve_rows
-from wals_core.sparse import csr_from_triples, merge_duplicates
+from wals_core.sparse import csr_from_triples, merge_duplicates, sorted_unique
 from wals_core.train import Problem, loss, solve_side, train
 from wals_core.vocab import Vocabulary, finalize_ids
 from wals_core.weights import column_weights, row_weights
@@ -193,3 +193,14 @@ def test_squared_error_sums_every_slice(monkeypatch):
     assert metrics.squared_error(rows[:0], cols[:0], values[:0], u, v) == 0.0
     assert metrics.rmse(want, 1000) == pytest.approx(np.sqrt(want / 1000))
     assert metrics.rmse(0.0, 0) is None
+
+
+@pytest.mark.parametrize('dtype', [np.int64, np.int32, np.float64])
+@pytest.mark.parametrize('size', [0, 1, 2, 7, 5000])
+def test_sorted_unique_is_np_unique(dtype, size):
+    rng = np.random.default_rng(size)
+    keys = rng.integers(-50, 50 if size < 100 else 2000, size).astype(dtype)
+    want = np.unique(keys)
+    got = sorted_unique(keys.copy())
+    assert got.dtype == want.dtype
+    np.testing.assert_array_equal(got, want)

@@ -151,7 +151,7 @@ def test_rows_do_not_depend_on_batching_or_threads(spread, k):
     positions in the fixed-size matmul batches), in any order, on any thread count.
     Real-valued factors (spread 10**6 scaled down) exercise float32 rounding."""
     rng = np.random.default_rng(6)
-    n_q = topk_module._BATCH_ROWS * topk_module._TASK_BATCHES * 2 + 37
+    n_q = topk_module._TASK_ROWS * 2 + 37
     # d = 32, 3000 items (not a multiple of 16), k = 3000 (every score visible):
     # OpenBLAS's float32 products differ with a row's position in the call (Haswell
     # kernel) and in the last columns with the number of rows (AVX-512 kernel); the

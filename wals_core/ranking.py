@@ -30,7 +30,7 @@ import dataclasses
 
 import numpy as np
 
-from wals_core.sparse import check_csr, select_rows
+from wals_core.sparse import check_csr, select_rows, sorted_unique
 from wals_core.sums import fixed_sum
 from wals_core.topk import top_k
 
@@ -95,10 +95,10 @@ def ranking_sums(top_ids: np.ndarray, relevant_indptr: np.ndarray,
     rel_items = indices[indptr[0]:indptr[-1]]
     rel_rows = np.repeat(np.arange(n, dtype=np.int64), np.diff(indptr))
 
-    # (row, item) pairs as one int64 key: a set per row by np.unique, membership by
-    # binary search.
+    # (row, item) pairs as one int64 key: a set per row by sorted_unique, membership
+    # by binary search.
     width = int(max(rel_items.max(initial=-1), top.max(initial=-1))) + 1
-    rel_keys = np.unique(rel_rows * width + rel_items)
+    rel_keys = sorted_unique(rel_rows * width + rel_items)
     n_rel = np.bincount(rel_keys // width, minlength=n)
     valid = top >= 0
     top_keys = np.where(valid, np.arange(n, dtype=np.int64)[:, None] * width + top, -1)

@@ -63,6 +63,18 @@ def merge_duplicates(rows: np.ndarray, cols: np.ndarray, values: np.ndarray, how
     return rows[starts], cols[starts], sums, None if tag is None else tag[starts], merged
 
 
+def sorted_unique(keys: np.ndarray) -> np.ndarray:
+    """Sorted distinct values of a 1-d numeric array; sorts `keys` in place.
+    Sort-based: several times faster than np.unique (numpy 2.x hashes) on int64."""
+    keys.sort()
+    if keys.size < 2:
+        return keys
+    first = np.empty(keys.size, dtype=bool)
+    first[0] = True
+    np.not_equal(keys[1:], keys[:-1], out=first[1:])
+    return keys[first]
+
+
 def pair_keys(rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
     """One int64 per (row, col) that sorts like (row, col) for non-negative indices
     below 2**31 each."""

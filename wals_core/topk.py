@@ -30,7 +30,8 @@ How it is fast (the cost is the selection over n_queries × n_items scores, not 
 matmul)
 ------------------------------------------------------------------------------
 BLAS's float32 scores only choose candidates; the exact scores are computed for
-those alone. Per batch of _BATCH_ROWS rows (its score matrix fits in L2 cache):
+those alone. Per batch of rows (_batch_rows: about _BATCH_ELEMENTS scores, so
+the per-batch numpy calls are few next to the work and the scores stay in cache):
 scores by sgemm into a reused buffer, excluded items set to -inf, then the best
 kc = k + max(_EXTRA_MIN, k / 16) items by those scores:
 
@@ -72,11 +73,16 @@ import numpy as np
 from wals_core.solve import single_threaded_blas
 from wals_core.sparse import check_csr
 
-# Rows per matmul (the last batch is padded to it: one sgemm shape); 32 rows ×
-# 10.7k items of float32 = 1.4 MB, inside a 2 MiB L2.
+# Scores per matmul batch (float32: 4 MiB): rows = this / items, a power of two
+# in [_BATCH_ROWS, _MAX_BATCH_ROWS]. Small catalogs get many rows per batch (each
+# batch costs ~25 numpy calls whatever its size: with 1.7k items and 32 rows the
+# calls' overhead was most of the time, and two threads serialized on it); large
+# catalogs keep 32 rows. Speed only: the results do not depend on it.
+_BATCH_ELEMENTS = 1 << 20
 _BATCH_ROWS = 32
-# Batches per thread-pool task (fewer tasks, one scratch buffer per task).
-_TASK_BATCHES = 16
+_MAX_BATCH_ROWS = 256
+# Rows per thread-pool task (at least one batch; one scratch buffer per task).
+_TASK_ROWS = 512
 # Candidates per row beyond k from the BLAS phase: at least this many, or k / 16.
 # More candidates cost selection time; fewer send more rows (near-ties within the
 # error bound) to the exact whole-row path.
@@ -88,6 +94,12 @@ _RESCORE_ELEMENTS = 1 << 18
 _SMALL_RESCORE = 1 << 16
 _LOW = np.int64(0xFFFFFFFF)
 _NEG_INF = np.float32(-np.inf)
+
+
+def _batch_rows(n_pad: int) -> int:
+    """Rows per matmul batch for n_pad score columns (_BATCH_ELEMENTS)."""
+    rows = _BATCH_ELEMENTS // max(n_pad, 1)
+    return int(min(_MAX_BATCH_ROWS, max(_BATCH_ROWS, 2 ** round(np.log2(max(rows, 1))))))
 
 
 def _group_size(n_items: int, k: int) -> int:
@@ -256,19 +268,20 @@ def top_k(queries: np.ndarray, items: np.ndarray | ItemLayout, k: int, *,
     else:
         items_t, off_pad = _padded(v, offsets, bad, n_pad)
     exact = _ExactScores(q, v, items_t, bad, bounds, offsets, indptr, indices)
+    batch = _batch_rows(n_pad)
     low_all = None if grouped else _LOW - np.arange(n_items, dtype=np.int64)
 
     def candidates(r0: int, buf: np.ndarray, qbuf: np.ndarray,
                    cand: np.ndarray, sure: np.ndarray) -> None:
         """The kc best items of rows r0.. by BLAS scores into cand (ids, -1 where
         -inf); sure[r] = the row's k best by exact scores are among them."""
-        r1 = min(r0 + _BATCH_ROWS, n_q)
+        r1 = min(r0 + batch, n_q)
         nb = r1 - r0
-        if nb < _BATCH_ROWS:
+        if nb < batch:
             # A short batch (a server's few concurrent requests) multiplies only its
             # own rows, padded to a multiple of 4: sgemm's cost grows with the rows,
             # in steps (speed only: BLAS scores just pick candidates).
-            rows = nb if nb <= 2 else min(-(-nb // 4) * 4, _BATCH_ROWS)
+            rows = nb if nb <= 2 else min(-(-nb // 4) * 4, batch)
             qbuf[:nb] = q[r0:r1]
             qbuf[nb:rows] = 0.0
             qb = qbuf[:rows]
@@ -281,9 +294,11 @@ def top_k(queries: np.ndarray, items: np.ndarray | ItemLayout, k: int, *,
         else:   # padding and non-finite items never become candidates
             s[:, n_items:] = _NEG_INF
             s[:, exact.bad] = _NEG_INF
-        if indptr is not None:
-            at, item = _exclusion_pairs(indptr, indices, np.arange(r0, r1))
-            s[at, item] = _NEG_INF
+        if indptr is not None:   # rows r0..r1 are one run of the CSR: flat positions
+            counts = np.diff(indptr[r0:r1 + 1])
+            flat = np.repeat(np.arange(0, nb * n_pad, n_pad, dtype=np.int64), counts)
+            flat += indices[indptr[r0]:indptr[r1]]
+            s.reshape(-1)[flat] = _NEG_INF
         if grouped:
             top = _grouped_select(s, n_items, g, m, kc)
         else:
@@ -300,15 +315,15 @@ def top_k(queries: np.ndarray, items: np.ndarray | ItemLayout, k: int, *,
         sure[:nb] = ok
 
     def run_task(t0: int) -> None:
-        t1 = min(t0 + _TASK_BATCHES * _BATCH_ROWS, n_q)
-        buf = np.empty((_BATCH_ROWS, n_pad), dtype=np.float32)
-        qbuf = np.empty((_BATCH_ROWS, d), dtype=np.float32)
+        t1 = min(t0 + task_rows, n_q)
+        buf = np.empty((min(batch, -(-(t1 - t0) // 4) * 4), n_pad), dtype=np.float32)
+        qbuf = np.empty((batch, d), dtype=np.float32)
         cand = np.empty((t1 - t0, kc), dtype=np.int64)
         sure = np.empty(t1 - t0, dtype=bool)
         # 0 · inf = NaN and float32 overflow are part of the contract, not warnings.
         with np.errstate(invalid='ignore', over='ignore'):
             if kc > 0:
-                for r0 in range(t0, t1, _BATCH_ROWS):
+                for r0 in range(t0, t1, batch):
                     candidates(r0, buf, qbuf, cand[r0 - t0:], sure[r0 - t0:])
             else:
                 sure[:] = exact.row_ok[t0:t1]
@@ -322,7 +337,8 @@ def top_k(queries: np.ndarray, items: np.ndarray | ItemLayout, k: int, *,
                 out_ids[rows, :kk] = ids
                 out_scores[rows, :kk] = sc
 
-    starts = range(0, n_q, _TASK_BATCHES * _BATCH_ROWS)
+    task_rows = -(-_TASK_ROWS // batch) * batch
+    starts = range(0, n_q, task_rows)
     threads = max(1, min(num_threads or _cpus(), len(starts)))
     with single_threaded_blas():
         if threads == 1:
@@ -392,7 +408,7 @@ class _ExactScores:
             for i in range(d):   # index order: the contract's summation order
                 # float64 × float32: the float32 value is widened exactly, and the
                 # product of two float32 values is exact in float64.
-                acc += q64[:, i, None] * (vt[i] if ids is None else vt[i][ids])
+                acc += q64[:, i, None] * (vt[i] if ids is None else np.take(vt[i], ids))
         out = acc.astype(np.float32)
         if self.offsets is not None:
             out += self.offsets if ids is None else self.offsets[ids]
@@ -452,7 +468,7 @@ def _grouped_select(s: np.ndarray, n_items: int, g: int, m: int, k: int) -> np.n
     groups = np.nonzero(chosen)[1].reshape(-1, k)     # row-major: k per row
     base = (np.arange(nb, dtype=np.int64) if rows is None else rows) * (m * g)
     cidx = (groups[:, :, None] + np.arange(0, m * g, m, dtype=np.int64)).reshape(-1, k * g)
-    cand = s.reshape(-1)[(cidx + base[:, None]).reshape(-1)].reshape(-1, k * g)
+    cand = np.take(s.reshape(-1), cidx + base[:, None])
     top_regular = _largest(_keys(cand, _LOW - cidx), k)
     if rows is None:
         return top_regular

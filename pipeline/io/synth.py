@@ -52,6 +52,7 @@ from typing import Sequence
 
 import numpy as np
 
+from wals_core.sparse import sorted_unique
 from wals_core.sums import fixed_dot
 
 # MovieLens 100k's first and last unix timestamps (1997-09-20 .. 1998-04-22 UTC).
@@ -158,21 +159,9 @@ def _repeat_counts(counts: np.ndarray) -> np.ndarray:
     return np.repeat(np.arange(counts.size, dtype=np.int64), counts)
 
 
-def _sorted_unique(keys: np.ndarray) -> np.ndarray:
-    """Sorted distinct values; sorts `keys` in place. (Sort-based: much faster than
-    np.unique's hash path on tens of millions of int64.)"""
-    keys.sort()
-    if keys.size < 2:
-        return keys
-    first = np.empty(keys.size, dtype=bool)
-    first[0] = True
-    np.not_equal(keys[1:], keys[:-1], out=first[1:])
-    return keys[first]
-
-
 def _new_keys(keys: np.ndarray, existing: np.ndarray) -> np.ndarray:
     """Sorted distinct `keys` (sorted in place) not in the sorted array `existing`."""
-    keys = _sorted_unique(keys)
+    keys = sorted_unique(keys)
     if existing.size and keys.size:
         pos = np.minimum(np.searchsorted(existing, keys), existing.size - 1)
         keys = keys[existing[pos] != keys]
@@ -200,7 +189,7 @@ def _coverage(num_users: int, num_items: int, num_ratings: int, p_user: np.ndarr
     if length > what.size:
         what = np.concatenate([what, items.draw(length - what.size, rng)])
     # A duplicate pair keeps one copy, so no user or item loses its coverage here.
-    keys = _sorted_unique(who * num_items + rng.permutation(what))
+    keys = sorted_unique(who * num_items + rng.permutation(what))
     for round_ in range(1000):
         need = k - np.bincount(keys // num_items, minlength=num_users)
         short = np.flatnonzero(need > 0)
