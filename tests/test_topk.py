@@ -426,3 +426,25 @@ def test_few_pairs_are_summed_in_index_order(monkeypatch):
     assert exact.scores(np.arange(2), ids).tolist() == want
     monkeypatch.setattr(topk_module, '_SMALL_RESCORE', -1)
     assert exact.scores(np.arange(2), ids).tolist() == want
+
+
+@pytest.mark.parametrize('k', [5, 400])
+def test_batch_and_task_sizes_change_nothing(monkeypatch, k):
+    """Rows per matmul batch (32..256, from the catalog size) and rows per thread
+    task are speed settings: every choice gives the same ids and score bits."""
+    rng = np.random.default_rng(21)
+    q, v, seen = random_case(rng, 700, 1500, 12, 10**6, seen_max=80)
+    q, v = q / np.float32(3.7e6), v / np.float32(1.3e6)
+    indptr, indices = csr(seen)
+    offsets = rng.standard_normal(1500).astype(np.float32)
+    results = []
+    for elements, task_rows in [(1, 64), (1 << 20, 512), (1 << 30, 100), (1 << 17, 1)]:
+        monkeypatch.setattr(topk_module, '_BATCH_ELEMENTS', elements)
+        monkeypatch.setattr(topk_module, '_TASK_ROWS', task_rows)
+        results.append((topk_module._batch_rows(1500), top_k(
+            q, v, k, exclude_indptr=indptr, exclude_indices=indices, item_offsets=offsets,
+            num_threads=2)))
+    assert sorted({rows for rows, _ in results}) == [32, 64, 256]
+    for _, (ids, scores) in results[1:]:
+        np.testing.assert_array_equal(ids, results[0][1][0])
+        np.testing.assert_array_equal(scores, results[0][1][1])
