@@ -22,7 +22,7 @@ from pipeline.store.publish import SUCCESS
 from pipeline.store.report import gate_decision
 from tests.conftest import ROOT, write_ratings
 from tests.pipeline_support import load_metrics, make_config, run_pipeline
-from wals_core.model_check import check_rows, target_rows
+from wals_core.model_check import check_rows, target_entries, target_rows
 from wals_core.params import WalsParams
 
 
@@ -152,6 +152,21 @@ def test_target_rows_follow_each_objective():
                        np.array([True, True, True, False]), start=10)
     assert (check.zero_rows, check.first_zero, check.nonfinite_rows,
             check.first_nonfinite) == (2, 10, 1, 13)
+
+
+def test_target_rows_on_random_blocks_with_empty_rows():
+    rng = np.random.default_rng(3)
+    for trial in range(30):
+        # some blocks without any entry; rows of 0-3 entries
+        counts = rng.integers(0, 4, rng.integers(1, 40)) * (trial % 7 != 0)
+        indptr = np.concatenate([[0], np.cumsum(counts)])
+        values = rng.choice([0.0, 1.0, 2.5], int(indptr[-1]))
+        for model, mean in (('wals', 0.0), ('implicit', 0.0), ('explicit', 1.0)):
+            params = WalsParams(model=model)
+            want = [bool(np.any(target_entries(values[a:b], params, mean)))
+                    for a, b in zip(indptr[:-1], indptr[1:])]
+            got = target_rows(indptr, values, params, mean)
+            assert got.dtype == bool and got.tolist() == want, (trial, model)
 
 
 def test_the_gate_checks_the_staged_files_again(small_ratings, tmp_path, monkeypatch):
