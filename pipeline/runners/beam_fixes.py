@@ -12,20 +12,27 @@ is cleared unsent, and the worker processes its bundle without it. Seen as lost
 rating pieces at 20M ratings; docs/multiprocessing-loss.md has the evidence and
 bench/beam_flush_race.py shows it with Beam alone.
 
-apply() (called by factory.make_pipeline) turns the timer off (limit 0: the streams flush by size only, and the
-runner's input streams, which never ask for a size flush, send each input whole
-at close). It names the private attribute it needs, so a Beam upgrade that moves
-it fails loudly (tests/test_multiprocessing_loss.py).
+apply() (called by factory.make_pipeline) turns the timer off (limit 0: the streams
+flush by size only, and the runner's input streams, which never ask for a size
+flush, send each input whole at close). It names the private attribute it needs,
+so a Beam upgrade that moves it fails loudly (tests/test_multiprocessing_loss.py).
+It also installs finished_stages.py (the runner frees what it keeps of a finished
+stage: a memory fix, not a data-loss one).
 """
 from __future__ import annotations
+
+from pipeline.runners import finished_stages
 
 PRIVATE_NAME = 'apache_beam.runners.portability.fn_api_runner.worker_handlers.DATA_BUFFER_TIME_LIMIT_MS'
 
 
 def apply() -> None:
-    """Makes the FnApiRunner's data plane flush by size only (idempotent)."""
+    """Makes the FnApiRunner's data plane flush by size only and free finished
+    stages (idempotent)."""
     from apache_beam.runners.portability.fn_api_runner import worker_handlers
     if not isinstance(getattr(worker_handlers, 'DATA_BUFFER_TIME_LIMIT_MS', None), int):
         raise RuntimeError(f'{PRIVATE_NAME} is gone: this Beam version needs a new look at '
                            'the fix in pipeline/runners/beam_fixes.py (docs/multiprocessing-loss.md)')
     worker_handlers.DATA_BUFFER_TIME_LIMIT_MS = 0
+    finished_stages.install()
+

@@ -64,15 +64,22 @@ def _instance(name: str):
     return beam.Map(abs)        # a ParDo
 
 
-def missing_beam_names() -> list[str]:
-    """Every name of BEAM_PRIVATE_NAMES ('module.attribute') and
-    BEAM_INSTANCE_ATTRIBUTES ('class().attribute') the installed Beam lacks."""
+def missing_names(names: tuple[tuple[str, str], ...]) -> list[str]:
+    """The (module, attribute path) pairs of names the installed Beam lacks, as
+    'module.attribute'."""
     missing = []
-    for module, path in BEAM_PRIVATE_NAMES:
+    for module, path in names:
         try:
             _resolve(module, path)
         except (ImportError, AttributeError):
             missing.append(f'{module}.{path}')
+    return missing
+
+
+def missing_beam_names() -> list[str]:
+    """Every name of BEAM_PRIVATE_NAMES ('module.attribute') and
+    BEAM_INSTANCE_ATTRIBUTES ('class().attribute') the installed Beam lacks."""
+    missing = missing_names(BEAM_PRIVATE_NAMES)
     for entry in BEAM_INSTANCE_ATTRIBUTES:
         cls, attr = entry.split(': ')
         try:
