@@ -186,6 +186,30 @@ def test_line_numbers_are_exact_across_byte_ranges(tmp_path):
         assert_that(numbered, equal_to([n for n in range(1, 1500) if n % 37 == 0]))
 
 
+def test_read_and_check_numbers_bad_lines_from_chunks_without_their_ratings(tmp_path):
+    from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
+    from apache_beam.testing.util import assert_that, equal_to
+    import apache_beam as beam
+    from pipeline.io.parse import LineFormat, parse_range
+    from pipeline.io.read import ReadConfig
+    from pipeline.io.read_summary import ReadAndCheck, bad_lines_only
+    fmt = LineFormat('\t')
+    clean = parse_range(b'1\t2\t3\n4\t5\t6\n', 'f', 0, fmt)
+    mixed = parse_range(b'1\t2\t3\nx\t5\tbad\n', 'f', 100, fmt)
+    assert list(bad_lines_only(clean)) == []
+    [slim] = bad_lines_only(mixed)
+    assert len(mixed.values) == 1 and len(slim.values) == 0 and len(slim.users) == 0
+    assert (slim.bad, slim.offset, slim.path) == (mixed.bad, mixed.offset, mixed.path)
+    # Through the transform: line numbers still count every range's lines.
+    lines = [f'{n}\t{n % 9}\t{"bad" if n % 37 == 0 else 3}' for n in range(1, 1500)]
+    (tmp_path / 'r.tsv').write_text('\n'.join(lines) + '\n')
+    with BeamTestPipeline() as p:
+        _, _, bad = p | ReadAndCheck(ReadConfig(str(tmp_path / 'r.tsv'), '\t', False,
+                                                'ratings', split_bytes=211), 1.0)
+        assert_that(bad | beam.Map(lambda j: json.loads(j)['line']),
+                    equal_to([n for n in range(1, 1500) if n % 37 == 0]))
+
+
 # --- The command line on a corpus of nasty files -----------------------------------
 
 CORPUS = [

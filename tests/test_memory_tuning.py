@@ -12,7 +12,7 @@ import pytest
 from tests.conftest import ROOT
 
 PROBE = """
-import ctypes, json, os, sys
+import ctypes, json, os, sys, threading
 import numpy as np
 from pipeline.runners.memory_tuning import tune_malloc
 
@@ -27,7 +27,15 @@ tuned = tune_malloc()
 before = libc.mallinfo2().hblkhd
 big = np.ones(100 << 20, np.uint8)          # 100 MiB
 mapped = libc.mallinfo2().hblkhd - before   # bytes in separately mmapped chunks
-print(json.dumps({'tuned': tuned, 'mapped': mapped,
+del big
+on_thread = {}
+def alloc():   # as a Beam bundle does, on a worker thread
+    start = libc.mallinfo2().hblkhd
+    arr = np.ones(100 << 20, np.uint8)
+    on_thread['mapped'] = libc.mallinfo2().hblkhd - start
+t = threading.Thread(target=alloc)
+t.start(); t.join()
+print(json.dumps({'tuned': tuned, 'mapped': mapped, 'thread_mapped': on_thread['mapped'],
                   'tunables': os.environ.get('GLIBC_TUNABLES')}))
 """
 
@@ -46,10 +54,13 @@ def test_big_arrays_come_from_the_heap_once_tuned():
     tuned = _probe()
     assert tuned['tuned'] is True
     assert tuned['mapped'] < (1 << 20)                  # not a fresh mmap
+    assert tuned['thread_mapped'] < (1 << 20)           # a thread shares the heap
+    assert 'glibc.malloc.arena_max=1' in tuned['tunables']
     assert 'glibc.malloc.mmap_threshold=1073741824' in tuned['tunables']
     off = _probe(WALS_TUNE_MALLOC='0')
     assert off['tuned'] is False and off['tunables'] is None
     assert off['mapped'] >= (100 << 20)                 # glibc's default: mmapped
+    assert off['thread_mapped'] >= (100 << 20)
 
 
 @pytest.mark.skipif(not sys.platform.startswith('linux'), reason='glibc only')

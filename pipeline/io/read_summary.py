@@ -6,6 +6,7 @@ import dataclasses
 from collections import Counter
 
 import apache_beam as beam
+import numpy as np
 from apache_beam.pvalue import AsSingleton
 
 from pipeline.errors import InputError
@@ -107,6 +108,17 @@ def check_reads(summary: ReadSummary, pattern: str, max_bad_fraction: float) -> 
     return summary
 
 
+def bad_lines_only(chunk: ParsedChunk):
+    """The chunk without its ratings, if it has bad lines (else nothing): what
+    numbering them needs. Fused into the parse step, so that the step waiting for
+    the read summary does not decode every rating again to find a few bad lines."""
+    if chunk.bad:
+        empty = np.empty(0, np.int32)
+        yield dataclasses.replace(chunk, user_codes=empty, item_codes=empty,
+                                  user_ids=chunk.user_ids[:0], item_ids=chunk.item_ids[:0],
+                                  values=np.empty(0, np.float64))
+
+
 def number_bad_lines(chunk: ParsedChunk, summary: ReadSummary):
     """JSON lines {file, line, offset, reason, text} for OUTPUT/errors/."""
     for b in chunk.bad:
@@ -128,6 +140,6 @@ class ReadAndCheck(beam.PTransform):
         chunks = pbegin | 'Read' >> ReadRatings(self._config)
         reads = (chunks | 'SummarizeReads' >> beam.CombineGlobally(SummarizeReads())
                  | 'CheckReads' >> beam.Map(check_reads, self._config.pattern, self._max_bad))
-        bad_lines = chunks | 'NumberBadLines' >> beam.FlatMap(number_bad_lines,
-                                                               AsSingleton(reads))
+        bad_lines = (chunks | 'BadLinesOnly' >> beam.FlatMap(bad_lines_only)
+                     | 'NumberBadLines' >> beam.FlatMap(number_bad_lines, AsSingleton(reads)))
         return chunks, reads, bad_lines
