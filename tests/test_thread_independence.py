@@ -160,3 +160,30 @@ def test_tuner_trials_and_choice_are_identical_for_any_thread_count(work, tmp_pa
     assert best['data']['validation_ratings'] > 10_000
     assert best['value'] == table['rmse'].min()
     assert np.isfinite(best['value'])
+
+
+def test_parsed_ratings_are_identical_for_any_arrow_thread_count(monkeypatch):
+    """pyarrow parses a range's blocks on its thread pool (pipeline/io/parse.py): the
+    chunk must be the line parser's, whatever the pool's size and the block cut."""
+    import pyarrow as pa
+    from pipeline.io import parse
+    rng = np.random.default_rng(3)
+    n = 60_000
+    text = ''.join(f'{u}\t{i}\t{v}\t0\n' for u, i, v in zip(
+        rng.integers(1, 5000, n), rng.integers(1, 900, n), rng.integers(1, 6, n))).encode()
+    fmt = parse.LineFormat('\t')
+    want = parse.parse_lines(text, 'f', 0, fmt)
+    monkeypatch.setattr(parse, '_ARROW_BLOCK_BYTES', 1 << 16)
+    assert parse._read_table(text, '\t', 4, (0, 1, 2)).column(0).num_chunks > 4
+    before = pa.cpu_count()
+    try:
+        for threads in (1, 2, 8):
+            pa.set_cpu_count(threads)
+            got = parse._parse_columnar(text, 'f', 0, fmt)
+            assert got is not None, 'the columnar parser declined a clean range'
+            for field in ('user_codes', 'user_ids', 'item_codes', 'item_ids', 'values'):
+                assert np.array_equal(getattr(got, field), getattr(want, field)), \
+                    (threads, field)
+            assert got.counts == want.counts
+    finally:
+        pa.set_cpu_count(before)
