@@ -26,6 +26,8 @@ import sys
 import tempfile
 import time
 
+from parse_speed import checkout   # bench/ is on sys.path: a sibling script
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 PANDAS = r'''
@@ -61,13 +63,6 @@ def train(tree: pathlib.Path, data: pathlib.Path, out: pathlib.Path, iters: int)
     return dict(usage, wall=wall, read_and_group=phases['read_and_group'],
                 pipeline=phases['pipeline'],
                 s_iter=statistics.median(phases['per_iteration']))
-
-
-def checkout(base: str, folder: pathlib.Path) -> pathlib.Path:
-    tree = folder / 'base'
-    subprocess.run(['git', 'worktree', 'add', '--detach', str(tree), base], cwd=ROOT,
-                   check=True, capture_output=True)
-    return tree
 
 
 def main() -> None:

@@ -313,7 +313,8 @@ def _read_table(body: bytes, delimiter: str, width: int, columns: tuple[int, int
         return pcsv.read_csv(
             pa.py_buffer(body),
             # Blocks parsed on Arrow's thread pool (one per core) and joined in
-            # order: the same table as one thread, about 2.5x faster on 2 cores.
+            # order: the same table as one thread; the parse step 0.8x the wall
+            # time on 2 cores (bench/results/parse_speed.md).
             read_options=pcsv.ReadOptions(column_names=names, use_threads=True,
                                           block_size=_ARROW_BLOCK_BYTES),
             parse_options=pcsv.ParseOptions(delimiter=delimiter, quote_char=False,
