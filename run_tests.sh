@@ -10,4 +10,4 @@ for arg in "$@"; do
     exec python -m pytest "$@"
   fi
 done
-exec python -m pytest tests "$@"
+exec python -m pytest tests --durations=25 "$@"

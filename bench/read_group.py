@@ -1,17 +1,19 @@
-"""Reading and grouping (the pipeline's read_and_group phase): a base commit against
-the working tree, with `pandas.read_csv` of the same file as the yardstick, in one run.
+"""Reading and grouping (the pipeline's read_and_group phase) and the final evaluation
+(evaluate_and_write): a base commit against the working tree, with `pandas.read_csv`
+of the same file as the yardstick, in one run.
 
   python bench/read_group.py [--base main] [--data 10m] [--rounds 3] [--iters 2]
+                             [--model wals] [--result read_group.md]
 
 Each round runs, one process each: pandas.read_csv of the file, then the training
 command line (DirectRunner in_memory, rank 10, --iters iterations) in the base
 checkout and in the working tree, in alternating order. The table gives medians
-over the rounds: read_and_group and the whole pipeline from metrics.json, the
-median s/iter, the process's user and system CPU seconds and its peak RSS (both
+over the rounds: read_and_group, evaluate_and_write and the whole pipeline from
+metrics.json, the median s/iter, the process's user and system CPU seconds and its peak RSS (both
 from getrusage of the finished child), and the ratios new / base and read_and_group
 / read_csv (the issue's goal 3). Data: output/bench-data/DATA.data as made by
 bench/prepare_data.py. Prints a Markdown table and writes it to
-bench/results/read_group.md.
+bench/results/RESULT (default read_group.md).
 """
 from __future__ import annotations
 
@@ -52,16 +54,17 @@ def _child(cmd: list[str], cwd: pathlib.Path) -> tuple[float, dict]:
                   'rss_gib': usage.ru_maxrss / 2**20}
 
 
-def train(tree: pathlib.Path, data: pathlib.Path, out: pathlib.Path, iters: int) -> dict:
+def train(tree: pathlib.Path, data: pathlib.Path, out: pathlib.Path, iters: int,
+          model: str) -> dict:
     if out.exists():
         shutil.rmtree(out)
     cmd = [sys.executable, '-m', 'pipeline.train', '--input', str(data), '--output', str(out),
            '--latent_factors', '10', '--num_iters', str(iters), '--runner', 'DirectRunner',
-           '--direct_running_mode', 'in_memory']
+           '--direct_running_mode', 'in_memory', '--model', model]
     wall, usage = _child(cmd, tree)
     phases = json.loads((out / 'metrics.json').read_text())['phase_seconds']
     return dict(usage, wall=wall, read_and_group=phases['read_and_group'],
-                pipeline=phases['pipeline'],
+                evaluate_and_write=phases['evaluate_and_write'], pipeline=phases['pipeline'],
                 s_iter=statistics.median(phases['per_iteration']))
 
 
@@ -71,6 +74,9 @@ def main() -> None:
     ap.add_argument('--data', default='10m', help='output/bench-data/DATA.data')
     ap.add_argument('--rounds', type=int, default=3)
     ap.add_argument('--iters', type=int, default=2)
+    ap.add_argument('--model', default='wals', choices=('wals', 'implicit', 'explicit'))
+    ap.add_argument('--result', default='read_group.md',
+                    help='file name under bench/results/ for the table')
     args = ap.parse_args()
     data = ROOT / 'output' / 'bench-data' / f'{args.data}.data'
     if not data.is_file():
@@ -88,22 +94,25 @@ def main() -> None:
             pandas_s.append(float(out.stdout))
             order = ('base', 'new') if r % 2 == 0 else ('new', 'base')
             for name in order:
-                runs[name].append(train(trees[name], data, work / f'out-{name}', args.iters))
+                runs[name].append(train(trees[name], data, work / f'out-{name}', args.iters,
+                                         args.model))
                 print(f'round {r + 1} {name}: {runs[name][-1]}', file=sys.stderr)
     finally:
         subprocess.run(['git', 'worktree', 'remove', '--force', str(work / 'base')],
                        cwd=ROOT, capture_output=True)
         shutil.rmtree(work, ignore_errors=True)
     read_csv = statistics.median(pandas_s)
-    keys = [('read_and_group', 'read_and_group s'), ('pipeline', 'pipeline s'),
+    keys = [('read_and_group', 'read_and_group s'),
+            ('evaluate_and_write', 'evaluate_and_write s'), ('pipeline', 'pipeline s'),
             ('s_iter', 's/iter'), ('wall', 'process wall s'), ('user', 'user CPU s'),
             ('sys', 'system CPU s'), ('rss_gib', 'peak RSS GiB')]
     med = {n: {k: statistics.median(x[k] for x in runs[n]) for k, _ in keys} for n in runs}
     lines = [
-        f'Reading and grouping, {args.data}, DirectRunner in_memory, rank 10, {args.iters} '
-        f'iterations: base {args.base} ({base_rev}) against the working tree, '
+        f'Pipeline phases, {args.data}, DirectRunner in_memory, --model {args.model}, rank 10, '
+        f'{args.iters} iterations: base {args.base} ({base_rev}) against the working tree, '
         f'{time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}; medians of {args.rounds} '
-        'alternating rounds, one process each (`python bench/read_group.py`).', '',
+        'alternating rounds, one process each (`python bench/read_group.py '
+        f'--model {args.model}`).', '',
         '| measure | base | new | new / base |', '| --- | --- | --- | --- |']
     for k, label in keys:
         b, n = med['base'][k], med['new'][k]
@@ -111,13 +120,14 @@ def main() -> None:
     lines += ['', f'`pandas.read_csv` of the same file (median): {read_csv:.2f} s; '
               f'read_and_group / read_csv: base {med["base"]["read_and_group"] / read_csv:.1f}×, '
               f'new {med["new"]["read_and_group"] / read_csv:.1f}× (goal 3: ≤ 2×).', '',
-              'Every round (read_and_group s, system CPU s):', '']
+              'Every round (read_and_group s, system CPU s; evaluate_and_write s):', '']
     for n in ('base', 'new'):
-        lines.append(f'- {n}: ' + ', '.join(f'{x["read_and_group"]:.2f} ({x["sys"]:.1f})'
+        lines.append(f'- {n}: ' + ', '.join(f'{x["read_and_group"]:.2f} ({x["sys"]:.1f}; '
+                                            f'{x["evaluate_and_write"]:.2f})'
                                             for x in runs[n]))
     text = '\n'.join(lines) + '\n'
     print(text)
-    dest = ROOT / 'bench' / 'results' / 'read_group.md'
+    dest = ROOT / 'bench' / 'results' / args.result
     dest.write_text(text)
 
 

@@ -8,7 +8,7 @@ from wals_core.hashing import id_hashes, is_test
 from wals_core.init import initial_factors
 from wals_core.params import WalsParams, parse_wt_type
 from wals_core.solve import gramian, solve_rows
-from wals_core.sparse import csr_from_triples, merge_duplicates, sorted_unique
+from wals_core.sparse import csr_from_triples, merge_duplicates, select_rows, sorted_unique
 from wals_core.train import Problem, loss, solve_side, train
 from wals_core.vocab import Vocabulary, finalize_ids
 from wals_core.weights import column_weights, row_weights
@@ -204,3 +204,21 @@ def test_sorted_unique_is_np_unique(dtype, size):
     got = sorted_unique(keys.copy())
     assert got.dtype == want.dtype
     np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize('seed', range(6))
+def test_select_rows_gives_each_rows_entries_in_the_given_order(seed):
+    """Increasing rows take the mask path, any other order the index path: both are
+    each selected row's entries, in the order of `rows`, on a CSR whose pointers need
+    not start at 0 and with empty rows."""
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(0, 4, 40) * (rng.random(40) < 0.7)
+    indptr = 5 + np.concatenate([[0], np.cumsum(lengths)])
+    indices = rng.integers(0, 1000, indptr[-1] + 3).astype(np.int32)
+    for rows in (np.flatnonzero(rng.random(40) < 0.6), rng.permutation(40)[:25],
+                 np.array([7]), np.array([], np.int64), np.array([3, 3, 9])):
+        ptr, idx = select_rows(indptr, indices, rows)
+        want = [indices[indptr[r]:indptr[r + 1]] for r in rows]
+        assert ptr[0] == 0 and np.array_equal(np.diff(ptr), [len(w) for w in want])
+        assert idx.dtype == indices.dtype
+        np.testing.assert_array_equal(idx, np.concatenate(want) if len(rows) else [])

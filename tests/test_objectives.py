@@ -3,16 +3,18 @@ against dense per-row references written independently of wals_core.solve."""
 from __future__ import annotations
 
 import dataclasses
+import threading
 
 import numpy as np
 import pytest
 
-from wals_core import objectives
+from wals_core import metrics, objectives, solve
 from wals_core.hashing import id_hashes
 from wals_core.init import initial_factors
 from wals_core.params import WalsParams
 from wals_core.solve import RowSolver, gramian
 from wals_core.sparse import Csr, csr_from_triples
+from wals_core.sums import CHUNK, sum_of_squares
 from wals_core.train import Problem, initial_state, solve_side, train
 
 
@@ -321,10 +323,50 @@ def test_block_objective_is_the_same_on_any_number_of_threads(model, monkeypatch
     v = rng.normal(size=(n_cols, w)).astype(np.float32)
     got = {}
     for threads in (1, 2, 3):
-        monkeypatch.setattr(objectives, 'default_threads', lambda t=threads: t)
+        monkeypatch.setattr(solve, 'default_threads', lambda t=threads: t)
         got[threads] = objectives.block_objective(block, 0, u, v, p, counts, 3.0)
     assert got[1] == got[2] == got[3]
     assert np.isfinite(got[1][0]) and got[1][1] > 0
+
+
+
+@pytest.mark.parametrize('threads', [1, 2, 3])
+def test_squared_errors_are_the_unsliced_sums_bit_for_bit(threads, monkeypatch):
+    """The evaluation's squared errors run slice by slice on the kernel's threads: for
+    any slice size (a multiple of sums.CHUNK) and thread count they are the bits of
+    one fixed-order sum over every entry's residual at once."""
+    monkeypatch.setattr(solve, 'default_threads', lambda: threads)
+    monkeypatch.setattr(metrics, '_SLICE', 2 * CHUNK)      # 4 slices, the last short
+    rng = np.random.default_rng(8)
+    n = 3 * 2 * CHUNK + 1001
+    rows, cols = rng.integers(0, 700, n), rng.integers(0, 300, n)
+    values = rng.integers(1, 6, n).astype(np.float32)
+    p = WalsParams(model='explicit', latent_factors=7)
+    u = rng.normal(size=(700, objectives.stored_width(p))).astype(np.float32)
+    v = rng.normal(size=(300, objectives.stored_width(p))).astype(np.float32)
+    u64, v64 = u[:, :7].astype(np.float64), v[:, :7].astype(np.float64)
+    residual = values - np.einsum('ij,ij->i', u64[rows], v64[cols])
+    assert metrics.squared_error(rows, cols, values, u[:, :7], v[:, :7]) \
+        == sum_of_squares(residual)
+    residual = values - objectives.predict(rows, cols, u, v, p, 3.2, (1.0, 5.0))
+    assert objectives.predicted_squared_error(rows, cols, values, u, v, p, 3.2, (1.0, 5.0)) \
+        == sum_of_squares(residual)
+    assert objectives.predicted_squared_error(rows[:0], cols[:0], values[:0], u, v, p) == 0.0
+
+
+def test_map_slices_runs_on_threads_and_keeps_slice_order(monkeypatch):
+    monkeypatch.setattr(solve, 'default_threads', lambda: 3)
+    barrier = threading.Barrier(3, timeout=30)     # only passes if 3 slices run at once
+    idents = set()
+
+    def one(lo: int) -> int:
+        if lo < 30:
+            barrier.wait()
+        idents.add(threading.get_ident())
+        return lo
+    assert solve.map_slices(one, 95, 10) == list(range(0, 95, 10))
+    assert len(idents) == 3
+    assert solve.map_slices(one, 0, 10) == []
 
 
 def test_rows_of_entries_skips_empty_rows_and_cuts_anywhere():

@@ -24,13 +24,12 @@ What differs between the modes is a method of the mode's class (wals_core/models
 """
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
-
 import numpy as np
 
+from wals_core.metrics import sliced_squared_error
 from wals_core.models import confidence, get_model, preference  # noqa: F401
 from wals_core.params import WalsParams
-from wals_core.solve import RowSolver, default_threads, single_threaded_blas
+from wals_core.solve import RowSolver, map_slices
 from wals_core.sparse import Csr
 from wals_core.sums import fixed_dot
 
@@ -116,6 +115,19 @@ def predict(rows: np.ndarray, cols: np.ndarray, row_matrix: np.ndarray,
     if clip is not None:
         np.clip(pred, clip[0], clip[1], out=pred)
     return pred
+
+
+def predicted_squared_error(rows: np.ndarray, cols: np.ndarray, values: np.ndarray,
+                            row_matrix: np.ndarray, col_matrix: np.ndarray,
+                            params: WalsParams, global_mean: float = 0.0,
+                            clip: tuple[float, float] | None = None) -> float:
+    """Σ (values - predict(...))² of the given pairs, in float64, in a fixed order
+    (slice by slice on the kernel's threads: the same bits for any thread count)."""
+    u = np.asarray(row_matrix, np.float64)
+    v = np.asarray(col_matrix, np.float64)
+    rows, cols = np.asarray(rows), np.asarray(cols)
+    return sliced_squared_error(
+        values, lambda s: predict(rows[s], cols[s], u, v, params, global_mean, clip))
 
 
 def objective(by_row: Csr, col_counts: np.ndarray, row_matrix: np.ndarray,
@@ -213,16 +225,9 @@ def block_objective(train: Csr, start: int, row_matrix: np.ndarray, col_matrix: 
         rows, cols, values, weight = terms.entries(lo, min(lo + _SLICE, terms.nnz))
         return _slice_terms(rows, cols, values, u, col_matrix, p, global_mean, weight)
 
-    # Slices on the solver's threads (numpy's gathers and products release the GIL),
-    # summed in slice order afterwards: the same bits for any number of threads.
-    starts = range(0, terms.nnz, _SLICE)
-    threads = min(default_threads(), len(starts))
-    with single_threaded_blas():     # many small dot products: OpenBLAS threads only cost
-        if threads <= 1:
-            parts = [one(lo) for lo in starts]
-        else:
-            with ThreadPoolExecutor(max_workers=threads) as pool:
-                parts = list(pool.map(one, starts))
+    # Slices on the solver's threads, summed in slice order afterwards: the same bits
+    # for any number of threads.
+    parts = map_slices(one, terms.nnz, _SLICE)
     total = sse = 0.0
     for t, e in parts:
         total += t

@@ -63,13 +63,17 @@ import contextlib
 import dataclasses
 import os
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
 import numpy as np
 from threadpoolctl import ThreadpoolController
 
 from wals_core import cg
 from wals_core.sparse import Csr
+
+T = TypeVar('T')
 
 # Scheduling unit (chunk) of the thread pool: at most _CHUNK_ENTRIES padded entries
 # (unless one row alone has more) and _CHUNK_ELEMENTS / k² rows, lengths within
@@ -140,6 +144,20 @@ def default_threads() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except (AttributeError, OSError):
         return max(1, os.cpu_count() or 1)
+
+
+def map_slices(fn: Callable[[int], T], total: int, step: int) -> list[T]:
+    """[fn(0), fn(step), fn(2·step), ...] over range(0, total, step), run on
+    default_threads() threads with numpy's BLAS on one (numpy's gathers and products
+    release the GIL), returned in slice order: a caller that combines them in that
+    order gets the same bits for any number of threads."""
+    starts = range(0, total, step)
+    threads = min(default_threads(), len(starts))
+    with single_threaded_blas():     # many small products: OpenBLAS threads only cost
+        if threads <= 1:
+            return [fn(lo) for lo in starts]
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            return list(pool.map(fn, starts))
 
 
 @dataclasses.dataclass

@@ -106,6 +106,13 @@ def select_rows(indptr: np.ndarray, indices: np.ndarray, rows: np.ndarray
     lengths = indptr[rows + 1] - indptr[rows]
     out_ptr = np.zeros(len(rows) + 1, np.int64)
     np.cumsum(lengths, out=out_ptr[1:])
+    if len(rows) > 1 and rows[0] >= 0 and np.all(rows[1:] > rows[:-1]):
+        # Increasing rows (np.flatnonzero's): the entries keep their order, so a mask
+        # over them does it with a byte per entry instead of two int64 index arrays.
+        keep = np.zeros(len(indptr) - 1, bool)
+        keep[rows] = True
+        used = np.asarray(indices)[indptr[0]:indptr[-1]]
+        return out_ptr, used[np.repeat(keep, np.diff(indptr))]
     pos = np.repeat(indptr[rows] - out_ptr[:-1], lengths) + np.arange(out_ptr[-1])
     return out_ptr, np.asarray(indices)[pos]
 

@@ -75,6 +75,12 @@ class FixedSum:
             self._parts.extend(_chunk_sums(buf[:m]))
         return self
 
+    def add_sum(self, other: 'FixedSum') -> 'FixedSum':
+        """Adds another FixedSum's terms: as if they had been fed here (its pieces
+        keep their chunks; the chunk sums' order does not matter to math.fsum)."""
+        self._parts.extend(other._parts)
+        return self
+
     @property
     def value(self) -> float:
         return math.fsum(self._parts)

@@ -28,7 +28,6 @@ from wals_core.metrics import rmse
 from wals_core.models import get_model
 from wals_core.params import WalsParams
 from wals_core.ranking import RankingSums, rank_and_score
-from wals_core.sums import sum_of_squares
 from wals_core.vocab import Vocabulary
 
 
@@ -75,11 +74,10 @@ def _previous(path: str, users: Vocabulary, items: Vocabulary) -> _Previous:
 
 def _sse(rows, cols, values, u, v, params, mean, clip) -> float:
     model = get_model(params.model)
-    if not len(rows) or not model.predicts_ratings:
+    if not model.predicts_ratings:
         return 0.0
-    err = values - objectives.predict(rows, cols, u, v, params, mean,
-                                      clip if model.clips_predictions else None)
-    return sum_of_squares(err)     # fixed order: the same for any BLAS thread count
+    return objectives.predicted_squared_error(rows, cols, values, u, v, params, mean,
+                                              clip if model.clips_predictions else None)
 
 
 def _ranking(queries_matrix, items_matrix, params, relevant, exclude, k,

@@ -17,7 +17,6 @@ from wals_core.metrics import rmse, squared_error
 from wals_core.models import get_model
 from wals_core.params import WalsParams
 from wals_core.ranking import RankingSums, rank_and_score
-from wals_core.sums import sum_of_squares
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,13 +85,10 @@ class Evaluation:
 def _squared_errors(rows, cols, values, u, v, p: WalsParams, ratings: RatingStats) -> float:
     if get_model(p.model).original_rmse:
         return squared_error(rows, cols, values, u, v)     # the original's, unchanged
-    if not len(rows):
-        return 0.0
     # explicit: clipped to the training range (a rating outside it is never right);
     # implicit: not used.
-    err = np.asarray(values, np.float64) - objectives.predict(
-        rows, cols, u, v, p, ratings.mean, ratings.range)
-    return sum_of_squares(err)     # fixed order: the same for any BLAS thread count
+    return objectives.predicted_squared_error(rows, cols, values, u, v, p, ratings.mean,
+                                              ratings.range)
 
 
 def _block_ranking(block: RatingBlock, u: np.ndarray, v: np.ndarray, warm: np.ndarray,
