@@ -9,9 +9,9 @@ Each round runs, one process each: pandas.read_csv of the file, then the trainin
 command line (DirectRunner in_memory, rank 10, --iters iterations) in the base
 checkout and in the working tree, in alternating order. The table gives medians
 over the rounds: read_and_group, evaluate_and_write and the whole pipeline from
-metrics.json, the median s/iter, the process's user and system CPU seconds and its peak RSS (both
-from getrusage of the finished child), and the ratios new / base and read_and_group
-/ read_csv (the issue's goal 3). Data: output/bench-data/DATA.data as made by
+metrics.json, the median s/iter, the process's user and system CPU seconds and its
+peak RSS (both from getrusage of the finished child), and the ratios new / base and
+read_and_group / read_csv (the issue's goal 3). Data: output/bench-data/DATA.data as made by
 bench/prepare_data.py. Prints a Markdown table and writes it to
 bench/results/RESULT (default read_group.md).
 """

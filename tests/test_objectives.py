@@ -329,7 +329,6 @@ def test_block_objective_is_the_same_on_any_number_of_threads(model, monkeypatch
     assert np.isfinite(got[1][0]) and got[1][1] > 0
 
 
-
 @pytest.mark.parametrize('threads', [1, 2, 3])
 def test_squared_errors_are_the_unsliced_sums_bit_for_bit(threads, monkeypatch):
     """The evaluation's squared errors run slice by slice on the kernel's threads: for
