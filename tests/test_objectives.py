@@ -8,7 +8,7 @@ import threading
 import numpy as np
 import pytest
 
-from wals_core import metrics, objectives, solve
+from wals_core import metrics, objectives, solve, weights
 from wals_core.hashing import id_hashes
 from wals_core.init import initial_factors
 from wals_core.params import WalsParams
@@ -245,9 +245,15 @@ def test_objective_terms_belong_to_one_block_and_parameters():
     got_rows, got_cols, got_values, weight = terms.entries(lo, hi)
     assert np.array_equal(got_rows, every_row[lo:hi])
     assert np.array_equal(got_cols, by_row.indices[lo:hi])
-    whole = objectives.get_model(p.model).entry_weights(p, rows, every_row, by_row.indices,
-                                                        by_row.values, problem.col_counts)
+    whole = objectives.confidence(by_row.values, p)
     assert np.array_equal(weight, whole[lo:hi])
+    # wals: its per-column table gives w0 + R_i C_j, the same bits as every entry's
+    # own product.
+    pw = WalsParams(model='wals', latent_factors=3, unobs_weight=0.3, feature_wt_factor=7.0)
+    wals_terms = objectives.ObjectiveTerms(by_row, pw, problem.col_counts)
+    whole = pw.unobs_weight + (weights.row_weights(rows, pw)[every_row]
+                               * weights.column_weights(problem.col_counts, pw)[by_row.indices])
+    assert np.array_equal(wals_terms.entries(lo, hi)[3], whole[lo:hi])
     u = np.ones((rows, 3), np.float32)
     v = np.ones((cols, 3), np.float32)
     with pytest.raises(ValueError, match='terms'):

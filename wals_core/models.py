@@ -99,11 +99,15 @@ class Model:
             f = np.concatenate([f, np.zeros((len(f), 1), np.float32)], axis=1)
         return f
 
-    def entry_weights(self, p: WalsParams, num_rows: int, rows: np.ndarray,
-                      cols: np.ndarray, values: np.ndarray,
-                      col_counts: np.ndarray) -> np.ndarray | None:
+    def weight_table(self, p: WalsParams, col_counts: np.ndarray) -> np.ndarray | None:
+        """What entry_weights looks up per column, worked out once per block's
+        ObjectiveTerms (None: nothing)."""
+        return None
+
+    def entry_weights(self, p: WalsParams, cols: np.ndarray, values: np.ndarray,
+                      table: np.ndarray | None) -> np.ndarray | None:
         """Per training entry (of a slice), the part of its objective term that the
-        factors never change (ObjectiveTerms.entries)."""
+        factors never change (ObjectiveTerms.entries); table: weight_table's."""
         return None
 
     def objective(self, p: WalsParams, u: np.ndarray, v: np.ndarray, rows: np.ndarray,
@@ -112,9 +116,11 @@ class Model:
         """objectives.objective once the shared terms are computed."""
         raise NotImplementedError
 
-    def slice_terms(self, p: WalsParams, a: np.ndarray, dot: np.ndarray, ur: np.ndarray,
-                    vc: np.ndarray, global_mean: float, weight) -> tuple[float, float]:
-        """(objective terms, squared error) of one slice of a block's entries."""
+    def slice_terms(self, p: WalsParams, a: np.ndarray, dot: np.ndarray,
+                    row_bias: np.ndarray | None, col_bias: np.ndarray | None,
+                    global_mean: float, weight) -> tuple[float, float]:
+        """(objective terms, squared error) of one slice of a block's entries: its
+        values, u_i·v_j and (with a bias) b_i and c_j per entry, all float64."""
         raise NotImplementedError
 
     def unobserved_weight(self, p: WalsParams) -> float:
@@ -168,11 +174,13 @@ class Wals(Model):
     def initial_matrix(self, f, p):
         return f     # the original's draws, unchanged
 
-    def entry_weights(self, p, num_rows, rows, cols, values, col_counts):
-        # R_i is one number for every row (weights.row_weights): no gather by row, and
-        # the same products as w0 + R[rows] * C[cols].
-        r = row_weights(1, p)[0]
-        return p.unobs_weight + r * column_weights(col_counts, p)[cols]
+    def weight_table(self, p, col_counts):
+        # R_i is one number for every row (weights.row_weights), so R_i C_j is a
+        # table by column: w0 + take(R C, cols) is w0 + R[rows] * C[cols], bit for bit.
+        return row_weights(1, p)[0] * column_weights(col_counts, p)
+
+    def entry_weights(self, p, cols, values, table):
+        return p.unobs_weight + np.take(table, cols)
 
     def objective(self, p, u, v, rows, cols, a, dot, reg, global_mean, by_row, col_counts):
         k = p.latent_factors
@@ -183,7 +191,7 @@ class Wals(Model):
         observed = np.sum((w0 + rw[rows] * cw[cols]) * (a - dot) ** 2)
         return float(observed + w0 * (gram - np.sum(dot ** 2)) + reg)
 
-    def slice_terms(self, p, a, dot, ur, vc, global_mean, weight):
+    def slice_terms(self, p, a, dot, row_bias, col_bias, global_mean, weight):
         err = a - dot
         e2 = fixed_dot(err, err)
         return (float(np.sum(weight * err * err))
@@ -228,7 +236,7 @@ class Implicit(Model):
                          p.latent_factors, entry_weights=confidence(train.values, p),
                          row_regularization=per_row, other_signs=signs, **solver_options)
 
-    def entry_weights(self, p, num_rows, rows, cols, values, col_counts):
+    def entry_weights(self, p, cols, values, table):
         return confidence(values, p)
 
     def objective(self, p, u, v, rows, cols, a, dot, reg, global_mean, by_row, col_counts):
@@ -238,7 +246,7 @@ class Implicit(Model):
         observed = np.sum((1.0 + conf) * (pref - dot) ** 2)
         return float(observed + gram - np.sum(dot ** 2) + reg)
 
-    def slice_terms(self, p, a, dot, ur, vc, global_mean, weight):
+    def slice_terms(self, p, a, dot, row_bias, col_bias, global_mean, weight):
         err = preference(a) - dot
         e2 = fixed_dot(err, err)
         return float(np.sum(weight * err * err)) + e2 - fixed_dot(dot, dot), e2
@@ -277,9 +285,8 @@ class Explicit(Model):
         err = a - (global_mean + u[rows, k] + v[cols, k] + dot)
         return float(err @ err + reg)
 
-    def slice_terms(self, p, a, dot, ur, vc, global_mean, weight):
-        k = p.latent_factors
-        err = a - (global_mean + ur[:, k].astype(np.float64) + vc[:, k] + dot)
+    def slice_terms(self, p, a, dot, row_bias, col_bias, global_mean, weight):
+        err = a - (global_mean + row_bias + col_bias + dot)
         e2 = fixed_dot(err, err)
         return e2, e2
 

@@ -99,7 +99,9 @@ class TrainingObjective(beam.PTransform):
         return (row_blocks
                 | 'Terms' >> beam.Map(_block_terms, u, v, counts, AsSingleton(self._ratings),
                                       self._params)
-                | 'Sum' >> beam.CombineGlobally(SumTerms())
+                # No default for an empty input (a run always has row blocks): Beam
+                # would add a stage per iteration to inject it.
+                | 'Sum' >> beam.CombineGlobally(SumTerms()).without_defaults()
                 | 'State' >> beam.Map(next_state, u, v, AsSingleton(self._previous),
                                       self._params, self._tolerance, self._iteration))
 

@@ -251,7 +251,7 @@ class RoutedAlternate(beam.PTransform):
             return (joined
                     | f'{label}Terms' >> beam.Map(_routed_terms, AsSingleton(v_light), counts,
                                                   ratings, p, bs)
-                    | f'{label}Sum' >> beam.CombineGlobally(SumTerms())
+                    | f'{label}Sum' >> beam.CombineGlobally(SumTerms()).without_defaults()
                     | f'{label}State' >> beam.Map(next_state, AsSingleton(u_light),
                                                   AsSingleton(v_light),
                                                   AsSingleton(states[-1]), p, tol, it))
