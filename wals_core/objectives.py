@@ -172,7 +172,6 @@ class ObjectiveTerms:
         self.indptr = np.asarray(train.indptr)
         self.cols = np.asarray(train.indices)
         self.values = np.asarray(train.values, np.float64)
-        self.col_counts = col_counts
         self.table = get_model(params.model).weight_table(params, col_counts)
 
     @property
