@@ -124,9 +124,15 @@ TRAIN_OPTIONS: tuple[Option, ...] = (
            'newest N (never the one LATEST names).', RERUN, type=int,
            default_text='keep all'),
     Option('tolerance', 'Stop early once the relative change of the training objective '
-           'between iterations falls below this; the rest of the (unrolled) iterations '
+           'between iterations (between the iterations it is computed after, with '
+           '--objective_every) falls below this; the rest of the (unrolled) iterations '
            'pass the factors through.', RERUN, type=float, default=0.0,
            default_text='0 (run every iteration)'),
+    Option('objective_every', 'Compute the training objective and train RMSE of the '
+           'convergence history after every N-th iteration and after the last (0: the '
+           'last only). Each is a pass over every training rating that the solves do not '
+           'need: the factors are the same for any N.', RERUN, type=int,
+           default=1, default_text='1 (every iteration)'),
     Option('eval_every', 'Also record the test metrics every N iterations in the '
            'convergence history.', RERUN, type=int, default=0,
            default_text='0 (only at the end)'),

@@ -59,6 +59,7 @@ class TrainConfig:
     gate_metric: str = 'rmse'
     keep_versions: int | None = None
     tolerance: float = 0.0
+    objective_every: int = 1
     eval_every: int = 0
     exchange: str = 'broadcast'
     max_broadcast_mb: float = DEFAULT_MAX_BROADCAST_MB
@@ -162,6 +163,10 @@ def config_from_options(options: PipelineOptions) -> TrainConfig:
         (args.rank_k >= 0, '--rank_k must be 0 or more'),
         (args.max_id_length >= 1, '--max_id_length must be at least 1'),
         (args.tolerance >= 0, '--tolerance must be 0 or more'),
+        (args.objective_every >= 0, '--objective_every must be 0 or more'),
+        (args.tolerance == 0 or args.objective_every >= 1,
+         '--tolerance compares the objective between iterations: it needs '
+         '--objective_every 1 or more'),
         (args.eval_every >= 0, '--eval_every must be 0 or more'),
         (args.max_broadcast_mb >= 0, '--max_broadcast_mb must be 0 or more'),
         (args.keep_versions is None or args.keep_versions >= 1,
@@ -207,5 +212,6 @@ def config_from_options(options: PipelineOptions) -> TrainConfig:
                        model_root=args.model_root, previous_model=args.previous_model,
                        no_warm_start=args.no_warm_start, max_regression=args.max_regression,
                        gate_metric=gate_metric, keep_versions=args.keep_versions,
-                       tolerance=args.tolerance, eval_every=args.eval_every,
+                       tolerance=args.tolerance, objective_every=args.objective_every,
+                       eval_every=args.eval_every,
                        exchange=exchange, max_broadcast_mb=args.max_broadcast_mb)

@@ -59,6 +59,64 @@ def test_tolerance_passes_the_factors_through_once_converged(small_ratings, tmp_
     assert full['iterations_run'] == 8
 
 
+@pytest.mark.parametrize('exchange', ['broadcast', 'routed'])
+def test_objective_every_n_computes_fewer_objectives_and_the_same_model(
+        small_ratings, tmp_path, exchange):
+    base = ['--num_iters', '5', '--block_size', '16', '--latent_factors', '3',
+            '--exchange', exchange, '--eval_every', '3']
+    every = run_pipeline(small_ratings, tmp_path / 'every', *base)
+    sparse = run_pipeline(small_ratings, tmp_path / 'sparse', *base, '--objective_every', '2')
+    last = run_pipeline(small_ratings, tmp_path / 'last', *base, '--objective_every', '0')
+    for f in ('row', 'col', 'user', 'item'):
+        assert np.array_equal(load_model(tmp_path / 'sparse')[f],
+                              load_model(tmp_path / 'every')[f]), f
+        assert np.array_equal(load_model(tmp_path / 'last')[f],
+                              load_model(tmp_path / 'every')[f]), f
+    # one entry per iteration; the objective where computed (2, 4 and the last),
+    # the same value as when every iteration's is computed
+    full = [h['objective'] for h in every['history']]
+    assert [h['objective'] for h in sparse['history']] == [None, full[1], None, full[3],
+                                                           full[4]]
+    assert [h['objective'] for h in last['history']] == [None] * 4 + [full[4]]
+    assert [h['train_rmse'] is None for h in sparse['history']] == [True, False, True,
+                                                                   False, False]
+    assert sparse['final_objective'] == every['final_objective'] == full[4]
+    assert sparse['iterations_run'] == last['iterations_run'] == 5
+    assert all(h['solved'] for h in sparse['history'])
+    assert all(h['seconds'] is not None for h in sparse['history'])
+    # a checkpoint lands on an iteration without an objective all the same
+    assert sparse['history'][2]['test'] == every['history'][2]['test']
+    assert sparse['test_rmse'] == every['test_rmse']
+
+
+def test_tolerance_with_objective_every_compares_computed_objectives(small_ratings, tmp_path):
+    base = ['--num_iters', '8', '--block_size', '16', '--latent_factors', '3']
+    early = run_pipeline(small_ratings, tmp_path / 'early', *base, '--tolerance', '0.05',
+                         '--objective_every', '2')
+    history = early['history']
+    ran = early['iterations_run']
+    # the test runs where an objective was computed: the run stops after an even
+    # iteration, and every entry after it passed its factors through
+    assert ran % 2 == 0 and 2 <= ran < 8
+    assert [h['solved'] for h in history] == [True] * ran + [False] * (8 - ran)
+    assert [h['objective'] is not None for h in history] == [i % 2 == 0 or i == 8
+                                                            for i in range(1, 9)]
+    run_pipeline(small_ratings, tmp_path / 'short', *base[:1], str(ran), *base[2:])
+    for name in ('row', 'col'):
+        assert np.array_equal(load_model(tmp_path / 'early')[name],
+                              load_model(tmp_path / 'short')[name]), name
+
+
+@pytest.mark.parametrize('args, message', [
+    (['--objective_every', '-1'], '--objective_every must be 0 or more'),
+    (['--objective_every', '0', '--tolerance', '0.01'], 'needs --objective_every 1 or more'),
+])
+def test_objective_every_refuses_what_cannot_work(args, message):
+    from pipeline.options import ConfigError
+    with pytest.raises(ConfigError, match=message):
+        make_config('--input', 'x', *args)
+
+
 def test_previous_model_is_compared_on_the_same_pairs(tmp_path):
     rng = np.random.default_rng(3)
     pairs = rng.choice(90 * 60, size=2500, replace=False)

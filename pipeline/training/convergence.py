@@ -1,6 +1,7 @@
 """The training objective after every iteration, and early stopping (--tolerance).
 
-After iteration t a small branch sums every row block's share of the objective
+After iteration t (every --objective_every-th iteration and the last; by default
+every one) a small branch sums every row block's share of the objective
 (wals_core.objectives.block_objective) in block order, adds the terms over all
 pairs from the Gramians, and emits an IterationState. With --tolerance > 0 the
 next iteration's half-steps read the state: once the relative change of the
@@ -61,6 +62,13 @@ class SumTerms(InBlockOrder):
         return total, sse, count
 
 
+def records_objective(iteration: int, num_iters: int, every: int) -> bool:
+    """Whether the objective of `iteration` is computed: every `every`-th iteration
+    and the last (every = 0: the last only). It is a pass over every training
+    rating, a quarter of a rank-10 iteration, which the core and the peers skip."""
+    return iteration == num_iters or (every > 0 and iteration % every == 0)
+
+
 def _block_terms(ref: BlockRef, u: Factors, v: Factors, col_counts: np.ndarray,
                  ratings: RatingStats, params: WalsParams):
     block = ref.load()
@@ -106,20 +114,29 @@ class TrainingObjective(beam.PTransform):
                                       self._params, self._tolerance, self._iteration))
 
 
-def history(states: list[IterationState], phases: dict, evaluations: dict) -> list[dict]:
-    """metrics.json's convergence history: one entry per iteration."""
+def history(states: list[IterationState], phases: dict, evaluations: dict,
+            num_iters: int) -> list[dict]:
+    """metrics.json's convergence history: one entry per iteration. An iteration
+    whose objective was not computed (--objective_every) has None for it and for the
+    train RMSE; it solved unless an earlier state had converged."""
     per_iter = phases.get('per_iteration', [])
     solve = phases.get('solve_per_iteration', [])
+    by_iteration = {s.iteration: s for s in states}
+    converged = False
     out = []
-    for s in sorted(states, key=lambda s: s.iteration):
-        if s.iteration == 0:
-            continue
-        i = s.iteration - 1
-        entry = {'iteration': s.iteration, 'objective': s.objective,
-                 'train_rmse': s.train_rmse, 'solved': s.solved,
-                 'seconds': per_iter[i] if i < len(per_iter) else None,
-                 'solve_seconds': solve[i] if i < len(solve) else None}
-        if s.iteration in evaluations:
-            entry['test'] = evaluations[s.iteration]
+    for it in range(1, num_iters + 1):
+        i = it - 1
+        s = by_iteration.get(it)
+        if s is None:
+            entry = {'iteration': it, 'objective': None, 'train_rmse': None,
+                     'solved': not converged}
+        else:
+            entry = {'iteration': it, 'objective': s.objective,
+                     'train_rmse': s.train_rmse, 'solved': s.solved}
+            converged = s.converged
+        entry['seconds'] = per_iter[i] if i < len(per_iter) else None
+        entry['solve_seconds'] = solve[i] if i < len(solve) else None
+        if it in evaluations:
+            entry['test'] = evaluations[it]
         out.append(entry)
     return out

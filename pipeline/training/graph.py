@@ -111,7 +111,8 @@ class TrainWals(beam.PTransform):
             v = items | 'InitCols' >> beam.Map(_initial_factors, 'col', p, cfg.seed, warm_from)
             u = users | 'InitRows' >> beam.Map(_initial_factors, 'row', p, cfg.seed, None)
         run = alternate(row_blocks, col_blocks, p, u, v, col_counts, ratings, cfg.tolerance,
-                        cfg.exchange, cfg.block_size, cfg.max_broadcast_mb)
+                        cfg.exchange, cfg.block_size, cfg.max_broadcast_mb,
+                        cfg.objective_every)
         history, states = run.history, run.states
         if history:
             u, v = run.whole(len(history))

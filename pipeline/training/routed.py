@@ -30,7 +30,8 @@ from apache_beam.metrics import Metrics
 from apache_beam.pvalue import AsSingleton
 
 from pipeline.training.block_store import BlockRef, RatingBlock
-from pipeline.training.convergence import IterationState, SumTerms, next_state
+from pipeline.training.convergence import (IterationState, SumTerms, next_state,
+                                           records_objective)
 from pipeline.training.factors import (AssembleFactors, FactorBlock, Factors, block_count_norm,
                                        factor_rows_metric, solve_block, warm_start)
 from pipeline.training.rating_stats import RatingStats
@@ -220,11 +221,13 @@ class RoutedAlternate(beam.PTransform):
     FactorBlock, from which assemble() makes whole matrices where they are needed."""
 
     def __init__(self, params: WalsParams, row_init, col_init, col_counts, ratings,
-                 tolerance: float, block_size: int, policy: ExchangePolicy):
+                 tolerance: float, block_size: int, policy: ExchangePolicy,
+                 objective_every: int = 1):
         super().__init__()
         self._params, self._row_init, self._col_init = params, row_init, col_init
         self._counts, self._ratings, self._tolerance = col_counts, ratings, tolerance
         self._block_size, self._policy = block_size, policy
+        self._every = objective_every
 
     def expand(self, blocks):
         row_blocks, col_blocks = blocks
@@ -261,7 +264,7 @@ class RoutedAlternate(beam.PTransform):
             # The row blocks with V of iteration `it` (and their own U of it): the
             # objective of iteration `it` and the row solves of iteration it + 1.
             row_join = join(f'{name}JoinRows', row_refs, v_pieces, u_blocks)
-            if it >= 1:
+            if it >= 1 and records_objective(it, p.num_iters, self._every):
                 states.append(objective(f'Iter{it:03d}Objective', row_join, it))
             if it == p.num_iters:
                 break

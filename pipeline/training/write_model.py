@@ -130,7 +130,7 @@ class _WriteOutputs(beam.DoFn):
             'phase_seconds': phase_seconds(events, time.time()),
         })
         phases = metrics['phase_seconds']
-        metrics['history'] = history(states, phases, dict(checkpoints))
+        metrics['history'] = history(states, phases, dict(checkpoints), p.num_iters)
         model = get_model(p.model)
         if not model.predicts_ratings:
             for entry in metrics['history']:
