@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from pipeline.options import ConfigError
 from tests.conftest import write_ratings
 from tests.pipeline_support import load_model, make_config, run_pipeline, train_in_memory
 from wals_core import objectives
@@ -112,7 +113,6 @@ def test_tolerance_with_objective_every_compares_computed_objectives(small_ratin
     (['--objective_every', '0', '--tolerance', '0.01'], 'needs --objective_every 1 or more'),
 ])
 def test_objective_every_refuses_what_cannot_work(args, message):
-    from pipeline.options import ConfigError
     with pytest.raises(ConfigError, match=message):
         make_config('--input', 'x', *args)
 

@@ -87,14 +87,16 @@ def blocky_ratings_module(tmp_path_factory):
 ARGS = ('--num_iters', '3', '--block_size', '32', '--latent_factors', '4')
 
 
-@pytest.mark.parametrize('model, exchange', [('wals', 'auto'), ('implicit', 'auto'),
-                                             ('explicit', 'auto'), ('wals', 'routed')])
+@pytest.mark.parametrize('model, exchange, extra', [
+    ('wals', 'auto', ()), ('implicit', 'auto', ()), ('explicit', 'auto', ()),
+    ('wals', 'routed', ()), ('explicit', 'auto', ('--objective_every', '2'))])
 def test_cluster_run_is_byte_identical_to_the_direct_runner(dask_cluster, blocky_ratings,
-                                                            tmp_path, model, exchange):
+                                                            tmp_path, model, exchange, extra):
     """Every mode; the Dask side also with the routed exchange (the DirectRunner
-    side broadcasts), so both the runner and the exchange are compared."""
+    side broadcasts), so both the runner and the exchange are compared; and a
+    history with skipped objectives (--objective_every)."""
     direct, dask = tmp_path / 'direct', tmp_path / 'dask'
-    args = (*ARGS, '--model', model)
+    args = (*ARGS, '--model', model, *extra)
     train_cli('--input', str(blocky_ratings), '--output', str(direct), *args)
     train_cli('--input', str(blocky_ratings), '--output', str(dask), *args, '--runner', DASK,
               '--dask_client_address', dask_cluster, '--shared_work_dir',

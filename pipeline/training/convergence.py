@@ -4,12 +4,12 @@ After iteration t (every --objective_every-th iteration and the last; by default
 every one) a small branch sums every row block's share of the objective
 (wals_core.objectives.block_objective) in block order, adds the terms over all
 pairs from the Gramians, and emits an IterationState. With --tolerance > 0 the
-next iteration's half-steps read the state: once the relative change of the
-objective has fallen below the tolerance they pass their factors through instead
-of solving. The graph stays unrolled (Beam graphs are static), but a skipped
-half-step costs a copy of the factors, not a solve. The objective's products are
-float32, like the factors (about 1e-8 relative): a tolerance below ~1e-7 is below
-its precision.
+next iteration's half-steps read the latest state: once the relative change of
+the objective since the state before it has fallen below the tolerance they pass
+their factors through instead of solving. The graph stays unrolled (Beam graphs
+are static), but a skipped half-step costs a copy of the factors, not a solve.
+The objective's products are float32, like the factors (about 1e-8 relative): a
+tolerance below ~1e-7 is below its precision.
 """
 from __future__ import annotations
 
@@ -64,8 +64,8 @@ class SumTerms(InBlockOrder):
 
 def records_objective(iteration: int, num_iters: int, every: int) -> bool:
     """Whether the objective of `iteration` is computed: every `every`-th iteration
-    and the last (every = 0: the last only). It is a pass over every training
-    rating, a quarter of a rank-10 iteration, which the core and the peers skip."""
+    and the last (every = 0: the last only). Each is a pass over every training
+    rating that the solves do not need (docs/speed.md: what it costs)."""
     return iteration == num_iters or (every > 0 and iteration % every == 0)
 
 
