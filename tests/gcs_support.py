@@ -1,5 +1,6 @@
 """A real Cloud Storage server on loopback for tests: the gcp-storage-emulator package
-run as its own process, and the environment that points Beam's gcsio at it.
+run as its own process (through tests/gcs_emulator_server.py, which keeps a stalled
+client from blocking the others), and the environment that points Beam's gcsio at it.
 
 How Beam is kept off the network and off the 20-30 s credential lookup
 ----------------------------------------------------------------------
@@ -37,6 +38,7 @@ import urllib.request
 
 PROJECT = 'wals-offline-test'
 FAKE_TOKEN_EXPIRY = '2099-01-01T00:00:00Z'
+SERVER = pathlib.Path(__file__).with_name('gcs_emulator_server.py')   # the emulator
 
 
 def free_port() -> int:
@@ -86,7 +88,7 @@ class GcsEmulator:
             self.port = free_port()
             with open(self.log, 'ab') as log:
                 self.process = subprocess.Popen(
-                    [sys.executable, '-m', 'gcp_storage_emulator', 'start',
+                    [sys.executable, str(SERVER), 'start',
                      '--host', '127.0.0.1', '--port', str(self.port), '--in-memory'],
                     stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir,
                     env={k: v for k, v in os.environ.items()

@@ -71,10 +71,8 @@ def versions(root: str) -> list[str]:
 
 
 def lease_files(root: str) -> list[str]:
-    try:
-        return [m.path for m in FileSystems.match([f'{root}/leases/*'])[0].metadata_list]
-    except Exception:   # noqa: BLE001
-        return []
+    # A failed listing raises: it must not read as "no lease".
+    return [m.path for m in FileSystems.match([f'{root}/leases/*'])[0].metadata_list]
 
 
 def no_leftovers(root: str) -> None:
@@ -249,7 +247,7 @@ def test_gcs_a_running_jobs_version_is_kept_and_a_crashed_jobs_lease_is_not(
     assert not [n for n in emulator.list_objects(BUCKET, 'root/') if '.tmp-' in n]
 
 
-# ---- the pruner's second look (in-process, through a fault hook: pipeline/faults.py) -------------------
+# ---- the pruner's second look (in-process, through a fault hook: pipeline/faults.py) ---
 
 def test_a_reader_that_names_a_version_while_it_is_pruned_keeps_it(root_v1, tmp_path):
     from pipeline.store import leases

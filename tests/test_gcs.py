@@ -5,8 +5,10 @@ from __future__ import annotations
 import io
 import json
 import os
+import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -172,3 +174,22 @@ def test_credentials_come_from_the_environment_without_a_lookup(emulator):
     assert (probe['client_id'], probe['token']) == ('offline-test', 'offline-test-token')
     assert probe['default'] == 1             # one lookup: no retry
     assert probe['gce'] == 0 and probe['metadata'] == 0
+
+
+def test_a_client_stopped_mid_request_does_not_stall_the_others(emulator):
+    """Tests stop running jobs (SIGSTOP), possibly mid-request; the emulator serves one
+    connection at a time, so tests/gcs_emulator_server.py drops a stalled connection
+    after STALLED_CONNECTION_SECONDS instead of leaving every other client waiting
+    (Beam's listing gave up after two minutes, and a test read that as "no lease")."""
+    from tests.gcs_emulator_server import STALLED_CONNECTION_SECONDS
+    _write(f'gs://{BUCKET}/stall/a.txt', b'a')
+    with socket.create_connection(('127.0.0.1', emulator.port)) as stalled:
+        # The headers of an upload whose body never comes.
+        stalled.sendall(f'POST /upload/storage/v1/b/{BUCKET}/o?uploadType=media&name=x '
+                        'HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100\r\n\r\n'.encode())
+        time.sleep(0.5)      # the server is now reading that body
+        started = time.monotonic()
+        listed = [m.path for m in FileSystems.match([f'gs://{BUCKET}/stall/*'])[0].metadata_list]
+        waited = time.monotonic() - started
+    assert listed == [f'gs://{BUCKET}/stall/a.txt']
+    assert waited < STALLED_CONNECTION_SECONDS + 10, waited
