@@ -15,6 +15,7 @@ import pytest
 from apache_beam.io.filesystems import FileSystems
 
 from tests.conftest import ROOT
+from tests.gcs_emulator_server import STALLED_CONNECTION_SECONDS
 from tests.gcs_support import gcs_emulator
 
 BUCKET = 'wals-gcs-test'
@@ -181,7 +182,6 @@ def test_a_client_stopped_mid_request_does_not_stall_the_others(emulator):
     connection at a time, so tests/gcs_emulator_server.py drops a stalled connection
     after STALLED_CONNECTION_SECONDS instead of leaving every other client waiting
     (Beam's listing gave up after two minutes, and a test read that as "no lease")."""
-    from tests.gcs_emulator_server import STALLED_CONNECTION_SECONDS
     _write(f'gs://{BUCKET}/stall/a.txt', b'a')
     with socket.create_connection(('127.0.0.1', emulator.port)) as stalled:
         # The headers of an upload whose body never comes.
